@@ -1,0 +1,455 @@
+"""The masked-diffusion text decoders, top to bottom.
+
+Two families share one interface (`forward(idx, condition) -> logits`, a mask token id, and a hook to
+precompute the cross-attention keys/values of an audio window once):
+
+* `DiffusionDecoder` — upstream Whisfusion: the SMDM LLaMA-style bidirectional decoder with a
+  cross-attention adapter in every block (SPEC section 2). State-dict keys and numerics are upstream's.
+* `WhisperDiffusionDecoder` — Whisper's own decoder blocks with the causal mask removed and a learned mask
+  embedding; initialised from a pre-trained Whisper decoder. This is the family of the small embedded
+  default model, because a Whisper-initialised decoder trains on a CPU in minutes (docs/MODEL_CARD.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROPE_BASE = 10000
+# Upstream config fields that we accept but whose only supported value is the one the released models use.
+FIXED_UPSTREAM_FIELDS = {
+    "bias": False,
+    "parallel_residual": False,
+    "shared_attention_norm": False,
+    "_norm_class": ("FusedRMSNorm", "RMSNorm"),
+    "_mlp_class": ("LLaMAMLP",),
+    "condense_ratio": 1,
+}
+# Upstream fields that are derived, informational, or only relevant to training code.
+IGNORED_UPSTREAM_FIELDS = {"name", "head_size", "rope_n_elem", "mask_token_id", "wte_rows", "config_name"}
+
+
+@dataclass
+class ModelConfig:
+    """Decoder architecture, with upstream's (lit_gpt) field names."""
+
+    family: str = "smdm"  # "smdm" (upstream Whisfusion) or "whisper" (bidirectional Whisper decoder)
+    name: str = "Diff_LLaMA_170M"
+    n_layer: int = 18
+    n_head: int = 12
+    n_embd: int = 768
+    n_query_groups: int | None = None  # None -> n_head (multi-head attention)
+    intermediate_size: int = 3072
+    vocab_size: int = 32000
+    padding_multiple: int = 64
+    padded_vocab_size: int | None = None  # None -> vocab_size rounded up to padding_multiple
+    block_size: int = 2048
+    rotary_percentage: float = 1.0
+    norm_eps: float = 1e-5
+    # Width of the encoder states. None means n_embd: no projection, as in every official checkpoint.
+    condition_dim: int | None = None
+    # Whisper family only: number of leading vocabulary rows the decoder may predict (text tokens + EOT).
+    output_vocab_size: int | None = None
+    extra: dict = field(default_factory=dict)  # unknown fields, kept so a config round-trips
+
+    def __post_init__(self):
+        if self.family not in ("smdm", "whisper"):
+            raise ValueError(f"unknown decoder family {self.family!r} (expected 'smdm' or 'whisper')")
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.padded_vocab_size is None:
+            m = self.padding_multiple
+            self.padded_vocab_size = self.vocab_size if self.family == "whisper" else -(-self.vocab_size // m) * m
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_query_groups {self.n_query_groups}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def rope_n_elem(self) -> int:
+        return int(self.rotary_percentage * self.head_size)
+
+    @property
+    def mask_token_id(self) -> int:
+        # SMDM: one embedding row past the lm_head outputs, so it is never predicted. Whisper family: one past
+        # the tokenizer's vocabulary (the learned mask embedding).
+        return self.padded_vocab_size if self.family == "smdm" else self.vocab_size
+
+    @property
+    def n_logits(self) -> int:
+        if self.family == "smdm":
+            return self.padded_vocab_size
+        return self.output_vocab_size or self.vocab_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs, extra = {}, dict(d.get("extra", {}))
+        for key, value in d.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in FIXED_UPSTREAM_FIELDS:
+                allowed = FIXED_UPSTREAM_FIELDS[key]
+                ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+                if not ok:
+                    raise ValueError(f"config field {key}={value!r} is not supported (only {allowed!r})")
+                extra[key] = value
+            elif key in IGNORED_UPSTREAM_FIELDS or key == "extra":
+                continue
+            else:
+                extra[key] = value
+        config = cls(**kwargs, extra=extra)
+        if "head_size" in d and d["head_size"] != config.head_size:
+            raise ValueError(f"config head_size {d['head_size']} != n_embd/n_head = {config.head_size}")
+        return config
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+PRESETS = {
+    # The released Whisfusion decoder (upstream name Diff_LLaMA_170M, 261.5M parameters with the adapter).
+    "Diff_LLaMA_170M": ModelConfig(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SMDM family (upstream Whisfusion)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 and cast back, as upstream's fused kernel does.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+def build_rope_cache(seq_len: int, n_elem: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, n_elem/2]: computed in fp32, then rounded to the parameters' dtype (upstream)."""
+    theta = 1.0 / (ROPE_BASE ** (torch.arange(0, n_elem, 2, device=device) / n_elem))
+    idx_theta = torch.outer(torch.arange(seq_len, device=device).float(), theta)
+    cos, sin = torch.cos(idx_theta), torch.sin(idx_theta)
+    if dtype in (torch.float16, torch.bfloat16):
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding on the first 2*cos.size(-1) dims of x [B, T, H, hs], in fp32."""
+    rot = 2 * cos.size(-1)
+    x32 = x.float()
+    x1, x2, rest = x32[..., : rot // 2], x32[..., rot // 2 : rot], x32[..., rot:]
+    c, s = cos.float()[None, :, None, :], sin.float()[None, :, None, :]
+    out = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c, rest], dim=-1)
+    return out.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional self-attention; the fused projection is laid out per query group: [q.., k, v] x groups."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_head, self.n_groups, self.head_size = c.n_head, c.n_query_groups, c.head_size
+        self.attn = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_query_groups) * c.head_size, bias=False)
+        self.proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q_per_kv = self.n_head // self.n_groups
+        qkv = self.attn(x).view(B, T, self.n_groups, q_per_kv + 2, self.head_size)
+        q, k, v = qkv.split((q_per_kv, 1, 1), dim=-2)
+        q = q.reshape(B, T, self.n_head, self.head_size)
+        k = k.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
+        v = v.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, T, H, hs] against k/v [B_kv, H, F, hs], where B is a multiple of B_kv.
+
+    When several rows of q share one audio window (K candidates), their queries are folded into one long
+    query sequence against that window's keys/values: cross-attention has no position coupling between
+    queries, so this is exact and never copies the keys/values K times.
+    """
+    B, T, H, hs = q.shape
+    B_kv = k.size(0)
+    group = B // B_kv
+    q = q.reshape(B_kv, group * T, H, hs).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v)  # [B_kv, H, group*T, hs]
+    return y.transpose(1, 2).reshape(B, T, H * hs)
+
+
+class CrossAttention(nn.Module):
+    """The Whisfusion adapter: queries from the text, keys/values from the encoder states, no rotary, no mask."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_head, self.head_size, self.n_embd = c.n_head, c.head_size, c.n_embd
+        self.q_proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
+        self.kv_proj = nn.Linear(c.n_embd, 2 * c.n_embd, bias=False)
+        self.proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
+
+    def keys_values(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Fr, _ = condition.shape
+        k, v = self.kv_proj(condition).split(self.n_embd, dim=-1)
+        k = k.view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
+        v = v.view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
+        return self.proj(cross_attention(q, *kv))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LLaMAMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swiglu(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.norm_cross = RMSNorm(config.n_embd, config.norm_eps)
+        self.cross_attn = CrossAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = LLaMAMLP(config)
+
+    def forward(self, x, cos, sin, kv=None):
+        x = x + self.attn(self.norm_1(x), cos, sin)
+        if kv is not None:  # no condition: the whole cross-attention sub-block is skipped (upstream)
+            x = x + self.cross_attn(self.norm_cross(x), kv)
+        return x + self.mlp(self.norm_2(x))
+
+
+class DecoderBase(nn.Module):
+    """What both families share: condition handling and the decoding interface."""
+
+    config: ModelConfig
+
+    def _condition_in(self, condition: torch.Tensor) -> torch.Tensor:
+        condition = condition.to(self.dtype)
+        return self.condition_proj(condition) if self.condition_proj is not None else condition
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def precompute_cross_kv(self, condition: torch.Tensor) -> list:
+        """Keys/values of every layer's cross-attention for encoder states [B, F, d]: compute once per window,
+        reuse for every candidate and step."""
+        condition = self._condition_in(condition)
+        return [self._cross_module(i).keys_values(condition) for i in range(self.config.n_layer)]
+
+    def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
+        """idx int64 [B, T] -> logits [B, T, n_logits].
+
+        condition: encoder states [B or B/K, F, condition_dim]; or cross_kv from `precompute_cross_kv`.
+        positions: optional bool [B, T]; only those positions go through the output projection and the result
+        is [N, n_logits] in row-major order (the projection dominates the cost of small decoders).
+        """
+        kv = cross_kv
+        if kv is None and condition is not None:
+            cond = self._condition_in(condition)
+            kv = [self._cross_module(i).keys_values(cond) for i in range(self.config.n_layer)]
+        x = self._trunk(idx, kv)
+        if positions is not None:
+            x = x[positions]
+        return self._head(x)
+
+
+class DiffusionDecoder(DecoderBase):
+    """Upstream Whisfusion decoder (lit_gpt `TransEncoder` with cross-attention). Keys match upstream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        assert config.family == "smdm"
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size + 1, config.n_embd),  # + the mask token row
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
+        cd = config.condition_dim
+        self.condition_proj = nn.Linear(cd, config.n_embd, bias=False) if cd and cd != config.n_embd else None
+        self._rope = None  # (dtype, device, cos, sin), rebuilt when either changes
+
+    def _cross_module(self, i: int) -> CrossAttention:
+        return self.transformer.h[i].cross_attn
+
+    def rope_cache(self):
+        dtype, device = self.dtype, self.device
+        if self._rope is None or self._rope[0] != dtype or self._rope[1] != device:
+            cos, sin = build_rope_cache(self.config.block_size, self.config.rope_n_elem, dtype, device)
+            self._rope = (dtype, device, cos, sin)
+        return self._rope[2], self._rope[3]
+
+    def _trunk(self, idx, kv):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cache()
+        cos, sin = cos[:T], sin[:T]
+        x = self.transformer.wte(idx)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, kv[i] if kv is not None else None)
+        return self.transformer.ln_f(x)
+
+    def _head(self, x):
+        return self.lm_head(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whisper family (bidirectional Whisper decoder; names follow transformers' WhisperDecoder)
+
+
+class WhisperAttention(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head, self.head_size = n_head, d // n_head
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def keys_values(self, condition: torch.Tensor):
+        B, Fr, _ = condition.shape
+        k = self.k_proj(condition).view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
+        v = self.v_proj(condition).view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, kv=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
+        if kv is None:  # self-attention, bidirectional: no causal mask
+            k, v = self.keys_values(x)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2).reshape(B, T, C)
+        else:
+            y = cross_attention(q, *kv)
+        return self.out_proj(y)
+
+
+class WhisperBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.n_embd
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn = WhisperAttention(d, config.n_head)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = WhisperAttention(d, config.n_head)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, d)
+
+    def forward(self, x, kv=None):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        if kv is not None:
+            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperDiffusionDecoder(DecoderBase):
+    """Whisper decoder blocks without the causal mask, a learned mask embedding, output tied to the token
+    embedding and restricted to the first `output_vocab_size` rows (text tokens + end-of-text)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        assert config.family == "whisper"
+        self.config = config
+        d = config.n_embd
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_positions = nn.Embedding(config.block_size, d)
+        self.mask_embedding = nn.Parameter(torch.zeros(d))
+        self.layers = nn.ModuleList(WhisperBlock(config) for _ in range(config.n_layer))
+        self.layer_norm = nn.LayerNorm(d)
+        cd = config.condition_dim
+        self.condition_proj = nn.Linear(cd, d, bias=False) if cd and cd != d else None
+
+    def _cross_module(self, i: int) -> WhisperAttention:
+        return self.layers[i].encoder_attn
+
+    def _trunk(self, idx, kv):
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        is_mask = (idx == self.config.mask_token_id).unsqueeze(-1)
+        tok = self.embed_tokens(idx.clamp(max=self.config.vocab_size - 1))
+        x = torch.where(is_mask, self.mask_embedding.to(tok.dtype), tok)
+        x = x + self.embed_positions.weight[:T]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv[i] if kv is not None else None)
+        return self.layer_norm(x)
+
+    def _head(self, x):
+        return x @ self.embed_tokens.weight[: self.config.n_logits].T
+
+
+def build_decoder(config: ModelConfig) -> DecoderBase:
+    return DiffusionDecoder(config) if config.family == "smdm" else WhisperDiffusionDecoder(config)
+
+
+def is_adapter_key(name: str) -> bool:
+    """The cross-attention adapter of the SMDM family (what stage 1 trains and stores)."""
+    return "cross_attn" in name or "norm_cross" in name or name.startswith("condition_proj")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Random init for training from scratch: normal(0, std) linears/embeddings, unit norm gains."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, 0.0, std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "mask_embedding" in name:
+            nn.init.normal_(p, 0.0, std)
+        else:
+            nn.init.ones_(p)
