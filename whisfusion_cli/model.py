@@ -53,7 +53,7 @@ class ModelConfig:
     condition_dim: int | None = None
     # Whisper family only: number of leading vocabulary rows the decoder may predict (text tokens + EOT).
     output_vocab_size: int | None = None
-    extra: dict = field(default_factory=dict)  # unknown fields, kept so a config round-trips
+    extra: dict = field(default_factory=dict, compare=False)  # unknown fields, kept so a config round-trips
 
     def __post_init__(self):
         if self.family not in ("smdm", "whisper"):
@@ -100,7 +100,6 @@ class ModelConfig:
                 ok = value in allowed if isinstance(allowed, tuple) else value == allowed
                 if not ok:
                     raise ValueError(f"config field {key}={value!r} is not supported (only {allowed!r})")
-                extra[key] = value
             elif key in IGNORED_UPSTREAM_FIELDS or key == "extra":
                 continue
             else:

@@ -1,0 +1,447 @@
+"""Parallel Diffusion Decoding (SPEC section 6) and candidate selection.
+
+The upstream loop, by default and exactly: K candidates on a canvas of mask tokens with the prefix (BOS) at
+position 0; at each step every candidate draws fresh uniforms, positions under the step's mask ratio are
+reset to the mask token, one forward pass fills the masked positions with their argmax; after the last step
+the confidence of every position is its max softmax probability and the candidate with the highest mean
+confidence over non-pad positions wins.
+
+What we do on top, without changing the result of the upstream loop:
+* the cross-attention keys/values of a window are computed once and shared by all candidates and steps;
+* when every candidate has the same input (step 0 masks everything) the forward runs once and is broadcast;
+* before the last step only the masked positions go through the output projection.
+
+And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
+confident predictions step by step, LLaDA-style) that fixes repeated words, and `mbr` / `rover` selection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+UPSTREAM_SCHEDULE = (1.0, 0.9, 0.85, 0.8)
+UPSTREAM_FALLBACK_RATIO = 0.7  # ratio of the steps past the end of the schedule
+UPSTREAM_CANVAS = 256
+UPSTREAM_CANDIDATES = 15
+UPSTREAM_STEPS = 4
+SELECTIONS = ("confidence", "mbr", "rover")
+STRATEGIES = ("remask", "confidence")
+# ROVER: weight of the vote frequency against the mean confidence of a word (Fiscus 1997, alpha).
+ROVER_ALPHA = 0.5
+# Canvas sized to the audio: tokens per second of speech with a safety margin.
+TOKENS_PER_SECOND = 5.0
+CANVAS_MARGIN = 12
+MIN_CANVAS = 16
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    candidates: int = UPSTREAM_CANDIDATES
+    steps: int = UPSTREAM_STEPS
+    schedule: tuple[float, ...] = UPSTREAM_SCHEDULE
+    fallback_ratio: float = UPSTREAM_FALLBACK_RATIO
+    seq_len: int | None = UPSTREAM_CANVAS  # None: sized to the audio (tokens_per_second x duration + margin)
+    tokens_per_second: float = TOKENS_PER_SECOND
+    canvas_margin: int = CANVAS_MARGIN
+    max_seq_len: int = UPSTREAM_CANVAS  # cap for the sized canvas: the length the model was trained on
+    strategy: str = "remask"  # "remask" (upstream) | "confidence" (commit by confidence)
+    temperature: float = 0.0  # "confidence" strategy: Gumbel noise for candidates after the first
+    repeat_penalty: float = 0.0  # "confidence" strategy: defer committing a token equal to a neighbour's
+    selection: str = "confidence"
+    seed: int | None = None
+    cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
+    fast: bool = True  # shared cross k/v, step-0 broadcast, masked-only projection (same tokens either way)
+
+    def __post_init__(self):
+        if self.candidates < 1 or self.steps < 1:
+            raise ValueError("candidates and steps must be at least 1")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if any(not 0.0 <= r <= 1.0 for r in self.schedule):
+            raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
+
+    def ratio(self, step: int) -> float:
+        return self.schedule[step] if step < len(self.schedule) else self.fallback_ratio
+
+    def canvas_length(self, duration: float | None, prefix_len: int) -> int:
+        if self.seq_len is not None:
+            return self.seq_len
+        if duration is None:
+            return self.max_seq_len
+        n = prefix_len + math.ceil(duration * self.tokens_per_second) + self.canvas_margin
+        return int(min(self.max_seq_len, max(MIN_CANVAS, n)))
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["schedule"] = list(self.schedule)
+        return d
+
+
+@dataclass
+class DecodingResult:
+    tokens: torch.Tensor  # [K, L] final canvases
+    confidences: torch.Tensor  # [K, L]
+    scores: torch.Tensor  # [K] mean confidence over non-pad positions
+    selected: int  # index of the chosen candidate
+    text_tokens: list[int] = field(default_factory=list)  # chosen text (prefix removed, cut at pad)
+    score: float = 0.0
+    n_canvas_tokens: int = 0  # K x L x steps positions the decoder filled (upstream's "tokens")
+    step_inputs: list[torch.Tensor] = field(default_factory=list)  # only with record=True
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.size(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _forward(decoder, x, kv, positions=None):
+    """One decoder call. Identical candidate rows are computed once and broadcast (exact)."""
+    K = x.size(0)
+    same_rows = K > 1 and torch.equal(x, x[:1].expand_as(x))
+    if same_rows and positions is not None:
+        same_rows = torch.equal(positions, positions[:1].expand_as(positions))
+    if same_rows:
+        kv1 = kv if kv is None or kv[0][0].size(0) == 1 else [(k[:1], v[:1]) for k, v in kv]
+        out = decoder(x[:1], cross_kv=kv1, positions=None if positions is None else positions[:1])
+        if positions is None:
+            return out.expand(K, *out.shape[1:])
+        return out.repeat(K, 1)
+    return decoder(x, cross_kv=kv, positions=positions)
+
+
+@torch.no_grad()
+def parallel_diffusion_decode(
+    decoder,
+    condition: torch.Tensor | None,
+    candidates: int = UPSTREAM_CANDIDATES,
+    steps: int = UPSTREAM_STEPS,
+    schedule=UPSTREAM_SCHEDULE,
+    seq_len: int = UPSTREAM_CANVAS,
+    bos_id: int = 1,
+    pad_id: int = 2,
+    masks=None,
+    selection: str = "confidence",
+    seed: int | None = None,
+    *,
+    prefix_ids: list[int] | None = None,
+    options: DecodingOptions | None = None,
+    generator: torch.Generator | None = None,
+    cross_kv=None,
+    to_words=None,
+    record: bool = False,
+) -> DecodingResult:
+    """Decode one audio window. condition: encoder states [F, d] or [1, F, d] (or None for no condition).
+
+    masks: optional precomputed per-step masks (bool [K, L] each) replacing the random draws — the way to
+    reproduce an upstream run exactly. seed: a CPU generator seeded with it draws the masks.
+    """
+    if options is None:
+        options = DecodingOptions(
+            candidates=candidates, steps=steps, schedule=tuple(schedule), seq_len=seq_len,
+            selection=selection, seed=seed,
+        )
+    K, L = options.candidates, seq_len if seq_len is not None else options.seq_len
+    prefix = list(prefix_ids) if prefix_ids is not None else [bos_id]
+    P = len(prefix)
+    mask_id = decoder.config.mask_token_id
+    device = decoder.device
+    if generator is None:
+        generator = torch.Generator()  # CPU: the same draws on every device
+        generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+
+    kv = cross_kv
+    if kv is None and condition is not None:
+        cond = condition if condition.dim() == 3 else condition.unsqueeze(0)
+        if options.fast:
+            kv = decoder.precompute_cross_kv(cond.to(device))
+        else:  # upstream: the condition expanded to K rows, keys/values recomputed per step
+            kv = "expand"
+            cond_k = cond.to(device).expand(K, *cond.shape[1:])
+
+    canvas = torch.full((K, L), mask_id, dtype=torch.long, device=device)
+    canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
+    confidences = torch.zeros(K, L, device=device)
+    record_inputs = []
+    strategy = options.strategy
+
+    if strategy == "confidence":
+        canvas, confidences = _confidence_unmask(decoder, canvas, P, kv if kv != "expand" else None, options, generator)
+    else:
+        for s in range(options.steps):
+            if masks is not None:
+                m = torch.as_tensor(masks[s], dtype=torch.bool, device=device).clone()
+            else:
+                m = (torch.rand(K, L, generator=generator) < options.ratio(s)).to(device)
+            m[:, :P] = False
+            x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
+            if record:
+                record_inputs.append(x.clone())
+            last = s == options.steps - 1
+            if kv == "expand":
+                logits = decoder(x, condition=cond_k)
+            elif not options.fast:
+                logits = decoder(x, cross_kv=kv)
+            elif last:
+                logits = _forward(decoder, x, kv)
+            else:
+                flat = _forward(decoder, x, kv, positions=m)
+                pred = torch.zeros_like(canvas)
+                pred[m] = flat.argmax(-1)
+                canvas = torch.where(m, pred, x)
+                continue
+            if last:
+                probs = torch.softmax(logits.float(), dim=-1)
+                confidences, pred = probs.max(-1)
+            else:
+                pred = logits.argmax(-1)
+            canvas = torch.where(m, pred, x)
+
+    valid = canvas != pad_id
+    scores = (confidences * valid).sum(1) / valid.sum(1).clamp(min=1)
+    result = DecodingResult(
+        tokens=canvas.cpu(), confidences=confidences.float().cpu(), scores=scores.float().cpu(), selected=0,
+        n_canvas_tokens=K * L * options.steps, step_inputs=[x.cpu() for x in record_inputs],
+    )
+    sequences = [text_ids(row, prefix, pad_id, options.cut_at_pad) for row in result.tokens.tolist()]
+    _select(result, sequences, options.selection, prefix, pad_id, options.cut_at_pad, to_words)
+    return result
+
+
+def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generator):
+    """Commit the most confident predictions step by step (LLaDA low-confidence remasking).
+
+    Start all-masked; at step s, predict every still-masked position and commit as many of the most
+    confident ones as the linear schedule allows, so all are committed after the last step. Trailing
+    end-of-text tokens are usually the most confident, so the transcript length is fixed first. Candidates
+    after the first add Gumbel noise (options.temperature) to their choice of token for diversity.
+    """
+    K, L = canvas.shape
+    mask_id = decoder.config.mask_token_id
+    n_gen = L - P
+    confidences = torch.zeros(K, L, device=canvas.device)
+    confidences[:, :P] = 1.0
+    for s in range(options.steps):
+        m = canvas == mask_id
+        if not m.any():
+            break
+        target = math.ceil(n_gen * (s + 1) / options.steps)
+        n_commit = target - (n_gen - int(m[0].sum()))
+        if n_commit <= 0:
+            continue
+        flat = _forward(decoder, canvas, kv, positions=m) if options.fast else decoder(canvas, cross_kv=kv)[m]
+        logp = torch.log_softmax(flat.float(), dim=-1)
+        if options.temperature > 0 and K > 1:
+            rows = m.nonzero()[:, 0]
+            u = torch.rand(logp.shape, generator=generator).to(logp.device).clamp_(1e-10, 1 - 1e-10)
+            gumbel = -torch.log(-torch.log(u)) * options.temperature
+            gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
+            pick = (logp + gumbel).argmax(-1)
+        else:
+            pick = logp.argmax(-1)
+        conf = logp.gather(-1, pick[:, None]).squeeze(-1).exp()
+        pred = torch.full_like(canvas, mask_id)
+        pred[m] = pick
+        c = torch.full((K, L), -1.0, device=canvas.device)
+        c[m] = conf
+        if options.repeat_penalty > 0:
+            # A token equal to an already committed neighbour is often a parallel-decoding duplicate
+            # ("country country"): defer it so it is decided with more context.
+            left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=-1)
+            right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=-1)
+            dup = m & ((pred == left) | (pred == right))
+            c = torch.where(dup, c * (1.0 - options.repeat_penalty), c)
+        take = min(n_commit, int(m.sum(1).min()))
+        top = c.topk(take, dim=1).indices
+        commit = torch.zeros_like(m)
+        commit.scatter_(1, top, True)
+        commit &= m
+        canvas = torch.where(commit, pred, canvas)
+        confidences = torch.where(commit, c.clamp(min=0), confidences)
+    return canvas, confidences
+
+
+@torch.no_grad()
+def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pad_id, durations=None, to_words=None):
+    """Decode many windows. Each window gets its own seed stream (options.seed + window index) so a window
+    decodes the same alone or in a batch; each window's keys/values are computed once."""
+    results = []
+    for i, cond in enumerate(conditions):
+        dur = durations[i] if durations is not None else None
+        L = options.canvas_length(dur, len(prefix_ids))
+        gen = torch.Generator()
+        gen.manual_seed((options.seed if options.seed is not None else torch.seed()) + i)
+        results.append(
+            parallel_diffusion_decode(
+                decoder, cond, seq_len=L, prefix_ids=prefix_ids, pad_id=pad_id, options=options,
+                generator=gen, to_words=to_words,
+            )
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Candidate selection
+
+
+def text_ids(row, prefix, pad_id, cut_at_pad=True) -> list[int]:
+    row = list(row)[len(prefix):]
+    if cut_at_pad and pad_id in row:
+        row = row[: row.index(pad_id)]
+    elif not cut_at_pad:
+        row = [t for t in row if t != pad_id]
+    return row
+
+
+def select_by_confidence(scores: torch.Tensor) -> int:
+    """Upstream: the first candidate with the highest mean confidence."""
+    return int(torch.argmax(scores))  # torch.argmax returns the first maximum
+
+
+def _word_error(hyp, ref) -> float:
+    from rapidfuzz.distance import Levenshtein
+
+    if not ref:
+        return float(len(hyp) > 0) if hyp else 0.0
+    return Levenshtein.distance(hyp, ref) / len(ref)
+
+
+def mbr_select(sequences, weights=None) -> int:
+    """Minimum Bayes risk: the candidate with the least expected word error against the others (weighted by
+    their scores). Ties go to the lower index."""
+    n = len(sequences)
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    risks = [sum(w[j] * _word_error(sequences[i], sequences[j]) for j in range(n) if j != i) for i in range(n)]
+    return min(range(n), key=lambda i: (risks[i], i))
+
+
+NULL = None
+
+
+def rover_combine(sequences, confidences=None, weights=None, alpha: float = ROVER_ALPHA):
+    """Word-level ROVER: align all candidates into one word transition network and vote in every slot.
+
+    sequences: list of word lists; confidences: per-word confidences (same shapes) or None; weights: a weight
+    per candidate (e.g. its score) that also orders the alignment (best first). A slot's winner maximises
+    alpha * (vote weight / total weight) + (1 - alpha) * mean confidence; an empty (NULL) winner drops the slot.
+    """
+    n = len(sequences)
+    if n == 0:
+        return []
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    conf = confidences or [[1.0] * len(s) for s in sequences]
+    order = sorted(range(n), key=lambda i: (-w[i], i))
+    # Each slot: dict word -> list of (candidate weight, confidence); NULL for a candidate's gap.
+    slots: list[dict] = [{word: [(w[order[0]], c)]} for word, c in zip(sequences[order[0]], conf[order[0]])]
+    seen = [order[0]]
+    for i in order[1:]:
+        seq, cs = sequences[i], conf[i]
+        S, T = len(slots), len(seq)
+        # DP alignment of seq against the slots: match cost 0 if the word is in the slot, else 1.
+        D = [[0.0] * (T + 1) for _ in range(S + 1)]
+        for a in range(1, S + 1):
+            D[a][0] = D[a - 1][0] + (0.0 if NULL in slots[a - 1] else 1.0)
+        for b in range(1, T + 1):
+            D[0][b] = D[0][b - 1] + 1.0
+        for a in range(1, S + 1):
+            for b in range(1, T + 1):
+                sub = D[a - 1][b - 1] + (0.0 if seq[b - 1] in slots[a - 1] else 1.0)
+                dele = D[a - 1][b] + (0.0 if NULL in slots[a - 1] else 1.0)
+                ins = D[a][b - 1] + 1.0
+                D[a][b] = min(sub, dele, ins)
+        a, b, new_slots = S, T, []
+        while a > 0 or b > 0:
+            if a > 0 and b > 0 and D[a][b] == D[a - 1][b - 1] + (0.0 if seq[b - 1] in slots[a - 1] else 1.0):
+                slots[a - 1].setdefault(seq[b - 1], []).append((w[i], cs[b - 1]))
+                new_slots.append(slots[a - 1])
+                a, b = a - 1, b - 1
+            elif a > 0 and D[a][b] == D[a - 1][b] + (0.0 if NULL in slots[a - 1] else 1.0):
+                slots[a - 1].setdefault(NULL, []).append((w[i], 1.0))
+                new_slots.append(slots[a - 1])
+                a -= 1
+            else:  # insertion: a new slot where every earlier candidate has a gap
+                slot = {seq[b - 1]: [(w[i], cs[b - 1])], NULL: [(w[j], 1.0) for j in seen]}
+                new_slots.append(slot)
+                b -= 1
+        slots = new_slots[::-1]
+        seen.append(i)
+    total = sum(w)
+    out = []
+    for slot in slots:
+        def vote(item):
+            word, votes = item
+            freq = sum(v for v, _ in votes) / total
+            mean_conf = sum(c for _, c in votes) / len(votes)
+            return alpha * freq + (1 - alpha) * mean_conf
+        word = max(slot.items(), key=vote)[0]
+        if word is not NULL:
+            out.append(word)
+    return out
+
+
+def _select(result: DecodingResult, sequences, selection, prefix, pad_id, cut_at_pad, to_words):
+    scores = result.scores
+    if selection == "confidence" or len(sequences) == 1:
+        result.selected = select_by_confidence(scores)
+        result.text_tokens = sequences[result.selected]
+    else:
+        words = [to_words(s) for s in sequences] if to_words else [[(t,) for t in s] for s in sequences]
+        if selection == "mbr":
+            result.selected = mbr_select(words, weights=scores.tolist())
+            result.text_tokens = sequences[result.selected]
+        else:  # rover: a new sequence voted from all candidates
+            P = len(prefix)
+            confs = []
+            for k, s in enumerate(sequences):
+                c = result.confidences[k, P : P + len(s)].tolist()
+                confs.append(_group_confidences(words[k], c))
+            combined = rover_combine(words, confs, weights=scores.tolist())
+            result.text_tokens = [t for word in combined for t in word]
+            # The reported candidate is the one closest to the voted text.
+            result.selected = min(range(len(words)), key=lambda k: (_word_error(words[k], combined), k))
+    result.score = float(scores[result.selected])
+
+
+def _group_confidences(words, token_confidences) -> list[float]:
+    """Mean token confidence per word (words are tuples of token ids covering the sequence in order)."""
+    out, j = [], 0
+    for word in words:
+        n = len(word)
+        chunk = token_confidences[j : j + n] or [0.0]
+        out.append(sum(chunk) / len(chunk))
+        j += n
+    return out
+
+
+def words_from_tokens(tokenizer):
+    """A to_words function: groups token ids into words at tokens that start with a space (Whisper BPE, and
+    SentencePiece's '▁'), so MBR and ROVER vote on words, not sub-word pieces."""
+    cache: dict[int, bool] = {}
+
+    def starts_word(t: int) -> bool:
+        if t not in cache:
+            piece = tokenizer._tok.id_to_token(t) or ""
+            cache[t] = piece.startswith(("Ġ", "▁", " "))
+        return cache[t]
+
+    def to_words(seq):
+        words, cur = [], []
+        for t in seq:
+            if cur and starts_word(t):
+                words.append(tuple(cur))
+                cur = []
+            cur.append(t)
+        if cur:
+            words.append(tuple(cur))
+        return words
+
+    return to_words
