@@ -342,6 +342,8 @@ def rover_combine(sequences, confidences=None, weights=None, alpha: float = ROVE
     order = sorted(range(n), key=lambda i: (-w[i], i))
     # Each slot: dict word -> list of (candidate weight, confidence); NULL for a candidate's gap.
     slots: list[dict] = [{word: [(w[order[0]], c)]} for word, c in zip(sequences[order[0]], conf[order[0]])]
+    # A candidate's gap (NULL) votes with that candidate's mean word confidence.
+    gap_conf = [sum(c) / len(c) if c else 1.0 for c in conf]
     seen = [order[0]]
     for i in order[1:]:
         seq, cs = sequences[i], conf[i]
@@ -365,11 +367,11 @@ def rover_combine(sequences, confidences=None, weights=None, alpha: float = ROVE
                 new_slots.append(slots[a - 1])
                 a, b = a - 1, b - 1
             elif a > 0 and D[a][b] == D[a - 1][b] + (0.0 if NULL in slots[a - 1] else 1.0):
-                slots[a - 1].setdefault(NULL, []).append((w[i], 1.0))
+                slots[a - 1].setdefault(NULL, []).append((w[i], gap_conf[i]))
                 new_slots.append(slots[a - 1])
                 a -= 1
             else:  # insertion: a new slot where every earlier candidate has a gap
-                slot = {seq[b - 1]: [(w[i], cs[b - 1])], NULL: [(w[j], 1.0) for j in seen]}
+                slot = {seq[b - 1]: [(w[i], cs[b - 1])], NULL: [(w[j], gap_conf[j]) for j in seen]}
                 new_slots.append(slot)
                 b -= 1
         slots = new_slots[::-1]
