@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install "$TORCH_SPEC"
   else
     # The official CPU wheel index first; where it is unreachable (offline mirrors), the default index.
-    "$PY" -m pip install "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+    "$PY" -m pip install "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 10 2>/dev/null \
       || "$PY" -m pip install "$TORCH_SPEC"
   fi
 fi
