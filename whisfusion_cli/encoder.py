@@ -1,0 +1,256 @@
+"""Log-mel features + the frozen Whisper encoder: audio windows (<= 30 s) -> encoder states [F, d].
+
+Three modes trade fidelity to upstream Whisper against speed:
+- "full": upstream behaviour; pad to 30 s, return all 1500 frames.
+- "pad_trim": pad to 30 s and run the full encoder, then keep the frames that cover the audio (plus a
+  small margin of padding), so the decoder attends to fewer frames. Same states as "full" on those frames.
+- "short": cut the log-mel to the audio length and run the encoder on that alone with the first F rows
+  of the position table. Cost is proportional to audio length; states differ slightly from "full"
+  because attention no longer sees the 30 s of padding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+# Whisper's audio contract (the same numbers as audio.py's; repeated here so the encoder can build its
+# feature extractor without a hub download).
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames
+CONV_STRIDE = 2  # conv2 halves the mel frame rate
+ENCODER_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH // CONV_STRIDE  # 50
+MAX_ENCODER_FRAMES = N_FRAMES // CONV_STRIDE  # 1500
+# Extra encoder frames kept after the audio in "pad_trim"/"short": the decoder sees where speech ends
+# (a little padding) instead of a hard cut in the last word.
+FRAME_MARGIN = 10
+# "short" never runs on less than this, so very short clips still give the decoder some context.
+SHORT_MIN_SECONDS = 1.0
+SHORT_MIN_MEL_FRAMES = int(SHORT_MIN_SECONDS * SAMPLE_RATE / HOP_LENGTH)
+
+MODES = ("full", "pad_trim", "short")
+DEFAULT_SOURCE = "tiny.en"
+DEFAULT_BATCH_SIZE = 8
+
+
+def frames_for_duration(seconds: float) -> int:
+    """Encoder frames kept for `seconds` of audio in "pad_trim" (and run in "short")."""
+    # The epsilon keeps float noise (e.g. 2.0000000001 s) from adding a frame.
+    return min(MAX_ENCODER_FRAMES, math.ceil(max(0.0, seconds) * ENCODER_FRAMES_PER_SECOND - 1e-6) + FRAME_MARGIN)
+
+
+def short_mel_frames(num_samples: int) -> int:
+    """Mel frames the "short" mode feeds the encoder for a clip of `num_samples` samples (always even)."""
+    frames = CONV_STRIDE * frames_for_duration(num_samples / SAMPLE_RATE)
+    return min(N_FRAMES, max(SHORT_MIN_MEL_FRAMES, frames))
+
+
+@dataclass
+class EncoderOptions:
+    """How audio becomes encoder states."""
+
+    mode: str = "full"  # one of MODES
+    int8: bool = False  # torch dynamic int8 quantisation of the encoder's Linear layers (CPU only)
+    threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
+    batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder call
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.batch_size < 1:
+            raise ValueError(f"encoder batch_size must be >= 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"encoder threads must be >= 1, got {self.threads}")
+
+
+class WhisperAudioEncoder:
+    """A frozen Whisper encoder with its feature extractor: `.encode(list of audio) -> list of [F_i, d]`."""
+
+    def __init__(
+        self,
+        model: "str | os.PathLike | WhisperForConditionalGeneration" = DEFAULT_SOURCE,
+        options: EncoderOptions | None = None,
+        device: "str | torch.device" = "cpu",
+        dtype: "torch.dtype | None" = None,
+    ):
+        import torch
+        from transformers import WhisperFeatureExtractor
+
+        self.options = options or EncoderOptions()
+        self.device = torch.device(device)
+        self.dtype = torch.float32 if dtype is None else dtype
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
+        if isinstance(model, (str, os.PathLike)):
+            from .ct2_import import load_whisper
+
+            self.source = str(model)
+            whisper = load_whisper(model, device=self.device, dtype=self.dtype)
+        else:
+            self.source = getattr(getattr(model, "config", None), "_name_or_path", "") or "<model>"
+            whisper = model
+        encoder = whisper.get_encoder() if hasattr(whisper, "get_encoder") else whisper
+        if not hasattr(encoder, "conv1") or not hasattr(encoder, "embed_positions"):
+            raise TypeError(f"{type(model).__name__} is not a transformers Whisper model or encoder")
+        if self.options.int8:
+            if self.device.type != "cpu":
+                raise ValueError("int8 encoder quantisation is CPU only; use a float dtype on GPU")
+            if self.dtype != torch.float32:
+                raise ValueError("int8 encoder quantisation needs dtype float32")
+            import warnings
+
+            # A copy, so a model passed in by the caller keeps its float weights. torch warns that its
+            # quantised tensor types are deprecated; they still work in the pinned torch.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                encoder = torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(encoder).float(), {torch.nn.Linear}, dtype=torch.qint8
+                )
+        else:
+            encoder = encoder.to(device=self.device, dtype=self.dtype)
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.config = encoder.config
+        self.dim: int = int(self.config.d_model)
+        self.num_mel_bins: int = int(self.config.num_mel_bins)
+        if int(self.config.max_source_positions) != MAX_ENCODER_FRAMES:
+            raise ValueError(
+                f"{self.source}: encoder has {self.config.max_source_positions} positions, expected "
+                f"{MAX_ENCODER_FRAMES} (30 s windows)"
+            )
+        self.feature_extractor = WhisperFeatureExtractor(
+            feature_size=self.num_mel_bins,
+            sampling_rate=SAMPLE_RATE,
+            hop_length=HOP_LENGTH,
+            chunk_length=CHUNK_LENGTH,
+            n_fft=N_FFT,
+        )
+
+    # ------------------------------------------------------------------------------------------ api
+
+    def spec(self) -> dict[str, Any]:
+        """What a model directory stores to rebuild this encoder with `load_encoder`."""
+        return {"source": self.source, "mode": self.options.mode, "dim": self.dim}
+
+    def output_frames(self, num_samples: int) -> int:
+        """Number of state rows `encode` returns for a clip of `num_samples` samples."""
+        if self.options.mode == "full":
+            return MAX_ENCODER_FRAMES
+        if self.options.mode == "pad_trim":
+            return frames_for_duration(num_samples / SAMPLE_RATE)
+        return short_mel_frames(num_samples) // CONV_STRIDE
+
+    def features(self, audio: Sequence[np.ndarray]) -> "torch.Tensor":
+        """Log-mel features [B, n_mels, 3000] of 30 s-padded audio (upstream Whisper's input)."""
+        import torch
+
+        feats = self.feature_extractor(
+            list(audio), sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length"
+        ).input_features
+        return torch.from_numpy(np.asarray(feats, dtype=np.float32))
+
+    def encode(self, audio: Sequence[np.ndarray]) -> "list[torch.Tensor]":
+        """Encoder states, one [F_i, d] tensor per clip (float32 mono 16 kHz, each <= 30 s), in input order,
+        on this encoder's device."""
+        import torch
+
+        clips = [_check_clip(a, i) for i, a in enumerate(audio)]
+        out: list[torch.Tensor | None] = [None] * len(clips)
+        if self.options.mode == "short":
+            # No padding mask exists in Whisper's encoder, so only clips with the same mel length can share
+            # a batch without changing each other's states.
+            groups: dict[int, list[int]] = {}
+            for i, clip in enumerate(clips):
+                groups.setdefault(short_mel_frames(len(clip)), []).append(i)
+            batches = [(idx[s : s + self.options.batch_size], m) for m, idx in groups.items()
+                       for s in range(0, len(idx), self.options.batch_size)]
+        else:
+            order = list(range(len(clips)))
+            batches = [(order[s : s + self.options.batch_size], N_FRAMES)
+                       for s in range(0, len(order), self.options.batch_size)]
+        with torch.inference_mode():
+            for idx, mel_frames in batches:
+                feats = self.features([clips[i] for i in idx])[:, :, :mel_frames]
+                states = self._run(feats.to(self.device, self.dtype))
+                for row, i in enumerate(idx):
+                    out[i] = states[row, : self.output_frames(len(clips[i]))]
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------- internals
+
+    def _run(self, feats: "torch.Tensor") -> "torch.Tensor":
+        """Whisper's encoder forward on [B, n_mels, M] features, any even M <= 3000.
+
+        transformers' WhisperEncoder.forward insists on exactly 3000 frames, so the same steps are spelled
+        out here (conv stem, GELU, positions, layers, final norm), using the first M/2 position rows.
+        """
+        import torch.nn.functional as F
+
+        enc = self.encoder
+        x = F.gelu(enc.conv1(feats))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        for layer in enc.layers:
+            x = layer(x, None)
+        return enc.layer_norm(x)
+
+
+def _check_clip(audio: Any, index: int) -> np.ndarray:
+    clip = np.asarray(audio)
+    if clip.ndim != 1:
+        raise ValueError(f"audio item {index}: expected mono 1-D samples, got shape {clip.shape}")
+    if clip.dtype.kind not in "fiu":
+        raise ValueError(f"audio item {index}: expected float samples, got dtype {clip.dtype}")
+    if len(clip) > N_SAMPLES:
+        raise ValueError(
+            f"audio item {index}: {len(clip) / SAMPLE_RATE:.2f} s is longer than the encoder's "
+            f"{CHUNK_LENGTH} s window; cut long audio into windows first"
+        )
+    clip = clip.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(clip)):
+        raise ValueError(f"audio item {index}: contains NaN or infinite samples")
+    return clip
+
+
+def load_encoder(
+    spec: dict[str, Any], device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None
+) -> WhisperAudioEncoder:
+    """Build the encoder a model directory describes, e.g. {"source": "tiny.en", "mode": "short"}.
+
+    Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
+    "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
+    """
+    if not isinstance(spec, dict) or "source" not in spec:
+        raise ValueError(f"encoder spec must be a dict with a 'source' key, got {spec!r}")
+    option_names = {f.name for f in fields(EncoderOptions)}
+    unknown = set(spec) - option_names - {"source", "dim"}
+    if unknown:
+        raise ValueError(f"encoder spec has unknown keys {sorted(unknown)} (known: source, dim, {', '.join(sorted(option_names))})")
+    options = EncoderOptions(**{k: v for k, v in spec.items() if k in option_names})
+    encoder = WhisperAudioEncoder(spec["source"], options, device=device, dtype=dtype)
+    if "dim" in spec and int(spec["dim"]) != encoder.dim:
+        raise ValueError(f"encoder {spec['source']} has width {encoder.dim}, the model expects {spec['dim']}")
+    return encoder
+
+
+__all__ = [
+    "EncoderOptions",
+    "FRAME_MARGIN",
+    "MODES",
+    "WhisperAudioEncoder",
+    "frames_for_duration",
+    "load_encoder",
+    "short_mel_frames",
+]
