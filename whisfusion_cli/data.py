@@ -189,7 +189,7 @@ def dataset_fingerprint(items: list[Item]) -> str:
 class PreprocessOptions:
     input: str
     output: str
-    encoder: dict = field(default_factory=lambda: {"model": "tiny.en", "mode": "short"})
+    encoder: dict = field(default_factory=lambda: {"source": "tiny.en", "mode": "short"})  # encoder.load_encoder spec
     dtype: str = "float16"
     shard_size: int = DEFAULT_SHARD_SIZE
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -373,7 +373,8 @@ def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
             from .encoder import load_encoder
 
             device = options.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-            encoder = load_encoder({**options.encoder, "device": device})
+            spec = {"batch_size": options.batch_size, **options.encoder}
+            encoder = load_encoder(spec, device=device)
         writer = ShardWriter(encoder, options)
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         total = sum(len(items[i * options.shard_size : (i + 1) * options.shard_size]) for i in todo)
@@ -422,7 +423,7 @@ def write_index(out: Path, plan: dict) -> dict:
     index = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "encoder": plan["encoder"],
+        "encoder": {**plan["encoder"], "dim": dim},
         "frame_mode": plan["encoder"].get("mode", "full"),
         "fixed_frames": next(iter(frame_counts)) if frame_counts and len(frame_counts) == 1 else None,
         "dtype": plan["dtype"],
@@ -469,14 +470,15 @@ def _progress(enabled: bool, console=None):
 
 
 def preprocess_main(**kwargs) -> dict:
-    """CLI entry: keyword arguments are PreprocessOptions fields; `encoder_model`/`encoder_mode` fill the
-    encoder spec."""
+    """CLI entry: keyword arguments are PreprocessOptions fields; `encoder_source`, `encoder_mode` and
+    `encoder_int8` fill the encoder spec."""
     spec = dict(kwargs.pop("encoder", None) or {})
-    for key in ("model", "mode"):
+    for key in ("source", "mode", "int8"):
         value = kwargs.pop(f"encoder_{key}", None)
         if value is not None:
             spec[key] = value
-    options = PreprocessOptions(**kwargs, encoder={"model": "tiny.en", "mode": "short", **spec})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    options = PreprocessOptions(**kwargs, encoder={"source": "tiny.en", "mode": "short", **spec})
     return preprocess(options)
 
 
