@@ -198,7 +198,7 @@ def _scalar(variables: dict[str, np.ndarray], name: str, path: Path) -> int:
 
 
 def _token_ids(model_dir: Path) -> dict[str, int]:
-    """Id of every added/special token, from tokenizer.json or vocabulary.txt (whichever is present)."""
+    """Id of every added/special token, from tokenizer.json or the vocabulary file (whichever is present)."""
     tok_file = model_dir / "tokenizer.json"
     if tok_file.is_file():
         try:
@@ -211,11 +211,18 @@ def _token_ids(model_dir: Path) -> dict[str, int]:
             if special not in ids and special in vocab:
                 ids[special] = int(vocab[special])
         return ids
-    vocab_file = model_dir / "vocabulary.txt"
-    if vocab_file.is_file():
-        lines = vocab_file.read_text(encoding="utf-8").split("\n")
-        return {t: i for i, t in enumerate(lines) if t.startswith("<|")}
-    return {}
+    # ctranslate2's converter writes vocabulary.json (a list); older packages ship vocabulary.txt.
+    vocab_json, vocab_txt = model_dir / "vocabulary.json", model_dir / "vocabulary.txt"
+    try:
+        if vocab_json.is_file():
+            tokens = json.loads(vocab_json.read_text(encoding="utf-8"))
+        elif vocab_txt.is_file():
+            tokens = vocab_txt.read_text(encoding="utf-8").split("\n")
+        else:
+            return {}
+    except (OSError, ValueError) as exc:
+        raise CT2FormatError(f"{model_dir}: unreadable vocabulary file ({exc})") from exc
+    return {t: i for i, t in enumerate(tokens) if isinstance(t, str) and t.startswith("<|")}
 
 
 def _build_config(variables: dict[str, np.ndarray], model_dir: Path, path: Path) -> tuple[Any, dict[str, Any]]:
@@ -471,7 +478,7 @@ def _write_cache(model: Any, target: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_progress():
-    """Hide transformers' per-shard progress bars while loading the cache (they would clutter the CLI)."""
+    """Hide transformers' per-shard progress bars while loading local weights (they clutter the CLI)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -529,7 +536,8 @@ def load_whisper(
         from transformers import WhisperForConditionalGeneration
 
         try:
-            model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+            with _quiet_progress():
+                model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise WhisperLoadError(f"{path}: not a loadable transformers Whisper directory ({exc})") from exc
     elif path.exists():
