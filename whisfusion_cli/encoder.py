@@ -113,9 +113,10 @@ class WhisperAudioEncoder:
             import warnings
 
             # A copy, so a model passed in by the caller keeps its float weights. torch warns that its
-            # quantised tensor types are deprecated; they still work in the pinned torch.
+            # eager quantisation API is deprecated (moving to torchao); it still works in the pinned torch.
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
+                for category in (UserWarning, DeprecationWarning, FutureWarning):
+                    warnings.simplefilter("ignore", category)
                 encoder = torch.ao.quantization.quantize_dynamic(
                     copy.deepcopy(encoder).float(), {torch.nn.Linear}, dtype=torch.qint8
                 )

