@@ -90,7 +90,7 @@ def _read_librispeech(root: Path) -> list[Item]:
             if not line.strip():
                 continue
             utt, _, text = line.strip().partition(" ")
-            audio = next((trans.parent / (utt + ext) for ext in (".flac", *AUDIO_EXTENSIONS)
+            audio = next((trans.parent / (utt + ext) for ext in (".flac", *sorted(AUDIO_EXTENSIONS))
                           if (trans.parent / (utt + ext)).exists()), trans.parent / (utt + ".flac"))
             items.append(Item(id=utt, audio=str(audio.resolve()), text=text.strip()))
     return items

@@ -221,6 +221,25 @@ def whisper_tokenizer_config(tokenizer_file: Path):
     return cfg
 
 
+def llama_tokenizer_config(tokenizer_file: Path):
+    """Upstream's canvas convention (BOS prefix, pad = EOS), with the ids of `<s>`/`</s>` read from the file
+    when it has them (any SentencePiece-style tokenizer; TinyLlama's are 1 and 2)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import TokenizerConfig
+
+    try:
+        tok = HFTokenizer.from_file(str(tokenizer_file))
+    except Exception as e:  # the library raises plain Exception on malformed files
+        raise TrainError(f"{tokenizer_file}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
+    cfg = TokenizerConfig.llama()
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    cfg.file = str(tokenizer_file)
+    if bos is not None and eos is not None:
+        cfg.prefix_ids, cfg.pad_id, cfg.eos_id = [bos], eos, eos
+    return cfg
+
+
 def whisper_decoder_from_pretrained(name: str, condition_dim: int):
     """A WhisperDiffusionDecoder holding a pre-trained Whisper decoder's weights (transformers names minus
     `model.decoder.`), its mask embedding set to the mean token embedding."""
@@ -309,7 +328,7 @@ def build_model(o: TrainOptions, data_dim: int):
     family = decoder.config.family
     if o.tokenizer:
         tok_file = Path(o.tokenizer)
-        tok_cfg = whisper_tokenizer_config(tok_file) if family == "whisper" else TokenizerConfig.llama()
+        tok_cfg = whisper_tokenizer_config(tok_file) if family == "whisper" else llama_tokenizer_config(tok_file)
     elif family == "whisper":
         source = init if init != "random" else "tiny.en"
         if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
@@ -323,10 +342,9 @@ def build_model(o: TrainOptions, data_dim: int):
         tokenizer = Tokenizer(tok_file, tok_cfg)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(str(e)) from None
-    if tokenizer.vocab_size > decoder.config.vocab_size + (1 if family == "smdm" else 0) + 64:
-        raise TrainError(
-            f"{tok_file}: tokenizer has {tokenizer.vocab_size} tokens, the decoder only {decoder.config.vocab_size}"
-        )
+    rows = decoder.config.padded_vocab_size if family == "smdm" else decoder.config.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise TrainError(f"{tok_file}: tokenizer has {tokenizer.vocab_size} tokens, the decoder only {rows} (wrong tokenizer?)")
     cd = decoder.config.condition_dim or decoder.config.n_embd
     if cd != data_dim:
         raise TrainError(f"encoder width {data_dim} of the shards does not match the decoder's condition width {cd}")
