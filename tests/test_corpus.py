@@ -1,0 +1,129 @@
+"""The offline-TTS corpus generator: manifest, audio format, determinism, resume, held-out voices."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from whisfusion_cli import corpus
+from whisfusion_cli.corpus import CorpusError, CorpusOptions, build_corpus
+
+needs_tts = pytest.mark.skipif(not corpus.voice_catalogue(),
+                               reason="no offline TTS engine installed (espeak-ng, flite, pico2wave or festival)")
+
+# A small fixed pool keeps the builds fast and independent of which text packages are installed.
+SMALL_POOL = {
+    "fortunes": ["A gift of a flower will soon be made to you.", "Are you sure the back door is locked?",
+                 "Avoid reality at all costs."],
+    "bible": ["God saw that it was good.", "There was evening and there was morning, a fifth day."],
+    "wordnet": ["She was declared incompetent.", "Mix water into the drink."],
+}
+
+
+def _options(out: Path, n: int, **kw) -> CorpusOptions:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / corpus.TEXT_POOL_NAME).write_text(json.dumps(SMALL_POOL))
+    return CorpusOptions(out_dir=out, n_utterances=n, **kw)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / corpus.MANIFEST_NAME).read_text().splitlines()]
+
+
+@needs_tts
+def test_manifest_and_audio(tmp_path):
+    out = tmp_path / "c"
+    build_corpus(_options(out, 12, seed=3, pack_prob=0.4, empty_prob=0.1), log=lambda m: None)
+    records = _records(out)
+    assert [r["id"] for r in records] == [f"train-{i:07d}" for i in range(12)]
+    held = set(corpus.HELD_OUT_VOICES)
+    for r in records:
+        assert {"id", "audio", "text", "duration", "voice", "split"} <= set(r)
+        assert r["split"] == "train"
+        info = sf.info(str(out / r["audio"]))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert abs(info.frames / 16000 - r["duration"]) < 1e-3
+        assert 0.5 < r["duration"] <= 30.0
+        assert r["text"].isascii()
+        if r["text"]:
+            assert not any(v.split("+")[0] in held for v in r["voice"].split("|"))
+            audio, _ = sf.read(str(out / r["audio"]))
+            assert np.abs(audio).max() > 0.01, r
+        else:
+            assert r["voice"] == "none"
+    assert any("|" in r["voice"] or "packed" in " ".join(r["augment"]) for r in records)
+    # pack_prob 0.4 over 12 items: at least one packed window joins several transcripts
+    assert any(r["source"].count("+") >= 1 for r in records)
+
+
+@needs_tts
+def test_resume_matches_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    build_corpus(_options(whole, 8, seed=5), log=lambda m: None)
+    build_corpus(_options(parts, 3, seed=5), log=lambda m: None)
+    with open(parts / corpus.MANIFEST_NAME, "a") as fh:
+        fh.write('{"id": "train-00000')  # a crash in the middle of a manifest line
+    build_corpus(_options(parts, 8, seed=5, workers=2), log=lambda m: None)
+    assert _records(parts) == _records(whole)
+    for r in _records(whole):
+        a, _ = sf.read(str(whole / r["audio"]), dtype="int16")
+        b, _ = sf.read(str(parts / r["audio"]), dtype="int16")
+        assert np.array_equal(a, b), r["id"]
+    other = tmp_path / "other"
+    build_corpus(_options(other, 8, seed=6), log=lambda m: None)
+    assert [r["text"] for r in _records(other)] != [r["text"] for r in _records(whole)]
+
+
+@needs_tts
+def test_resume_with_other_options_is_refused(tmp_path):
+    out = tmp_path / "c"
+    build_corpus(_options(out, 2, seed=1), log=lambda m: None)
+    with pytest.raises(CorpusError, match="corpus.json.*other options"):
+        build_corpus(_options(out, 4, seed=2), log=lambda m: None)
+
+
+@needs_tts
+def test_held_out_voices_only_in_test_split(tmp_path):
+    options = CorpusOptions.test_split(tmp_path / "t", 6, seed=2)
+    if not corpus.split_voices(options):
+        pytest.skip("neither held-out voice (flite awb, MBROLA us3) is installed")
+    _options(tmp_path / "t", 6)
+    build_corpus(options, log=lambda m: None)
+    records = _records(tmp_path / "t")
+    assert all(r["split"] == "test" and r["voice"].split("+")[0] in corpus.HELD_OUT_VOICES for r in records)
+    assert all(r["augment"] == [] and r["text"] for r in records)
+
+
+def test_number_words():
+    assert corpus.number_words(0) == "zero"
+    assert corpus.number_words(21) == "twenty one"
+    assert corpus.number_words(105) == "one hundred five"
+    assert corpus.number_words(105, use_and=True) == "one hundred and five"
+    assert corpus.number_words(2_000_013) == "two million thirteen"
+    assert corpus.number_words(1999) == "one thousand nine hundred ninety nine"
+    assert [corpus.ordinal_words(n) for n in (1, 2, 3, 12, 20, 21)] == [
+        "first", "second", "third", "twelfth", "twentieth", "twenty first"]
+    assert corpus.year_words(1905) == "nineteen oh five"
+    assert corpus.year_words(2005) == "two thousand and five"
+    assert corpus.year_words(1900) == "nineteen hundred"
+    assert corpus.year_words(2024) == "twenty twenty four"
+
+
+def test_clean_sentence():
+    assert corpus.clean_sentence("\u201cHello there,\u201d he said -- quietly") == "Hello there, he said, quietly."
+    assert corpus.clean_sentence("it\u2019s   fine!!!") == "It's fine!"
+    for bad in ("Collect $200.", "See [note] here.", "Caf\u00e9 au lait tonight.", "Hi", "x " * 31,
+                "THIS IS ALL SHOUTING NOW."):
+        assert corpus.clean_sentence(bad) is None, bad
+
+
+def test_generated_text_is_clean():
+    rng = np.random.default_rng(0)
+    for name in corpus.GENERATORS:
+        for _ in range(200):
+            source, text = corpus.pick_text(rng, {}, {name: 1.0})
+            assert source == name
+            assert text.isascii() and text[0].isupper() and not any(c.isdigit() for c in text), text
+            assert corpus.MIN_WORDS - 1 <= len(text.split()) <= corpus.MAX_WORDS, text
