@@ -1,0 +1,325 @@
+"""Reading audio: any file -> float32 mono 16 kHz, whole (`load_audio`) or in bounded blocks (`stream_audio`).
+
+soundfile (libsndfile) decodes wav, flac, ogg/vorbis/opus, mp3, aiff and friends; containers libsndfile does
+not know (m4a, aac, webm, ...) are decoded by an `ffmpeg` subprocess when one is on PATH. Resampling to 16 kHz
+uses soxr (librosa's resampler) in streaming mode, so a file of hours never sits in memory and a file read in
+blocks gives the same samples as one read whole.
+
+Every problem is an `AudioError` whose message is one line naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+# Whisper's audio contract, each derived from the one before.
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds in one encoder window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
+ENCODER_FRAMES_PER_SECOND = FRAMES_PER_SECOND // 2  # 50: the encoder's conv stem halves the frame rate
+
+# Containers libsndfile reads itself, and those we hand to ffmpeg.
+SOUNDFILE_EXTENSIONS = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
+     ".caf", ".w64", ".rf64"}
+)
+FFMPEG_EXTENSIONS = frozenset({".m4a", ".aac", ".mp4", ".m4b", ".webm", ".mka", ".wma", ".amr"})
+AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | FFMPEG_EXTENSIONS
+RESAMPLE_QUALITY = "HQ"  # soxr quality; librosa's default res_type "soxr_hq" is the same resampler
+DEFAULT_BLOCK_SECONDS = 30.0
+# Native frames read per soundfile call while streaming (at 48 kHz stereo about 2.6 MB of float32).
+READ_FRAMES = 1 << 16
+FFMPEG_READ_BYTES = READ_FRAMES * 4
+GLOB_CHARS = "*?["
+
+
+class AudioError(Exception):
+    """An input that cannot be used as audio; str() is one line: '<path>: <reason>'."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    path: str
+    duration: float | None  # seconds; None where only decoding the whole file would tell
+    samplerate: int | None
+    channels: int | None
+    format: str
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise AudioError(path, "no such file")
+    if path.is_dir():
+        raise AudioError(path, "is a directory, not an audio file")
+    if not os.access(path, os.R_OK):
+        raise AudioError(path, "permission denied")
+    if path.stat().st_size == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _open_soundfile(path: Path):
+    """A soundfile.SoundFile, or None when libsndfile does not recognise the container (try ffmpeg)."""
+    import soundfile as sf
+
+    try:
+        return sf.SoundFile(str(path))
+    except sf.LibsndfileError as e:
+        # libsndfile gives "Format not recognised" for unknown containers and a variety of messages for
+        # broken headers; both may still be something ffmpeg can decode.
+        return _SoundfileFailure(_first_line(e))
+    except (RuntimeError, OSError) as e:
+        return _SoundfileFailure(_first_line(e))
+
+
+@dataclass
+class _SoundfileFailure:
+    message: str
+
+
+def audio_info(path) -> AudioInfo:
+    """Duration and format from the header (no decoding for soundfile formats; ffprobe for the others)."""
+    path = Path(path)
+    _check_readable(path)
+    f = _open_soundfile(path)
+    if not isinstance(f, _SoundfileFailure):
+        with f:
+            duration = f.frames / f.samplerate if f.samplerate else None
+            return AudioInfo(str(path), duration, f.samplerate, f.channels, f.format)
+    if shutil.which("ffprobe"):
+        try:
+            out = subprocess.run(
+                ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
+                capture_output=True, text=True, timeout=60, check=True,
+            ).stdout.strip()
+            return AudioInfo(str(path), float(out), None, None, "ffmpeg")
+        except (subprocess.SubprocessError, ValueError, OSError):
+            pass
+    raise AudioError(path, _not_audio_reason(path, f.message))
+
+
+def audio_duration(path) -> float | None:
+    return audio_info(path).duration
+
+
+def _not_audio_reason(path: Path, soundfile_message: str) -> str:
+    if path.suffix.lower() in FFMPEG_EXTENSIONS and not shutil.which("ffmpeg"):
+        return f"{path.suffix} files need ffmpeg on PATH (not found)"
+    return f"not an audio file, or corrupt ({soundfile_message})"
+
+
+def _soundfile_blocks(f) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at the file's own rate."""
+    import soundfile as sf
+
+    path = f.name
+    with f:
+        while True:
+            try:
+                block = f.read(READ_FRAMES, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioError(path, f"corrupt audio data ({_first_line(e)})") from None
+            if len(block) == 0:
+                return
+            yield block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+
+
+def _ffmpeg_blocks(path: Path, sr: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks already at `sr`, decoded and resampled by an ffmpeg subprocess."""
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
+    # stderr goes to a file: a pipe could fill up and block ffmpeg on a file with many decode errors.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        try:
+            leftover = b""
+            while True:
+                chunk = proc.stdout.read(FFMPEG_READ_BYTES)
+                if not chunk:
+                    break
+                chunk = leftover + chunk
+                usable = len(chunk) - len(chunk) % 4
+                leftover = chunk[usable:]
+                if usable:
+                    yield np.frombuffer(chunk[:usable], dtype="<f4").astype(np.float32)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if code != 0:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            last = lines[-1].removeprefix(f"{path}: ")[:200] if lines else f"exit code {code}"
+            raise AudioError(path, f"not an audio file, or corrupt (ffmpeg: {last})")
+
+
+def _rebuffer(blocks: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Blocks of exactly `size` samples (the last may be shorter)."""
+    pending: list[np.ndarray] = []
+    count = 0
+    for block in blocks:
+        if len(block) == 0:
+            continue
+        pending.append(block)
+        count += len(block)
+        if count >= size:
+            joined = np.concatenate(pending)
+            n_full = len(joined) // size
+            for i in range(n_full):
+                yield joined[i * size : (i + 1) * size]
+            rest = joined[n_full * size :]
+            pending, count = ([rest], len(rest)) if len(rest) else ([], 0)
+    if count:
+        yield np.concatenate(pending)
+
+
+def _resampled(blocks: Iterable[np.ndarray], sr_in: int, sr_out: int) -> Iterator[np.ndarray]:
+    """Stateful streaming resampling: the concatenated output equals resampling the whole signal."""
+    if sr_in == sr_out:
+        yield from blocks
+        return
+    import soxr
+
+    stream = soxr.ResampleStream(sr_in, sr_out, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+    for block in blocks:
+        out = stream.resample_chunk(np.ascontiguousarray(block, dtype=np.float32))
+        if len(out):
+            yield out
+    tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail
+
+
+def stream_audio(path, block_seconds: float = DEFAULT_BLOCK_SECONDS, sr: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
+    """float32 mono blocks at `sr` of exactly `block_seconds` (the last may be shorter), decoded lazily:
+    memory stays bounded by the block size, whatever the length of the file."""
+    path = Path(path)
+    _check_readable(path)
+    size = max(1, int(round(block_seconds * sr)))
+    f = _open_soundfile(path)
+    if isinstance(f, _SoundfileFailure):
+        if not shutil.which("ffmpeg"):
+            raise AudioError(path, _not_audio_reason(path, f.message))
+        blocks = _ffmpeg_blocks(path, sr)
+    else:
+        if f.samplerate <= 0:
+            f.close()
+            raise AudioError(path, f"invalid sample rate {f.samplerate}")
+        blocks = _resampled(_soundfile_blocks(f), f.samplerate, sr)
+    for block in _rebuffer(blocks, size):
+        if not np.all(np.isfinite(block)):
+            raise AudioError(path, "corrupt audio data (NaN or infinite samples)")
+        yield block
+
+
+def load_audio(path, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """The whole file as float32 mono at `sr` (the same samples `stream_audio` yields, concatenated)."""
+    blocks = list(stream_audio(path, DEFAULT_BLOCK_SECONDS, sr))
+    if not blocks:
+        raise AudioError(path, "empty audio (no samples)")
+    return np.concatenate(blocks)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One audio file to process, and the name its outputs take (relative, without extension)."""
+
+    path: Path
+    output_name: str
+
+
+def is_audio_path(path) -> bool:
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS
+
+
+def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
+    """Files, directories (searched recursively for audio extensions) and globs -> files in a stable order.
+
+    Each directory's or glob's matches are sorted; inputs keep the order given; a file reached twice is kept
+    once. A file named explicitly is taken whatever its extension (it is reported later if it is not audio).
+    Outputs of files found under a directory mirror their path below it, so `a/x.wav` and `b/x.wav` do not
+    collide; two files that still share a name (x.wav, x.flac) keep their extension in the output name.
+    Returns (files, problems) where problems are missing paths and globs that match nothing.
+    """
+    found: list[tuple[Path, str]] = []
+    problems: list[AudioError] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and is_audio_path(p))
+            if not matches:
+                problems.append(AudioError(path, "directory holds no audio files "
+                                                 f"({', '.join(sorted(SOUNDFILE_EXTENSIONS)[:6])}, ...)"))
+            for p in matches:
+                found.append((p, p.relative_to(path).with_suffix("").as_posix()))
+        elif path.exists():
+            found.append((path, path.stem))
+        elif any(c in text for c in GLOB_CHARS):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
+            files = [p for p in matches if p.is_file() and is_audio_path(p)]
+            for d in (p for p in matches if p.is_dir()):
+                files += sorted(p for p in d.rglob("*") if p.is_file() and is_audio_path(p))
+            if not files:
+                problems.append(AudioError(text, "no audio files match this pattern"))
+            for p in files:
+                found.append((p, p.stem))
+        else:
+            problems.append(AudioError(path, "no such file or directory"))
+
+    seen: set[Path] = set()
+    unique: list[tuple[Path, str]] = []
+    for p, name in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((p, name))
+    counts: dict[str, int] = {}
+    for _, name in unique:
+        counts[name] = counts.get(name, 0) + 1
+    files = [InputFile(p, name if counts[name] == 1 else f"{name}{p.suffix}") for p, name in unique]
+    # Different stems can still map to one name after adding extensions only in pathological cases
+    # (x.wav given twice through different links); number those so no output is overwritten by another.
+    taken: dict[str, int] = {}
+    out = []
+    for f in files:
+        n = taken.get(f.output_name, 0)
+        taken[f.output_name] = n + 1
+        out.append(f if n == 0 else InputFile(f.path, f"{f.output_name}.{n}"))
+    return out, problems
+
+
+__all__ = [
+    "AUDIO_EXTENSIONS", "AudioError", "AudioInfo", "CHUNK_LENGTH", "ENCODER_FRAMES_PER_SECOND", "FRAMES_PER_SECOND",
+    "HOP_LENGTH", "InputFile", "N_FFT", "N_FRAMES", "N_SAMPLES", "SAMPLE_RATE", "audio_duration", "audio_info",
+    "expand_inputs", "is_audio_path", "load_audio", "stream_audio",
+]

@@ -1,0 +1,344 @@
+"""The `whisfusion` command line: a thin Typer layer over the package's functions.
+
+Only typer (and what it pulls in) is imported at start-up; every command imports its module inside the
+function, so `whisfusion --help` never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+
+FORMAT_NAMES = ("txt", "vtt", "srt", "tsv", "json", "all")
+SELECTION_NAMES = ("confidence", "mbr", "rover")
+STRATEGY_NAMES = ("remask", "confidence")
+DEVICE_NAMES = ("auto", "cpu", "cuda")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+EXIT_FAILED = 1  # some input failed, or the run could not start
+EXIT_USAGE = 2  # bad options (click's own convention)
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="whisfusion",
+    help="Non-autoregressive speech recognition: a Whisper encoder + a masked-diffusion decoder "
+    "(Parallel Diffusion Decoding).\n\n"
+    "\b\nExamples:\n"
+    "  whisfusion transcribe talk.mp3\n"
+    "  whisfusion transcribe recordings/ -o transcripts -f all\n"
+    "  whisfusion download whisfusion\n"
+    "  whisfusion transcribe meeting.wav --model whisfusion --device cuda",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _complete(choices):
+    def complete(incomplete: str):
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"whisfusion {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """Whisfusion: speech to text with a Whisper encoder and a masked-diffusion decoder."""
+
+
+# ------------------------------------------------------------------------------------------ transcribe
+
+
+@app.command(
+    epilog="\b\nExamples:\n"
+    "  whisfusion transcribe jfk.wav\n"
+    "  whisfusion transcribe 'podcasts/**/*.mp3' -o out -f srt,json\n"
+    "  whisfusion transcribe calls/ -o out -f all --batch-size 16 --quiet\n"
+    "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n\n"
+    "Re-running with the same --output-dir skips files whose outputs exist (use --overwrite to redo them). "
+    "Exit code: 0 if every input was transcribed, 1 if any failed, 130 when interrupted.",
+)
+def transcribe(
+    inputs: List[str] = typer.Argument(..., metavar="INPUTS",
+                                       help="Audio files, directories (searched recursively) or globs."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Registered name (see `whisfusion download --list`), a model "
+                                        "directory, or omit for the embedded default model."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", file_okay=False,
+                                              help="Write one file per input and format here (default: print "
+                                              "to stdout)."),
+    output_format: str = typer.Option("txt", "--output-format", "-f", autocompletion=_complete(FORMAT_NAMES),
+                                      help="txt, vtt, srt, tsv, json, all, or a comma-separated list."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs whose outputs already exist."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows per batch, across files."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Diffusion steps (model default if unset)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", "-k", min=1,
+                                             help="Parallel candidates K (model default if unset)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", metavar="R1,R2,...",
+                                           help="Mask ratio per step, e.g. 1.0,0.9,0.85,0.8."),
+    selection: Optional[str] = typer.Option(None, "--selection", autocompletion=_complete(SELECTION_NAMES),
+                                            help="Candidate selection: confidence, mbr or rover."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGY_NAMES),
+                                           help="Unmasking: remask (upstream) or confidence."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
+    seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
+                                          help="Canvas length in tokens, or 'auto' to size it to the audio."),
+    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICE_NAMES),
+                               help="auto, cpu, cuda (or cuda:N)."),
+    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
+                              help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    vad: bool = typer.Option(True, "--vad/--no-vad",
+                             help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
+):
+    """Transcribe audio files, folders and globs to text, subtitles or JSON."""
+    from .audio import AudioError
+    from .transcribe import (
+        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_schedule, transcribe as run,
+    )
+    from .vad import VadOptions
+    from .writers import get_writer, parse_formats
+
+    try:
+        formats = parse_formats(output_format)
+        if output_dir is None and len(formats) > 1:
+            raise ValueError(f"--output-format {output_format} writes several files: give --output-dir")
+        if selection is not None and selection not in SELECTION_NAMES:
+            raise ValueError(f"--selection must be one of {', '.join(SELECTION_NAMES)}")
+        if strategy is not None and strategy not in STRATEGY_NAMES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}")
+        decoding = {}
+        for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
+                           ("strategy", strategy), ("seed", seed)):
+            if value is not None:
+                decoding[key] = value
+        if schedule is not None:
+            decoding["schedule"] = parse_schedule(schedule)
+        if seq_len is not None:
+            if seq_len.lower() == "auto":
+                decoding["seq_len"] = None
+            elif seq_len.isdigit() and int(seq_len) >= 2:
+                decoding["seq_len"] = int(seq_len)
+            else:
+                raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {seq_len!r}")
+        options = TranscribeOptions(
+            model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, decoding=decoding,
+            vad=VadOptions(enabled=vad), output_dir=output_dir, output_format=output_format, overwrite=overwrite,
+        )
+    except ValueError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(EXIT_USAGE)
+
+    reporter = None if quiet else RichReporter()
+    note = reporter.print if reporter else (lambda message: None)
+    printer = None if output_dir is not None else get_writer(formats[0], ".").writers[0]
+    counts = {"ok": 0, STATUS_SILENT: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0}
+    n_printed = 0
+    audio_seconds = 0.0
+    t0 = time.perf_counter()
+    many = len(inputs) > 1 or any(Path(i).is_dir() or any(c in i for c in "*?[") for i in inputs)
+    try:
+        for result in run(inputs, options, reporter=reporter):
+            counts[result.status] += 1
+            audio_seconds += result.duration
+            if result.status == STATUS_ERROR:
+                _err(f"error: {result.error}")
+                continue
+            if result.status == STATUS_SKIPPED:
+                continue
+            if result.status == STATUS_SILENT:
+                note(f"note: {result.path}: no speech detected; empty transcript")
+            if printer is not None:
+                _print_result(printer, result, many, formats[0], first=n_printed == 0)
+                n_printed += 1
+    except KeyboardInterrupt:
+        if reporter:
+            reporter.stop()
+        _err("interrupted: finished files are saved; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except (AudioError, ValueError, RuntimeError, OSError) as e:
+        if reporter:
+            reporter.stop()
+        _err(f"error: {_one_line(e)}")
+        raise typer.Exit(EXIT_FAILED)
+    elapsed = time.perf_counter() - t0
+    if not quiet:
+        speed = f", {audio_seconds / elapsed:.1f} audio-s/s" if audio_seconds and elapsed > 0 else ""
+        skipped = f", {counts[STATUS_SKIPPED]} skipped (outputs exist; --overwrite to redo)" if counts[STATUS_SKIPPED] else ""
+        _err(f"{counts['ok'] + counts[STATUS_SILENT]} transcribed ({counts[STATUS_SILENT]} silent){skipped}, "
+             f"{counts[STATUS_ERROR]} failed in {elapsed:.1f} s{speed}")
+    if counts[STATUS_ERROR]:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_result(printer, result, many: bool, fmt: str, first: bool) -> None:
+    import json
+
+    if fmt == "json":  # one compact object per line (JSON Lines), easy to pipe
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        if many:
+            sys.stdout.write(("" if first else "\n") + f"==> {result.path} <==\n")
+        text = printer.render(result)
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    sys.stdout.flush()
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+# -------------------------------------------------------------------------------------------- download
+
+
+@app.command(
+    epilog="\b\nExamples:\n"
+    "  whisfusion download --list\n"
+    "  whisfusion download whisfusion\n"
+    "  whisfusion download whisfusion --local-dir models/wf    (then: --model models/wf)\n"
+    "  HF_ENDPOINT=https://hf-mirror.example whisfusion download tinyllama-tokenizer\n\n"
+    "Files go to the Hugging Face cache (HF_HOME / HF_HUB_CACHE). With HF_HUB_OFFLINE=1 nothing is fetched; "
+    "transcribe --model NAME then reads the cache.",
+)
+def download(
+    name: str = typer.Argument("whisfusion", help="A model or artefact name (see --list)."),
+    local_dir: Optional[Path] = typer.Option(None, "--local-dir", file_okay=False,
+                                             help="Download into this directory instead of the cache."),
+    list_: bool = typer.Option(False, "--list", "-l", help="Show the known names and what is present."),
+):
+    """Fetch the released Whisfusion artefacts (decoder, adapter, SMDM base, whisper-small, tokenizer)."""
+    from . import hub
+
+    if list_:
+        _print_list(hub, local_dir)
+        return
+    try:
+        path = hub.download(name, local_dir=local_dir)
+    except hub.HubError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(EXIT_FAILED)
+    kind = "model directory" if name in hub.KNOWN_MODELS else "files"
+    typer.echo(f"{name}: {kind} ready at {path}")
+
+
+def _print_list(hub, local_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = hub.settings()
+    table = Table(title=f"known models and artefacts ({'local dir ' + str(local_dir) if local_dir else 'cache ' + str(s.cache_dir)})")
+    for col in ("name", "kind", "status", "on disk", "source", "description"):
+        table.add_column(col)
+    for row in hub.list_artefacts(local_dir=local_dir):
+        size = f"{row.size_bytes / 1e6:.1f} MB" if row.size_bytes else "-"
+        table.add_row(row.name, row.kind, row.status, size, row.source, row.description)
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    if s.offline:
+        typer.echo("offline mode (HF_HUB_OFFLINE) is on: downloads are disabled")
+
+
+# --------------------------------------------------------------- commands implemented in other modules
+
+
+def _parse_extra(args: list[str]) -> dict:
+    """`--some-option value`, `--flag`, `--no-flag`, `--key=value` -> {"some_option": value, ...}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r} (options are --name value)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            elif key.startswith("no-"):
+                key, value = key[3:], False
+            else:
+                value = True
+        out[key.replace("-", "_")] = _literal(value)
+        i += 1
+    return out
+
+
+def _literal(value):
+    if not isinstance(value, str):
+        return value
+    for conv in (int, float):
+        try:
+            return conv(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def _delegate(module: str, function: str, ctx: typer.Context) -> None:
+    try:
+        fn = getattr(importlib.import_module(f"whisfusion_cli.{module}"), function)
+    except (ImportError, AttributeError):
+        _err(f"error: `whisfusion {ctx.info_name}` is not available in this install "
+             f"(whisfusion_cli.{module}.{function} is missing)")
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        kwargs = _parse_extra(list(ctx.args))
+        fn(**kwargs)
+    except (TypeError, ValueError) as e:
+        _err(f"error: {_one_line(e)}")
+        raise typer.Exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        _err("interrupted: run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=PASSTHROUGH,
+             epilog="\b\nExample:\n  whisfusion preprocess --data librispeech/train-clean-100 --out shards/")
+def preprocess(ctx: typer.Context):
+    """Encode a dataset's audio into encoder-state shards for training (options: data.PreprocessOptions)."""
+    _delegate("data", "preprocess_main", ctx)
+
+
+@app.command(context_settings=PASSTHROUGH,
+             epilog="\b\nExample:\n  whisfusion train --data shards/ --out runs/stage1 --stage 1")
+def train(ctx: typer.Context):
+    """Train the decoder on preprocessed shards (options: train.TrainOptions)."""
+    _delegate("train", "train_main", ctx)
+
+
+@app.command(context_settings=PASSTHROUGH,
+             epilog="\b\nExample:\n  whisfusion bench --data librispeech/test-clean --model whisfusion")
+def bench(ctx: typer.Context):
+    """Benchmark accuracy and speed against Whisper baselines (options: bench.BenchOptions)."""
+    _delegate("bench", "bench_main", ctx)
+
+
+def main() -> None:
+    app(prog_name="whisfusion")
+
+
+if __name__ == "__main__":
+    main()
