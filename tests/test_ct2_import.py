@@ -165,6 +165,11 @@ def test_load_whisper_caches_tiny_en(monkeypatch, tmp_path, tiny_en):
         assert torch.equal(first.state_dict()[key], value) and torch.equal(second.state_dict()[key], value), key
     assert second.generation_config.no_timestamps_token_id == NO_TIMESTAMPS
     assert second.generation_config.is_multilingual is False
+    # A damaged cache is rebuilt, not fatal.
+    (entries[0] / "model.safetensors").write_bytes(b"garbage")
+    third = load_whisper("tiny.en")
+    assert torch.equal(third.model.encoder.conv1.weight, tiny_en.model.encoder.conv1.weight)
+    assert (entries[0] / "model.safetensors").stat().st_size > 1_000_000
 
 
 def test_load_whisper_sources(small_ct2_models, monkeypatch, tmp_path):

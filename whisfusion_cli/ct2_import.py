@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -471,8 +472,6 @@ def _write_cache(model: Any, target: Path) -> None:
             pass
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -501,11 +500,15 @@ def _load_tiny_en(use_cache: bool = True) -> "WhisperForConditionalGeneration":
                 model = WhisperForConditionalGeneration.from_pretrained(cached, dtype="float32")
             return model.eval()
         except Exception:  # a damaged cache is rebuilt, never fatal
-            pass
+            shutil.rmtree(cached, ignore_errors=True)
     model = ct2_to_transformers(source)
     if use_cache:
         try:
             _write_cache(model, cached)
+            # Conversions of an older package install (other size/mtime) are dead weight (~150 MB each).
+            for old in cached.parent.glob("whisper-tiny.en-v*"):
+                if old != cached and ".tmp-" not in old.name:
+                    shutil.rmtree(old, ignore_errors=True)
         except OSError:  # read-only home etc.: the in-memory model is still fine
             pass
     return model
