@@ -85,6 +85,17 @@ def test_resume_with_other_options_is_refused(tmp_path):
 
 
 @needs_tts
+def test_command_line_reports_errors(tmp_path, capsys):
+    out = tmp_path / "c"
+    _options(out, 1)
+    assert corpus.main(["--out", str(out), "--n", "2", "--seed", "4"]) == 0
+    assert len(_records(out)) == 2
+    assert corpus.main(["--out", str(out), "--n", "3", "--seed", "9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "corpus.json" in err and err.count("\n") == 1
+
+
+@needs_tts
 def test_held_out_voices_only_in_test_split(tmp_path):
     options = CorpusOptions.test_split(tmp_path / "t", 6, seed=2)
     if not corpus.split_voices(options):
@@ -114,6 +125,7 @@ def test_number_words():
 def test_clean_sentence():
     assert corpus.clean_sentence("\u201cHello there,\u201d he said -- quietly") == "Hello there, he said, quietly."
     assert corpus.clean_sentence("it\u2019s   fine!!!") == "It's fine!"
+    assert corpus.clean_sentence("He said, \u2018Go to the fathers' houses.\u2019") == "He said, Go to the fathers' houses."
     for bad in ("Collect $200.", "See [note] here.", "Caf\u00e9 au lait tonight.", "Hi", "x " * 31,
                 "THIS IS ALL SHOUTING NOW."):
         assert corpus.clean_sentence(bad) is None, bad

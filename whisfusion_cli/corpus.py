@@ -151,6 +151,8 @@ def clean_sentence(text: str) -> str | None:
         text = text.replace(a, b)
     text = unicodedata.normalize("NFKD", text)
     text = text.replace('"', "").replace("--", ", ").replace(" - ", ", ")
+    # Single quotes used as quotation marks go; apostrophes inside words (and "fathers'") stay.
+    text = re.sub(r"(?<![A-Za-z])'|(?<!s)'(?![A-Za-z])", "", text)
     text = re.sub(r"\s+", " ", text).strip()
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
     text = re.sub(r"([!?.]){2,}", r"\1", text)
@@ -219,14 +221,22 @@ def bible_sentences(module: str = BIBLE_MODULE) -> list[str]:
                                 capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    out: list[str] = []
+    # Verses start with "Book c:v: " (after any psalm title or poetry markup); poetry continues on
+    # the following lines until the next reference.
+    verses: list[str] = []
     for line in result.stdout.splitlines():
-        match = re.match(r"^[1-3]?\s?[A-Za-z ]+ \d+:\d+: (.*)$", line)
-        if not match:
-            continue
-        verse = re.sub(r"</w>\s*<w", "</w> <w", match.group(1))
+        line = re.sub(r"<title.*?</title>", "", line)
+        match = re.search(r"(?:^|>)\s*(?:[1-3] )?[A-Z][A-Za-z ]+ \d+:\d+: (.*)$", line)
+        if match:
+            verses.append(match.group(1))
+        elif verses and not line.startswith("("):
+            verses[-1] += " " + line
+    out: list[str] = []
+    for verse in verses:
+        verse = verse.split("<milestone", 1)[0]  # the glossary appended after Revelation 22:21
         verse = re.sub(r"<note.*?</note>", "", verse)
-        verse = re.sub(r"<[^>]+>", "", verse)
+        verse = re.sub(r"</w>\s*<w", "</w> <w", verse)
+        verse = re.sub(r"<[^>]+>", " ", verse)
         out.extend(_sentences(verse))
     return out
 
