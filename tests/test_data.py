@@ -29,7 +29,8 @@ SENTENCES = [
     "the baby is asleep", "he paints the fence red", "the shop opens at nine", "bread and butter please",
 ]
 VOICES = ["en-us", "en", "en-us+f3", "en+m3"]
-TINY_DIM = 48  # encoder width of the tiny random Whisper; the tiny SMDM decoder is 32 wide (a projection)
+TINY_DIM = 48  # encoder width of the tiny random Whisper
+TINY_EN_DIM = 384  # Whisper tiny.en's encoder; the tiny SMDM decoder is 64 wide (a projection)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -67,7 +68,10 @@ def make_tiny_whisper(root: Path, d_model: int = TINY_DIM) -> Path:
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d_model,
         decoder_ffn_dim=2 * d_model, max_source_positions=1500, max_target_positions=64,
     )
-    WhisperForConditionalGeneration(config).save_pretrained(root)
+    model = WhisperForConditionalGeneration(config)
+    with torch.no_grad():  # token rows of a trained model's size, so the tied output can reach large logits
+        model.model.decoder.embed_tokens.weight.normal_(0.0, 0.5)
+    model.save_pretrained(root)
     shutil.copy(tiny_en_dir() / "tokenizer.json", root / "tokenizer.json")
     return root
 
@@ -84,23 +88,25 @@ def make_word_tokenizer(path: Path, sentences=SENTENCES) -> Path:
     return path
 
 
-def tiny_smdm_config(path: Path, vocab_size: int) -> Path:
+def tiny_smdm_config(path: Path, vocab_size: int, condition_dim: int = TINY_DIM) -> Path:
     from whisfusion_cli.model import ModelConfig
 
-    config = ModelConfig(name="tiny", n_layer=2, n_head=2, n_embd=32, intermediate_size=64, vocab_size=vocab_size,
-                         padding_multiple=64, block_size=64, condition_dim=TINY_DIM)
+    config = ModelConfig(name="tiny", n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=vocab_size,
+                         padding_multiple=64, block_size=64, condition_dim=condition_dim)
     path.write_text(json.dumps(config.to_dict()))
     return path
 
 
-def speech_shards(tmp_path_factory, mode: str = "short") -> Path:
-    """Shards of the espeak-ng utterances encoded by the tiny Whisper, made once per test session."""
+def speech_shards(tmp_path_factory, source: str = "random") -> Path:
+    """Shards of the espeak-ng utterances, made once per test session, encoded ("short" mode) by the tiny
+    random Whisper (source "random", width 48) or by the real Whisper tiny.en encoder ("tiny.en", width 384:
+    informative states, so that an adapter has something to learn from)."""
     base = tmp_path_factory.getbasetemp()
-    out = base / f"shards-{mode}"
+    out = base / f"shards-{source}"
     if not (out / "index.json").exists():
         speech = make_speech(base / "speech")
-        whisper = make_tiny_whisper(base / "tiny-whisper")
-        preprocess(PreprocessOptions(input=str(speech), output=str(out), encoder={"source": str(whisper), "mode": mode},
+        whisper = str(make_tiny_whisper(base / "tiny-whisper")) if source == "random" else source
+        preprocess(PreprocessOptions(input=str(speech), output=str(out), encoder={"source": whisper, "mode": "short"},
                                      shard_size=10, progress=False))
     return out
 

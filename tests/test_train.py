@@ -1,0 +1,244 @@
+"""Training end to end on espeak-ng speech with tiny models: SMDM stage 1 -> stage 2 -> model directory,
+the Whisper-initialised family, exact resume, NaN handling and bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_data import (SENTENCES, TINY_DIM, TINY_EN_DIM, make_tiny_whisper, make_word_tokenizer, speech_shards,
+                       tiny_smdm_config)
+
+from whisfusion_cli import train as T
+from whisfusion_cli.checkpoint import load_decoder, load_model_dir, load_state_dict_file
+from whisfusion_cli.model import build_decoder, is_adapter_key
+
+torch.set_num_threads(1)
+
+
+def _losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / T.METRICS_FILE).read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def _smdm_setup(tmp_path, tmp_path_factory):
+    from whisfusion_cli.tokenizer import Tokenizer
+
+    shards = speech_shards(tmp_path_factory, "tiny.en")
+    tok = make_word_tokenizer(tmp_path / "tokenizer.json")
+    cfg = tiny_smdm_config(tmp_path / "config.json", Tokenizer(tok).vocab_size, TINY_EN_DIM)
+    base = tmp_path_factory.getbasetemp() / "smdm-base.safetensors"
+    if not base.exists():
+        # A stand-in for the pre-trained SMDM base: a short run from random init (the `scratch` path), saved
+        # like upstream's file, without cross-attention keys.
+        run = tmp_path_factory.getbasetemp() / "smdm-base-run"
+        T.train(T.TrainOptions(data=str(shards), output=str(run), config=str(cfg), tokenizer=str(tok), batch_size=8,
+                               seq_len=12, max_steps=200, lr=1e-2, warmup=3, val_items=0, progress=False))
+        model, _ = load_model_dir(run / "model")
+        from safetensors.torch import save_file
+
+        save_file({k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}, base)
+    return shards, tok, cfg, base
+
+
+def test_smdm_stage1_then_stage2_end_to_end(tmp_path, tmp_path_factory):
+    from whisfusion_cli.checkpoint import read_config
+    from whisfusion_cli.decoding import DecodingOptions, decode_windows
+    from whisfusion_cli.data import ShardDataset
+    from whisfusion_cli.tokenizer import Tokenizer, TokenizerConfig
+
+    shards, tok, cfg, base = _smdm_setup(tmp_path, tmp_path_factory)
+    common = dict(data=str(shards), base=str(base), config=str(cfg), tokenizer=str(tok), batch_size=8, seq_len=12,
+                  warmup=3, eval_every=100, val_items=6, wer_items=3, log_every=20, progress=False)
+
+    s1 = tmp_path / "stage1"
+    summary = T.train(T.TrainOptions(output=str(s1), stage="1", max_steps=300, lr=1e-2, **common))
+    assert summary["reason"] == "finished" and summary["step"] == 300
+    losses, evals = _losses(s1)
+    assert sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses  # the loss falls clearly
+    assert len(evals) == 3 and all(0.0 <= e["wer"] <= 5.0 for e in evals)  # WER of real PDD, each evaluation
+    # Stage 1 output: upstream's flat dict of exactly the adapter tensors (here with our width projection).
+    adapter = torch.load(s1 / "whisfusion_stage1_adapter.pt", weights_only=True)
+    fresh = build_decoder(read_config(cfg)).state_dict()
+    assert set(adapter) == {k for k in fresh if is_adapter_key(k)} and any(k.startswith("condition_proj") for k in adapter)
+    # Only adapter tensors changed: everything else in the trained model is the base, bit for bit.
+    trained, _ = load_model_dir(s1 / "model")
+    base_sd = load_state_dict_file(base)
+    for k, v in trained.state_dict().items():
+        if is_adapter_key(k):
+            assert torch.equal(v, adapter[k])
+        else:
+            assert torch.equal(v, base_sd[k]), k
+    torch.manual_seed(1234)  # the run's seed: the adapter started from this default init, and it moved
+    start = build_decoder(read_config(cfg)).state_dict()
+    assert all(not torch.equal(adapter[k], start[k]) for k in adapter)
+
+    s2 = tmp_path / "stage2"
+    T.train(T.TrainOptions(output=str(s2), stage="2", init=str(s1 / "whisfusion_stage1_adapter.pt"), max_steps=200,
+                           lr=3e-3, layer_decay=0.9, **common))
+    losses2, evals2 = _losses(s2)
+    assert sum(losses2[-3:]) < 0.85 * sum(losses2[:3]), losses2
+    full = torch.load(s2 / "whisfusion_stage2_decoder.pt", weights_only=True)
+    assert set(full) == set(fresh) and all(v.dtype == torch.float32 for v in full.values())
+    # The files load the way upstream's are loaded, and the model directory is ready for transcription.
+    decoder = load_decoder(s2 / "whisfusion_stage2_decoder.pt", config=cfg)
+    model, config = load_model_dir(s2 / "model")
+    assert config["encoder"] == {"source": "tiny.en", "mode": "short", "dim": TINY_EN_DIM}
+    assert config["tokenizer"]["prefix_ids"] == [1] and config["tokenizer"]["pad_id"] == 2
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+    tokenizer = Tokenizer(s2 / "model" / "tokenizer.json", TokenizerConfig.from_dict(config["tokenizer"]))
+    ds = ShardDataset(shards)
+    options = DecodingOptions(candidates=3, steps=4, seq_len=12, seed=0)
+    results = decode_windows(model, [ds.states(i).float() for i in range(3)], options, tokenizer.prefix_ids,
+                             tokenizer.pad_id)
+    words = set(" ".join(SENTENCES).split())
+    assert all(w in words for r in results for w in tokenizer.decode(r.text_tokens).split())
+
+
+def test_whisper_family_from_pretrained_decoder(tmp_path, tmp_path_factory):
+    shards = speech_shards(tmp_path_factory)
+    whisper_dir = make_tiny_whisper(tmp_path_factory.getbasetemp() / "tiny-whisper")
+    run = tmp_path / "run"
+    summary = T.train(T.TrainOptions(data=str(shards), output=str(run), init=str(whisper_dir), batch_size=8,
+                                     max_steps=40, lr=1e-2, warmup=3, eval_every=20, val_items=6, wer_items=2,
+                                     log_every=5, progress=False))
+    losses, evals = _losses(run)
+    assert losses[-1] < 0.75 * losses[0], losses
+    model, config = load_model_dir(run / "model")
+    assert config["decoder"]["family"] == "whisper" and config["tokenizer"]["prefix_ids"] == [50257, 50362]
+    assert config["decoder"]["output_vocab_size"] == 50257 and config["decoding"]["strategy"] == "confidence"
+    assert config["decoding"]["max_seq_len"] == summary_seq_len(run)
+    # Pre-trained weights were loaded; the tied token table stayed frozen; everything else trained.
+    from whisfusion_cli.ct2_import import load_whisper
+
+    hf = {k[len("model.decoder."):]: v for k, v in load_whisper(whisper_dir).state_dict().items()
+          if k.startswith("model.decoder.")}
+    sd = model.state_dict()
+    assert torch.equal(sd["embed_tokens.weight"], hf["embed_tokens.weight"])
+    assert not torch.equal(sd["layers.0.encoder_attn.k_proj.weight"], hf["layers.0.encoder_attn.k_proj.weight"])
+    start = T.whisper_decoder_from_pretrained(str(whisper_dir), TINY_DIM)
+    torch.testing.assert_close(start.mask_embedding, hf["embed_tokens.weight"].mean(0))
+    assert summary["best_val_loss"] == evals[-1]["val_loss"]
+
+
+def summary_seq_len(run):
+    first = json.loads((run / T.METRICS_FILE).read_text().splitlines()[0])
+    return first["seq_len"]
+
+
+def test_resume_is_exact(tmp_path, tmp_path_factory):
+    shards, tok, cfg, _ = _smdm_setup(tmp_path, tmp_path_factory)
+    opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, grad_accum=2, seq_len=12,
+                max_steps=12, lr=3e-3, warmup=3, ema_decay=0.99, layer_decay=0.9, eval_every=4, val_items=6, log_every=1,
+                wer_items=0, progress=False)
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), stop_at=6, **opts))
+    first_half = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert first_half["step"] == 6
+    with pytest.raises(T.TrainError, match="holds a run already"):
+        T.train(T.TrainOptions(output=str(tmp_path / "a"), **opts))
+    with pytest.raises(T.TrainError, match=r"options changed \(lr\)"):
+        T.train(T.TrainOptions(output=str(tmp_path / "a"), resume=True, **{**opts, "lr": 1e-3}))
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), resume=True, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "b"), **opts))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    la, _ = _losses(tmp_path / "a")
+    lb, _ = _losses(tmp_path / "b")
+    assert la == lb
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tmp_path_factory):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards, tok, cfg, _ = _smdm_setup(tmp_path, tmp_path_factory)
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    shard = bad / "shard-00002.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        meta, states, offsets = f.metadata(), f.get_tensor("states"), f.get_tensor("offsets")
+    states[offsets[3] : offsets[4]] = float("nan")  # one utterance with broken encoder states
+    save_file({"states": states, "offsets": offsets}, shard, metadata=meta)
+    run = tmp_path / "run"
+    with pytest.raises(T.TrainError, match="NaN at step"):
+        T.train(T.TrainOptions(data=str(bad), output=str(run), config=str(cfg), tokenizer=str(tok), batch_size=8,
+                               seq_len=12, max_steps=20, val_items=0, save_every=1, progress=False))
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    events = [json.loads(l) for l in (run / T.METRICS_FILE).read_text().splitlines()]
+    nan = next(e for e in events if e.get("event") == "nan")
+    assert nan["step"] == last["step"] + 1 and "last good checkpoint" in nan["message"]
+
+
+def test_bad_input_is_reported(tmp_path, tmp_path_factory):
+    from whisfusion_cli.ct2_import import tiny_en_dir
+
+    shards, tok, cfg, base = _smdm_setup(tmp_path, tmp_path_factory)
+    with pytest.raises(T.TrainError, match="missing shard index"):
+        T.train(T.TrainOptions(data=str(tmp_path / "nowhere"), output=str(tmp_path / "r0"), progress=False))
+    with pytest.raises(T.TrainError, match="stage 2 needs --init"):
+        T.train(T.TrainOptions(data=str(shards), output=str(tmp_path / "r1"), stage="2", base=str(base),
+                               config=str(cfg), tokenizer=str(tok), progress=False))
+    with pytest.raises(T.TrainError, match="tokenizer has 5\\d{4} tokens"):
+        T.train(T.TrainOptions(data=str(shards), output=str(tmp_path / "r2"), config=str(cfg),
+                               tokenizer=str(tiny_en_dir() / "tokenizer.json"), progress=False))
+    o = T.TrainOptions(data=str(shards), output=str(tmp_path / "r3"), config=str(cfg), tokenizer=str(tok))
+    with pytest.raises(T.TrainError, match="encoder width 64 of the shards does not match the decoder's condition width 384"):
+        _width_mismatch(tmp_path, o)
+
+
+def _width_mismatch(tmp_path, o):
+    # A model directory trained on 384-wide states, continued on 64-wide ones.
+    decoder, tokenizer, tok_cfg, tok_file = T.build_model(o.resolved(8), TINY_EN_DIM)
+    from whisfusion_cli.checkpoint import save_model_dir
+
+    save_model_dir(tmp_path / "m", decoder, tok_file, tok_cfg, {"source": "tiny.en", "mode": "short", "dim": TINY_EN_DIM})
+    o2 = T.TrainOptions(data=o.data, output=o.output, init=str(tmp_path / "m"), tokenizer=o.tokenizer)
+    T.build_model(o2.resolved(8), data_dim=64)
+
+
+def test_schedule_and_groups_follow_upstream():
+    o = T.TrainOptions(data="x", output="y", stage="1").resolved(global_batch=48)
+    assert o.lr == pytest.approx(1e-4 * 48 / 64) and o.betas == (0.9, 0.95) and o.grad_clip == 0.5
+    assert T.TrainOptions(data="x", output="y", stage="1").resolved(global_batch=512).lr == 3e-4  # capped
+    o2 = T.TrainOptions(data="x", output="y", stage="2").resolved(global_batch=64)
+    assert o2.lr == pytest.approx(0.5e-5) and o2.ema_decay == 0.995 and o2.mask_range == (0.7, 1.0)
+    total = 100
+    assert T.lr_at(0, o2, total) == pytest.approx(o2.lr / 10)  # 10% linear warm-up
+    assert T.lr_at(total, o2, total) == pytest.approx(o2.lr / 100)  # cosine to LR/100
+    # Stage 2 mask ratios lie in [0.7, 1 - 1e-3]; stage 1's are (1 - eps) t + eps.
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert T.mask_probabilities(t, (0.0, 1.0)).tolist() == pytest.approx([1e-3, 0.5005, 1.0])
+    assert T.mask_probabilities(torch.tensor([0.7, 1.0]), (0.7, 1.0)).tolist() == pytest.approx([0.7, 0.999])
+    m = T.draw_masks(0, 3, 64, 20, (0.7, 1.0), n_prefix_fixed=2)
+    assert not m[:, :2].any() and 0.7 < m[:, 2:].float().mean() < 0.95
+    assert torch.equal(m, T.draw_masks(0, 3, 64, 20, (0.7, 1.0), 2))  # a function of (seed, step)
+    # Layer-wise decay: last block at LR, block i at LR 0.9^(n-1-i), the rest at LR 0.9^n; no decay on norms.
+    from whisfusion_cli.model import ModelConfig
+
+    dec = build_decoder(ModelConfig(n_layer=3, n_head=2, n_embd=16, intermediate_size=32, vocab_size=64))
+    groups = T.param_groups(dec, {n for n, _ in dec.named_parameters()},
+                            T.TrainOptions(data="x", output="y", stage="2", layer_decay=0.9).resolved(64))
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["transformer.h.2.attn.attn.weight"] == 1.0
+    assert scale["transformer.h.0.attn.attn.weight"] == pytest.approx(0.81)
+    assert scale["lm_head.weight"] == scale["transformer.ln_f.weight"] == pytest.approx(0.729)
+    assert decay["transformer.h.0.norm_1.weight"] == 0.0 and decay["lm_head.weight"] == 0.005
+
+
+def test_length_grouped_batches_cover_the_epoch_once():
+    lengths = [50 + (i * 37) % 400 for i in range(100)]
+    batches = T.epoch_batches(lengths, 8, seed=1, epoch=0)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == 12 and len(set(flat)) == 96  # incomplete last batch dropped, no repeats
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 40  # similar lengths share a batch, so zero padding stays small
+    assert batches == T.epoch_batches(lengths, 8, seed=1, epoch=0) != T.epoch_batches(lengths, 8, seed=1, epoch=1)
