@@ -270,7 +270,7 @@ def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
     collide; two files that still share a name (x.wav, x.flac) keep their extension in the output name.
     Returns (files, problems) where problems are missing paths and globs that match nothing.
     """
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[Path, str, str]] = []  # (path, output name, name qualified by its folder)
     problems: list[AudioError] = []
     for item in inputs:
         text = str(item)
@@ -281,9 +281,10 @@ def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
                 problems.append(AudioError(path, "directory holds no audio files "
                                                  f"({', '.join(sorted(SOUNDFILE_EXTENSIONS)[:6])}, ...)"))
             for p in matches:
-                found.append((p, p.relative_to(path).with_suffix("").as_posix()))
+                rel = p.relative_to(path).with_suffix("").as_posix()
+                found.append((p, rel, f"{path.resolve().name}/{rel}"))
         elif path.exists():
-            found.append((path, path.stem))
+            found.append((path, path.stem, f"{path.resolve().parent.name}/{path.stem}"))
         elif any(c in text for c in GLOB_CHARS):
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True))
             files = [p for p in matches if p.is_file() and is_audio_path(p)]
@@ -292,30 +293,44 @@ def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
             if not files:
                 problems.append(AudioError(text, "no audio files match this pattern"))
             for p in files:
-                found.append((p, p.stem))
+                found.append((p, p.stem, f"{p.resolve().parent.name}/{p.stem}"))
         else:
             problems.append(AudioError(path, "no such file or directory"))
 
     seen: set[Path] = set()
-    unique: list[tuple[Path, str]] = []
-    for p, name in found:
+    unique = []
+    for p, name, qualified in found:
         key = p.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append((p, name))
-    counts: dict[str, int] = {}
-    for _, name in unique:
-        counts[name] = counts.get(name, 0) + 1
-    files = [InputFile(p, name if counts[name] == 1 else f"{name}{p.suffix}") for p, name in unique]
-    # Different stems can still map to one name after adding extensions only in pathological cases
-    # (x.wav given twice through different links); number those so no output is overwritten by another.
-    taken: dict[str, int] = {}
-    out = []
-    for f in files:
-        n = taken.get(f.output_name, 0)
-        taken[f.output_name] = n + 1
-        out.append(f if n == 0 else InputFile(f.path, f"{f.output_name}.{n}"))
-    return out, problems
+            unique.append((p, name, qualified))
+    return [InputFile(p, name) for p, name in zip([u[0] for u in unique], _unique_names(unique))], problems
+
+
+def _unique_names(items: list[tuple[Path, str, str]]) -> list[str]:
+    """Output names without collisions, deterministic for the same inputs: the plain name; where names
+    collide, qualified by the folder; then with the file's extension; then numbered."""
+    names = [name for _, name, _ in items]
+    for step in ("folder", "extension", "number"):
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        if all(c == 1 for c in counts.values()):
+            break
+        seen: dict[str, int] = {}
+        for i, (p, _, qualified) in enumerate(items):
+            if counts[names[i]] == 1:
+                continue
+            if step == "folder":
+                names[i] = qualified
+            elif step == "extension":
+                names[i] = f"{names[i]}{p.suffix}"
+            else:
+                k = seen.get(names[i], 0)
+                seen[names[i]] = k + 1
+                if k:
+                    names[i] = f"{names[i]}.{k}"
+    return names
 
 
 __all__ = [

@@ -22,7 +22,8 @@ from pathlib import Path
 
 TRUE_VALUES = {"1", "true", "yes", "on"}
 ASSEMBLED_SUBDIR = "whisfusion"  # under HF_HOME (or --local-dir): our model directories built from artefacts
-STAMP_KEY = "assembled_from"  # config.json key recording which files a model directory was built from
+STAMP_KEY = "assembled_from"
+PROBE_TIMEOUT_S = 5.0  # connecting to the hub before downloading  # config.json key recording which files a model directory was built from
 
 
 class HubError(RuntimeError):
@@ -216,23 +217,49 @@ def _fetch(a: Artefact, filename: str, s: HubSettings, local_dir: Path | None, n
         kwargs["cache_dir"] = str(s.cache_dir)
     try:
         return Path(hf_hub_download(a.repo_id, filename, **kwargs))
+    except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
+        if s.offline:
+            reason = "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the cache"
+        else:
+            cause = e.__cause__ or e.__context__
+            detail = f" ({_first_line(cause)})" if cause and str(cause) else ""
+            reason = f"the hub at {s.endpoint} is unreachable{detail}"
+        raise HubError(f"cannot fetch {what}: {reason}; {_hint(s, name)}") from None
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise HubError(f"cannot fetch {what}: the repository or revision {a.revision!r} is not available at "
                        f"{s.endpoint} ({type(e).__name__}); {_hint(s, name)}") from None
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {what}: no such file in the repository at {s.endpoint}") from None
-    except LocalEntryNotFoundError as e:
-        if s.offline:
-            reason = "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the cache"
-        else:
-            cause = e.__cause__ or e.__context__
-            detail = f": {str(cause).splitlines()[0][:160]}" if cause and str(cause) else ""
-            reason = f"the hub at {s.endpoint} is unreachable{detail}"
-        raise HubError(f"cannot fetch {what}: {reason}; {_hint(s, name)}") from None
     except HfHubHTTPError as e:
-        raise HubError(f"cannot fetch {what}: {str(e).splitlines()[0][:200]}; {_hint(s, name)}") from None
+        raise HubError(f"cannot fetch {what}: {_first_line(e)}; {_hint(s, name)}") from None
     except OSError as e:
-        raise HubError(f"cannot fetch {what}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise HubError(f"cannot fetch {what}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why the endpoint cannot be reached (None if a TCP connection opens), checked in a few seconds.
+
+    huggingface_hub retries a failed request with backoff for about half a minute before giving up; an
+    offline user should get the answer at once. Behind a proxy the direct probe means nothing: skipped."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None
+    url = urlparse(endpoint)
+    if not url.hostname:
+        return f"invalid endpoint {endpoint!r}"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def download(name: str, local_dir=None) -> Path:
@@ -241,8 +268,17 @@ def download(name: str, local_dir=None) -> Path:
     s = settings()
     spec, artefacts = _lookup(name)
     local = Path(local_dir).expanduser() if local_dir is not None else None
+    todo = [(a, f) for a in artefacts for f, p in artefact_files(a, s, local).items() if p is None]
+    if todo and not s.offline:
+        why = _unreachable(s.endpoint)
+        if why:
+            a, f = todo[0]
+            more = f" and {len(todo) - 1} more file(s)" if len(todo) > 1 else ""
+            raise HubError(f"cannot fetch {a.repo_id}/{f}{more}: the hub at {s.endpoint} is unreachable ({why}); "
+                           f"{_hint(s, name)}")
     for a in artefacts:
         for filename in a.files:
+            # Cached files are checked against the hub too (a new revision is fetched), unless offline.
             _fetch(a, filename, s, local, name)
     return cached_path(name, local_dir=local)
 

@@ -297,8 +297,8 @@ class WindowPlanner:
             a, b = max(good, key=lambda r: r[0]) if good else max(runs, key=lambda r: (r[1] - r[0], r[0]))
             return int(min(min(b, hi), max(max(a, lo), (a + b) // 2)))
         # No frame below the speech threshold: the least speech-like frame (3-frame average) in range.
-        p = np.asarray(self.probs[: hi + 1], dtype=np.float64)
-        smooth = np.convolve(p, np.ones(3) / 3, mode="same")
+        p = np.pad(np.asarray(self.probs[:hi], dtype=np.float64), 1, mode="edge")
+        smooth = np.convolve(p, np.ones(3) / 3, mode="valid")  # edge-padded, so the ends are not favoured
         return int(lo + np.argmin(smooth[lo:hi]))
 
     def _cut(self, c: int, out: list[Window]) -> None:
