@@ -101,7 +101,7 @@ class BenchOptions:
     dataset: str | None = None  # LibriSpeech tree, JSONL/CSV manifest, or folder of audio + .txt
     systems: list[str] = field(default_factory=list)  # specs; empty: DEFAULT_SYSTEMS (faster-whisper if installed)
     limit: int | None = None  # first N utterances (dataset order is deterministic)
-    warmup: int = DEFAULT_WARMUP  # unmeasured runs of the first utterance per system
+    warmup: int | None = None  # unmeasured runs of the first utterance per system; None: 1 (0 with check)
     repeats: int = DEFAULT_REPEATS  # measured passes over the dataset; timings are medians
     threads: int = DEFAULT_THREADS  # torch intra-op threads and CTranslate2 cpu_threads
     device: str = AUTO  # auto (cuda when available), cpu, cuda, cuda:N
@@ -113,6 +113,10 @@ class BenchOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if self.warmup is None:
+            self.warmup = 0 if self.check else DEFAULT_WARMUP
+        if self.check:
+            self.resume = False  # a check must exercise the pipeline, never reuse earlier results
         if self.limit is not None and self.limit < 1:
             raise BenchError(f"--limit must be at least 1, got {self.limit}")
         if self.warmup < 0:
@@ -558,6 +562,9 @@ def load_items(options: BenchOptions) -> list[Item]:
             raise BenchError("no dataset given (a LibriSpeech tree, a JSONL/CSV manifest, or a folder of audio "
                              "with .txt transcripts)")
         path = EXAMPLES_DIR
+        if not path.is_dir():
+            raise BenchError(f"--check without a DATASET uses the bundled example clips, but {path} is missing "
+                             f"from this install; pass a dataset")
     try:
         items = read_dataset(path)
     except DatasetError as e:
@@ -577,6 +584,11 @@ def read_item_audio(item: Item) -> np.ndarray:
     return audio
 
 
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else None
@@ -587,7 +599,12 @@ def run_system(spec: SystemSpec, items: list[Item], options: BenchOptions, progr
     meter = MemoryMeter(options.device)
     meter.start()
     t0 = time.perf_counter()
-    system = SYSTEM_CLASSES[spec.kind](spec, options)
+    try:
+        system = SYSTEM_CLASSES[spec.kind](spec, options)
+    except BenchError:
+        raise
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # CheckpointError, HubError, WhisperLoadError...
+        raise BenchError(f"system {spec.text!r}: {_one_line(e)}") from None
     load_s = time.perf_counter() - t0
     try:
         for _ in range(options.warmup if items else 0):

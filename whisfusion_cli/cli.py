@@ -329,11 +329,59 @@ def train(ctx: typer.Context):
     _delegate("train", "train_main", ctx)
 
 
-@app.command(context_settings=PASSTHROUGH,
-             epilog="\b\nExample:\n  whisfusion bench --data librispeech/test-clean --model whisfusion")
-def bench(ctx: typer.Context):
-    """Benchmark accuracy and speed against Whisper baselines (options: bench.BenchOptions)."""
-    _delegate("bench", "bench_main", ctx)
+@app.command(
+    epilog="\b\nExamples:\n"
+    "  whisfusion bench LibriSpeech/test-clean --limit 200\n"
+    "  whisfusion bench manifest.jsonl -s whisfusion:model=default,steps=8,candidates=4,selection=rover,seq_len=auto \\\n"
+    "      -s whisper:tiny.en -s whisper:tiny.en,beams=5 -s faster-whisper:tiny.en,compute_type=int8\n"
+    "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
+    "\b\nSystem specs: KIND:MODEL,key=value,...\n"
+    "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
+    "                  strategy, seed, encoder_mode, label\n"
+    "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
+    "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
+    "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "
+    "--output-dir; finished systems are reused when the same run is restarted (--fresh to redo). "
+    "Exit code 1 on bad input or a failed --check.",
+)
+def bench(
+    dataset: Optional[str] = typer.Argument(None, metavar="DATASET",
+                                            help="LibriSpeech-layout tree, JSONL/CSV manifest, or folder of audio "
+                                            "with .txt transcripts (optional with --check)."),
+    system: List[str] = typer.Option([], "--system", "-s", metavar="SPEC",
+                                     help="A system to run (repeatable). Default: the embedded Whisfusion model, "
+                                     "Whisper tiny.en greedy, and faster-whisper tiny.en int8 if installed."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N utterances."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0,
+                                         help="Unmeasured runs of the first utterance per system (default 1; "
+                                         "0 with --check)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Measured passes; timings are medians."),
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for torch and CTranslate2."),
+    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICE_NAMES),
+                               help="auto, cpu, cuda (or cuda:N)."),
+    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
+                              help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
+    output_dir: Path = typer.Option(Path("bench-results"), "--output-dir", "-o", file_okay=False,
+                                    help="Where results and plots go."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots (needs matplotlib)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Rerun every system, even if finished results exist."),
+    check: bool = typer.Option(False, "--check",
+                               help="CI mode: a few utterances, no warm-up, then verify the written results."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no table."),
+):
+    """Benchmark Whisfusion against Whisper baselines: WER (two conventions), RTFx, latency, tokens/s, memory."""
+    from .bench import BenchError, bench_main
+
+    try:
+        bench_main(dataset=dataset, systems=list(system), limit=limit, warmup=warmup,
+                   repeats=repeats, threads=threads, device=device, dtype=dtype, output_dir=str(output_dir),
+                   plots=plots, resume=not fresh, check=check, quiet=quiet)
+    except KeyboardInterrupt:
+        _err("interrupted: finished systems are saved; run the same command again to resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except (BenchError, ValueError, RuntimeError, OSError) as e:
+        _err(f"error: {_one_line(e)}")
+        raise typer.Exit(EXIT_FAILED)
 
 
 def main() -> None:
