@@ -313,11 +313,15 @@ def assemble_model_dir(spec: ModelSpec, paths: dict[str, Path], out_dir: Path) -
                                base=paths[spec.base] if spec.base else None)
     except CheckpointError as e:
         raise HubError(f"{spec.name}: the downloaded decoder cannot be used: {e}") from None
+    except Exception as e:  # a garbled download can fail inside the unpickler in many ways
+        raise HubError(f"{spec.name}: the downloaded decoder cannot be used: {paths[spec.decoder]}: not a readable "
+                       f"checkpoint ({type(e).__name__}: {_first_line(e)}); delete it and download again") from None
     cfg = decoder.config
     encoder_spec = {"source": str(paths[spec.encoder]), "mode": spec.encoder_mode,
                     "dim": int(cfg.condition_dim or cfg.n_embd)}
+    tok = paths[spec.tokenizer]
     save_model_dir(
-        out_dir, decoder, paths[spec.tokenizer] / "tokenizer.json", spec.tokenizer_config, encoder_spec,
+        out_dir, decoder, tok if tok.is_file() else tok / "tokenizer.json", spec.tokenizer_config, encoder_spec,
         decoding_defaults=spec.decoding, extra={STAMP_KEY: stamp, "name": spec.name},
     )
     return out_dir
