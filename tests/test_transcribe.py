@@ -1,0 +1,236 @@
+"""transcribe.py: the batch driver over real speech with a tiny random model — order, segments that tile
+the audio, batching invariance, long audio in bounded memory, silence never decoded, per-file errors,
+resume after an interrupt, device/dtype rules."""
+
+import os
+import tracemalloc
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tiny_model import make_model_dir
+from whisfusion_cli import transcribe as tr
+from whisfusion_cli.audio import load_audio
+from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, parse_schedule, resolve_device, transcribe
+from whisfusion_cli.vad import VadOptions
+
+AUDIO = Path(__file__).parent / "data" / "audio"
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from whisfusion_cli.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    return load_model(str(model_dir))
+
+
+def check_segments_tile(result, max_window=30.0):
+    segs = result.segments
+    assert segs and segs[0].start == 0.0 and abs(segs[-1].end - result.duration) < 1e-9
+    for a, b in zip(segs, segs[1:]):
+        assert a.end == b.start, f"{result.path}: gap or overlap at {a.end}/{b.start}"
+    assert all(0 < s.end - s.start <= max_window for s in segs)
+    assert [s.id for s in segs] == list(range(len(segs)))
+
+
+def test_real_clips_in_input_order(model):
+    results = list(transcribe([AUDIO], TranscribeOptions(decoding={"seed": 0}), model=model))
+    names = sorted(p.name for p in AUDIO.iterdir() if p.suffix in (".wav", ".flac"))
+    assert [Path(r.path).name for r in results] == names
+    for r in results:
+        assert r.status == "ok", r.error
+        check_segments_tile(r)
+        assert abs(r.duration - sf.info(r.path).duration) < 1e-3
+        assert r.text and all(isinstance(s.score, float) for s in r.segments if not s.silent)
+        assert r.model == model.name and r.decoding["seed"] == 0 and r.decoding["candidates"] == 2
+
+
+def test_batch_composition_does_not_change_a_file(model):
+    files = [AUDIO / "jfk.wav", AUDIO / "cards_005.flac", AUDIO / "librivox_0890.flac"]
+    texts = {}
+    for batch_size in (1, 2, 8):
+        opts = TranscribeOptions(batch_size=batch_size, decoding={"seed": 3})
+        texts[batch_size] = [[s.text for s in r.segments] for r in transcribe(files, opts, model=model)]
+    assert texts[1] == texts[2] == texts[8]
+    alone = [s.text for s in next(transcribe([files[1]], TranscribeOptions(decoding={"seed": 3}), model=model)).segments]
+    assert alone == texts[8][1]
+
+
+def long_recording(path: Path, minutes: float) -> float:
+    """Real clips with short pauses and, every ~minute, 5 s of silence; written block by block as FLAC."""
+    clips = [load_audio(p) for p in sorted(AUDIO.iterdir()) if p.suffix in (".wav", ".flac")]
+    rng = np.random.default_rng(0)
+    n = 0
+    with sf.SoundFile(path, "w", samplerate=SR, channels=1, format="FLAC") as f:
+        while n < minutes * 60 * SR:
+            for clip in clips:
+                pause = (0.001 * rng.standard_normal(int(rng.uniform(0.4, 0.9) * SR))).astype(np.float32)
+                f.write(clip)
+                f.write(pause)
+                n += len(clip) + len(pause)
+            silence = np.zeros(5 * SR, dtype=np.float32)
+            f.write(silence)
+            n += len(silence)
+    return n / SR
+
+
+def test_long_audio_windows_tile_and_memory_is_bounded(model, tmp_path):
+    short, long_ = tmp_path / "short.flac", tmp_path / "long.flac"
+    d_short, d_long = long_recording(short, 3), long_recording(long_, 16)
+    peaks, results = {}, {}
+    for name, path in (("short", short), ("long", long_)):
+        tracemalloc.start()
+        results[name] = list(transcribe([path], TranscribeOptions(batch_size=4, decoding={"seed": 0}), model=model))
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    r = results["long"][0]
+    assert r.status == "ok" and abs(r.duration - d_long) < 1e-6
+    check_segments_tile(r)
+    assert len(r.segments) >= d_long / 30
+    silent = [s for s in r.segments if s.silent]
+    assert len(silent) >= 8 and all(s.text == "" and s.score is None for s in silent)
+    # Memory does not grow with the length of the file: 5x the audio, about the same peak (the batch's
+    # windows and their features), and under half of the decoded file (16 min of float32 at 16 kHz = 61 MB).
+    assert peaks["long"] < 1.25 * peaks["short"] + 2e6, peaks
+    assert peaks["long"] < d_long * SR * 4 / 2, peaks
+
+
+def test_silence_yields_empty_transcript_without_the_decoder(model, tmp_path, monkeypatch):
+    calls = []
+    real_decode = Pipeline.decode
+
+    def counting_decode(self, conditions, durations, seeds):
+        calls.append(len(conditions))
+        return real_decode(self, conditions, durations, seeds)
+
+    monkeypatch.setattr(Pipeline, "decode", counting_decode)
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "zeros.wav", np.zeros(40 * SR, np.float32), SR)
+    sf.write(tmp_path / "hiss.wav", (2e-4 * rng.standard_normal(12 * SR)).astype(np.float32), SR)
+    out = tmp_path / "out"
+    results = list(transcribe([tmp_path / "zeros.wav", tmp_path / "hiss.wav"],
+                              TranscribeOptions(output_dir=out, output_format="all"), model=model))
+    assert [r.status for r in results] == ["silent", "silent"] and calls == []
+    for r in results:
+        assert r.text == "" and all(s.silent for s in r.segments)
+        check_segments_tile(r)
+    assert (out / "zeros.txt").read_text() == "" and (out / "zeros.json").is_file()
+
+
+def _write_bad_files(d: Path):
+    x = load_audio(AUDIO / "goforward.flac")
+    bad = {}
+    (d / "notes.wav").write_text("not audio\n" * 50)
+    bad["notes.wav"] = "not an audio file"
+    (d / "zero.wav").write_bytes(b"")
+    bad["zero.wav"] = "empty file"
+    with wave.open(str(d / "header_only.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
+    bad["header_only.wav"] = "empty audio"
+    sf.write(d / "blip.wav", x[: int(0.05 * SR)], SR)
+    bad["blip.wav"] = "too short"
+    raw = (AUDIO / "librivox_0880.flac").read_bytes()
+    (d / "cut.flac").write_bytes(raw[:40])
+    bad["cut.flac"] = "not an audio file"
+    return bad
+
+
+def test_bad_files_each_get_one_line_and_the_rest_finish(model, tmp_path):
+    bad = _write_bad_files(tmp_path)
+    for name in ("cards_001.flac", "goforward.flac"):
+        (tmp_path / name).write_bytes((AUDIO / name).read_bytes())
+    results = list(transcribe([tmp_path, tmp_path / "missing.wav"], TranscribeOptions(), model=model))
+    by_name = {Path(r.path).name: r for r in results}
+    assert by_name["missing.wav"].status == "error" and "no such file" in by_name["missing.wav"].error
+    for name, reason in bad.items():
+        r = by_name[name]
+        assert r.status == "error" and reason in r.error and r.error.startswith(str(tmp_path / name)), r.error
+        assert "\n" not in r.error
+    assert by_name["cards_001.flac"].status == by_name["goforward.flac"].status == "ok"
+
+
+class InterruptAfter(tr.Reporter):
+    def __init__(self, n):
+        self.n = n
+        self.done = 0
+
+    def file_done(self, result):
+        self.done += 1
+        if self.done == self.n:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_batch_resumes(model, tmp_path):
+    files = [AUDIO / n for n in ("cards_001.flac", "cards_002.flac", "forever.flac")]
+    out = tmp_path / "out"
+    opts = TranscribeOptions(output_dir=out, output_format="srt,json", decoding={"seed": 0})
+    with pytest.raises(KeyboardInterrupt):
+        list(transcribe(files, opts, model=model, reporter=InterruptAfter(2)))
+    names = sorted(os.listdir(out))
+    assert names == ["cards_001.json", "cards_001.srt", "cards_002.json", "cards_002.srt"]  # complete, no temps
+    mtime = (out / "cards_001.json").stat().st_mtime_ns
+    results = list(transcribe(files, opts, model=model))
+    assert [r.status for r in results] == ["skipped", "skipped", "ok"]
+    assert (out / "cards_001.json").stat().st_mtime_ns == mtime and (out / "forever.srt").is_file()
+    results = list(transcribe(files[:1], TranscribeOptions(output_dir=out, output_format="srt,json", overwrite=True),
+                              model=model))
+    assert results[0].status == "ok" and (out / "cards_001.json").stat().st_mtime_ns != mtime
+
+
+def test_no_vad_uses_fixed_windows(model, tmp_path):
+    x = load_audio(AUDIO / "jfk.wav")
+    sf.write(tmp_path / "jfk6.wav", np.tile(x, 6), SR)  # 66 s
+    r = next(transcribe([tmp_path / "jfk6.wav"], TranscribeOptions(vad=VadOptions(enabled=False)), model=model))
+    check_segments_tile(r)
+    assert [round(s.end - s.start, 3) for s in r.segments] == [30.0, 30.0, 6.0]
+
+
+def test_decoding_overrides_and_schedule(model):
+    r = next(transcribe([AUDIO / "cards_001.flac"],
+                        TranscribeOptions(decoding={"steps": 3, "candidates": 3, "schedule": parse_schedule("1,0.5"),
+                                                    "seq_len": 20, "selection": "mbr", "seed": 1}), model=model))
+    assert r.decoding["steps"] == 3 and r.decoding["candidates"] == 3 and r.decoding["schedule"] == [1.0, 0.5]
+    assert r.decoding["seq_len"] == 20 and r.decoding["selection"] == "mbr"
+    with pytest.raises(ValueError, match="unknown decoding option"):
+        list(transcribe([AUDIO / "cards_001.flac"], TranscribeOptions(decoding={"beam": 5}), model=model))
+    assert parse_schedule("1.0, 0.9,0.85,0.8") == (1.0, 0.9, 0.85, 0.8)
+    for bad in ("1.0,x", "1.5", ""):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+
+
+def test_device_and_dtype_rules():
+    dev, dtype = resolve_device("cpu", "auto")
+    assert dev.type == "cpu" and dtype == torch.float32
+    for bad in ("bfloat16", "fp16"):
+        with pytest.raises(ValueError, match="only supported on a GPU"):
+            resolve_device("cpu", bad)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_device("cpu", "int4")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu", "auto")
+    if torch.cuda.is_available():
+        dev, dtype = resolve_device("auto", "auto")
+        assert dev.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    else:
+        assert resolve_device("auto", "auto")[0].type == "cpu"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda", "auto")
+
+
+def test_options_are_validated(tmp_path):
+    with pytest.raises(ValueError):
+        TranscribeOptions(batch_size=0)
+    with pytest.raises(ValueError, match="unknown output format"):
+        TranscribeOptions(output_dir=tmp_path, output_format="doc")
