@@ -247,3 +247,21 @@ def test_rerun_reuses_finished_systems(bench_run):
         assert a["speed"]["wall_s"] == b["speed"]["wall_s"]
         assert [u["hypothesis"] for u in a["utterances"]] == [u["hypothesis"] for u in b["utterances"]]
     assert math.isfinite(after["systems"][0]["speed"]["rtfx"])
+
+
+def test_check_mode_cli(bench_run, tmp_path):
+    """--check runs the pipeline afresh on a few utterances and verifies what it wrote; exit code 0."""
+    from typer.testing import CliRunner
+
+    from whisfusion_cli.cli import app
+
+    out, _, systems = bench_run
+    manifest = json.loads((out / bench.RESULTS_JSON).read_text())["dataset"]["path"]
+    args = ["bench", manifest, "--check", "--limit", "2", "-o", str(tmp_path / "check"), "--threads", "1",
+            "--device", "cpu", "-s", systems[0], "-s", systems[-1]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "check passed: 2 systems consistent" in result.output
+    results = json.loads((tmp_path / "check" / bench.RESULTS_JSON).read_text())
+    assert results["dataset"]["n_utterances"] == 2 and results["options"]["warmup"] == 0
+    assert results["options"]["resume"] is False  # a check never reuses earlier results

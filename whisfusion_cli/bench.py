@@ -473,7 +473,8 @@ class WhisperSystem:
 
 class FasterWhisperSystem:
     """faster-whisper (CTranslate2) `transcribe`, greedy unless beams=N, temperature 0 (no fallback), no
-    conditioning on previous text, no timestamps, no VAD: the plain 30 s-window decoding of the engine.
+    conditioning on previous text, no VAD. Timestamps stay on (the engine's default) because its long-form
+    seek relies on them: without, audio over 30 s is cut blindly and the words at the cut are repeated.
     Its feature extractor and `encode` are wrapped with timers to separate encoder time."""
 
     def __init__(self, spec: SystemSpec, options: BenchOptions):
@@ -520,7 +521,7 @@ class FasterWhisperSystem:
         t0 = time.perf_counter()
         segments, _ = self.model.transcribe(
             audio, beam_size=self.beams, temperature=0.0, condition_on_previous_text=False,
-            without_timestamps=True, vad_filter=False, language="en",
+            without_timestamps=False, vad_filter=False, language="en",
         )
         segments = list(segments)  # the generator does the work
         total = time.perf_counter() - t0
@@ -606,6 +607,10 @@ def run_system(spec: SystemSpec, items: list[Item], options: BenchOptions, progr
     except (ValueError, OSError, RuntimeError, ImportError) as e:  # CheckpointError, HubError, WhisperLoadError...
         raise BenchError(f"system {spec.text!r}: {_one_line(e)}") from None
     load_s = time.perf_counter() - t0
+    import torch
+
+    # A model directory's encoder spec may carry its own thread count: every system runs with --threads.
+    torch.set_num_threads(options.threads)
     try:
         for _ in range(options.warmup if items else 0):
             system.transcribe(read_item_audio(items[0]))
@@ -627,7 +632,7 @@ def run_system(spec: SystemSpec, items: list[Item], options: BenchOptions, progr
                     progress.advance(task)
             runs.append(run)
         memory = meter.stop()
-        info = dict(system.info)
+        info = dict(system.info, torch_threads=torch.get_num_threads())
     finally:
         del system
         gc.collect()
