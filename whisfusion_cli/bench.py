@@ -575,7 +575,10 @@ def load_items(options: BenchOptions) -> list[Item]:
 
 
 def read_item_audio(item: Item) -> np.ndarray:
-    audio = load_audio(item.audio)
+    try:
+        audio = load_audio(item.audio)
+    except AudioError as e:
+        raise BenchError(str(e)) from None
     if item.start is not None or item.end is not None:
         a = int(round((item.start or 0.0) * SAMPLE_RATE))
         b = len(audio) if item.end is None else int(round(item.end * SAMPLE_RATE))
@@ -614,16 +617,13 @@ def run_system(spec: SystemSpec, items: list[Item], options: BenchOptions, progr
     try:
         for _ in range(options.warmup if items else 0):
             system.transcribe(read_item_audio(items[0]))
-        runs: list[list[tuple[float, float, Hypothesis]]] = []
+        runs: list[list[tuple[float, float, float, Hypothesis]]] = []  # (duration, load s, latency s, output)
         task = progress.add_task(spec.label, total=len(items) * options.repeats) if progress else None
         for _ in range(options.repeats):
             run = []
             for item in items:
                 t_start = time.perf_counter()
-                try:
-                    audio = read_item_audio(item)
-                except AudioError as e:
-                    raise BenchError(str(e)) from None
+                audio = read_item_audio(item)
                 t_loaded = time.perf_counter()
                 hyp = system.transcribe(audio)
                 t_end = time.perf_counter()
@@ -748,7 +748,17 @@ def environment(options: BenchOptions) -> dict[str, Any]:
 
 def _partial_key(spec: SystemSpec, fingerprint: str, options: BenchOptions, env: dict) -> str:
     stable_env = {k: env[k] for k in ("cpu", "threads", "device", "dtype", "gpu", "versions")}
-    blob = json.dumps([spec.text, fingerprint, options.warmup, options.repeats, stable_env], sort_keys=True)
+    # A model directory retrained in place must not be mistaken for the one measured before.
+    model_files = []
+    path = Path(spec.model).expanduser()
+    if spec.kind == "whisfusion" and spec.model == "default":
+        from .checkpoint import DEFAULT_MODEL_DIR
+
+        path = DEFAULT_MODEL_DIR
+    if path.is_dir():
+        model_files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+    blob = json.dumps([spec.text, fingerprint, options.warmup, options.repeats, stable_env, model_files],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -918,6 +928,12 @@ def _save_figure_atomic(fig, path: Path) -> None:
         raise
 
 
+def _legend_below(ax) -> None:
+    """Below the axes, so long system labels never hide a point."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
+
+
 def write_plots(results: dict, out: Path) -> None:
     """WER vs RTFx (one point per system, both WER conventions) and latency vs audio duration."""
     try:
@@ -939,7 +955,6 @@ def write_plots(results: dict, out: Path) -> None:
         c = colours(i % 10)
         if corpus is not None and math.isfinite(corpus):
             ax.scatter([x], [100 * corpus], color=c, marker="o", s=60, label=s["label"])
-            ax.annotate(s["label"], (x, 100 * corpus), textcoords="offset points", xytext=(5, 5), fontsize=8)
         if paper is not None and math.isfinite(paper):
             ax.scatter([x], [100 * paper], facecolors="none", edgecolors=[c], marker="s", s=60)
     ax.set_xscale("log")
@@ -948,26 +963,27 @@ def write_plots(results: dict, out: Path) -> None:
     ax.set_title("Accuracy vs speed  (filled: corpus WER, Whisper norm.; hollow: mean-utterance WER, paper)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    if systems:
-        ax.legend(fontsize=8, loc="best")
+    _legend_below(ax)
     _save_figure_atomic(fig, out / PLOT_WER_RTFX)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, s in enumerate(systems):
-        pts = sorted((u["duration_s"], u["latency_s"]) for u in s["utterances"])
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1, color=colours(i % 10),
-                    label=s["label"])
+        c = colours(i % 10)
+        pts = [(u["duration_s"], u["latency_s"]) for u in s["utterances"]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.5, color=c)
+        # The line joins the bucket medians: flat means latency independent of duration.
+        med = [(b["median_duration_s"], b["median_latency_s"]) for b in s["latency_buckets"].values() if b["n"]]
+        ax.plot([p[0] for p in med], [p[1] for p in med], marker="D", ms=6, lw=1.5, color=c, label=s["label"])
     for low, _, _ in BUCKETS[1:]:
         ax.axvline(low, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("audio duration (s)")
     ax.set_ylabel("latency (s, median over repeats)")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"Latency vs audio duration ({results['environment']['device']}, "
                  f"{results['environment']['threads']} threads)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    if systems:
-        ax.legend(fontsize=8, loc="best")
+    _legend_below(ax)
     _save_figure_atomic(fig, out / PLOT_LATENCY)
     plt.close(fig)
 
