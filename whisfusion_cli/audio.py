@@ -10,10 +10,12 @@ Every problem is an `AudioError` whose message is one line naming the file and t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +85,39 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool):
+    """Silence what C libraries print to file descriptor 2 (libmpg123 writes 'Note: Illegal Audio-MPEG-Header'
+    lines for damaged MP3s); our own one-line error says what went wrong."""
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _noisy_decoder(path: Path) -> bool:
+    return path.suffix.lower() == ".mp3"
+
+
 def _open_soundfile(path: Path):
     """A soundfile.SoundFile, or None when libsndfile does not recognise the container (try ffmpeg)."""
     import soundfile as sf
 
     try:
-        return sf.SoundFile(str(path))
+        with _quiet_native_stderr(_noisy_decoder(path)):
+            return sf.SoundFile(str(path))
     except sf.LibsndfileError as e:
         # libsndfile gives "Format not recognised" for unknown containers and a variety of messages for
         # broken headers; both may still be something ffmpeg can decode.
@@ -138,10 +167,12 @@ def _soundfile_blocks(f) -> Iterator[np.ndarray]:
     import soundfile as sf
 
     path = f.name
+    quiet = _noisy_decoder(Path(path))
     with f:
         while True:
             try:
-                block = f.read(READ_FRAMES, dtype="float32", always_2d=True)
+                with _quiet_native_stderr(quiet):
+                    block = f.read(READ_FRAMES, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
                 raise AudioError(path, f"corrupt audio data ({_first_line(e)})") from None
             if len(block) == 0:

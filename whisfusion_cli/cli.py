@@ -52,6 +52,12 @@ def _complete(choices):
     return complete
 
 
+def _complete_model(incomplete: str):
+    from .hub import known_names  # cheap: the registry has no heavy imports
+
+    return [n for n in known_names() if n.startswith(incomplete)]
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"whisfusion {__version__}")
@@ -81,7 +87,7 @@ def main_callback(
 def transcribe(
     inputs: List[str] = typer.Argument(..., metavar="INPUTS",
                                        help="Audio files, directories (searched recursively) or globs."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
+    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_model,
                                         help="Registered name (see `whisfusion download --list`), a model "
                                         "directory, or omit for the embedded default model."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", file_okay=False,
@@ -115,7 +121,8 @@ def transcribe(
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
     from .audio import AudioError
     from .transcribe import (
-        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_schedule, transcribe as run,
+        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_schedule, resolve_device,
+        transcribe as run,
     )
     from .vad import VadOptions
     from .writers import get_writer, parse_formats
@@ -142,6 +149,7 @@ def transcribe(
                 decoding["seq_len"] = int(seq_len)
             else:
                 raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {seq_len!r}")
+        resolve_device(device, dtype)  # a CPU run asked for bf16, or a GPU that is not there: fail before any work
         options = TranscribeOptions(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, decoding=decoding,
             vad=VadOptions(enabled=vad), output_dir=output_dir, output_format=output_format, overwrite=overwrite,
@@ -223,7 +231,8 @@ def _one_line(e: BaseException) -> str:
     "transcribe --model NAME then reads the cache.",
 )
 def download(
-    name: str = typer.Argument("whisfusion", help="A model or artefact name (see --list)."),
+    name: str = typer.Argument("whisfusion", autocompletion=_complete_model,
+                               help="A model or artefact name (see --list)."),
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", file_okay=False,
                                              help="Download into this directory instead of the cache."),
     list_: bool = typer.Option(False, "--list", "-l", help="Show the known names and what is present."),

@@ -1,7 +1,7 @@
 """The released artefacts (SPEC section 1), downloading them with huggingface_hub, and finding them offline.
 
 Two levels of names:
-* artefacts — one repository's files: `smdm-base`, `whisfusion-stage2`, `whisfusion-stage1`, `whisper-small`,
+* artefacts — one repository's files: `smdm-base`, `whisfusion-stage2`, `whisfusion-stage1-adapter`, `whisper-small`,
   `tinyllama-tokenizer` (KNOWN_ARTEFACTS);
 * models — what `transcribe --model NAME` loads, built from artefacts: `whisfusion` (the stage-2 decoder,
   whisper-small's encoder, the TinyLlama tokenizer) and `whisfusion-stage1` (SMDM base + stage-1 adapter).
@@ -72,7 +72,7 @@ KNOWN_ARTEFACTS: dict[str, Artefact] = {
                  "SMDM 170M masked-diffusion LM, the decoder base (no cross-attention)", "0.7 GB"),
         Artefact("whisfusion-stage2", "taeyoun811/whisfusion", ("whisfusion_stage2_decoder.pt",), "decoder",
                  "Whisfusion stage-2 decoder, all 201 tensors incl. the adapter", "1.0 GB"),
-        Artefact("whisfusion-stage1", "taeyoun811/whisfusion", ("whisfusion_stage1_adapter.pt",), "adapter",
+        Artefact("whisfusion-stage1-adapter", "taeyoun811/whisfusion", ("whisfusion_stage1_adapter.pt",), "adapter",
                  "Whisfusion stage-1 cross-attention adapter only (72 tensors)", "0.2 GB"),
         Artefact("whisper-small", "openai/whisper-small",
                  ("config.json", "preprocessor_config.json", "model.safetensors"), "encoder",
@@ -89,7 +89,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("whisfusion", "released Whisfusion (stage 2) on whisper-small, upstream decoding defaults",
                   decoder="whisfusion-stage2", encoder="whisper-small", tokenizer="tinyllama-tokenizer"),
         ModelSpec("whisfusion-stage1", "SMDM base + released stage-1 adapter (before stage 2), for comparison",
-                  decoder="whisfusion-stage1", base="smdm-base", encoder="whisper-small",
+                  decoder="whisfusion-stage1-adapter", base="smdm-base", encoder="whisper-small",
                   tokenizer="tinyllama-tokenizer"),
     )
 }

@@ -243,6 +243,8 @@ class RichReporter(Reporter):
         self.files_done = 0
         self.n_files = n_files
         self.total = total_seconds
+        if not self.console.is_terminal:  # a log file or a pipe gets the summary, not frames of a live display
+            return
         self.progress = Progress(
             SpinnerColumn(), TextColumn("[bold]transcribing"), BarColumn(),
             TextColumn("{task.fields[files]}"), TextColumn("{task.fields[audio]}"),
@@ -273,7 +275,10 @@ class RichReporter(Reporter):
             self.progress.update(self.task, **self._fields())
 
     def print(self, message: str) -> None:
-        (self.progress.console if self.progress else self.console).print(message, markup=False, highlight=False)
+        if self.progress:  # above the live display
+            self.progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def stop(self):
         if self.progress:

@@ -1,0 +1,231 @@
+"""The `whisfusion` command line end to end: real speech through `transcribe` into every format, stdout
+output, a folder of good and bad files (one line per bad file, exit 1, no partial outputs, resume), option
+errors, `--help` without torch, and shell completions that match the app."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from tiny_model import make_model_dir
+from whisfusion_cli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIO = ROOT / "tests" / "data" / "audio"
+CLIPS = sorted(p.name for p in AUDIO.iterdir() if p.suffix in (".wav", ".flac"))
+TIME = r"(\d\d):(\d\d):(\d\d)[.,](\d\d\d)"
+CUE = re.compile(rf"^{TIME} --> {TIME}$")
+HEAVY = ("torch", "transformers", "onnxruntime", "librosa", "huggingface_hub", "soundfile")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny")))
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def cues(text):
+    out = []
+    for line in text.splitlines():
+        m = CUE.match(line)
+        if m:
+            g = [int(x) for x in m.groups()]
+            out.append((g[0] * 3600 + g[1] * 60 + g[2] + g[3] / 1000, g[4] * 3600 + g[5] * 60 + g[6] + g[7] / 1000))
+        else:
+            assert "-->" not in line, f"malformed cue timing {line!r}"
+    return out
+
+
+def test_help_and_version_do_not_import_heavy_modules():
+    code = (
+        "import sys\n"
+        "from whisfusion_cli.cli import app\n"
+        "for args in (['--help'], ['--version'], ['transcribe', '--help'], ['download', '--help'],"
+        " ['preprocess', '--help'], ['train', '--help'], ['bench', '--help']):\n"
+        "    try:\n"
+        "        app(args, prog_name='whisfusion')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (args, e.code)\n"
+        f"print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout.splitlines()[-1]
+    assert "whisfusion 0." in proc.stdout
+
+
+def test_every_command_has_help_with_examples():
+    for command in ("transcribe", "download", "preprocess", "train", "bench"):
+        result = cli(command, "--help")
+        assert result.exit_code == 0 and "Example" in result.stdout, command
+    top = cli("--help")
+    assert all(c in top.stdout for c in ("transcribe", "download", "preprocess", "train", "bench"))
+
+
+def test_real_speech_to_every_format(model_dir, tmp_path):
+    """Through the installed entry point in a fresh process, like a user would run it."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", str(AUDIO), "--model", model_dir, "-o", str(out),
+         "-f", "all", "--seed", "0", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "120"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(CLIPS)} transcribed (0 silent)" in proc.stderr and "0 failed" in proc.stderr
+    for clip in CLIPS:
+        stem = Path(clip).stem
+        duration = sf.info(AUDIO / clip).duration
+        srt = (out / f"{stem}.srt").read_text()
+        vtt = (out / f"{stem}.vtt").read_text()
+        assert vtt.startswith("WEBVTT")
+        for times in (cues(srt), cues(vtt)):
+            assert times, clip
+            assert all(a < b for a, b in times) and all(b1 <= a2 for (_, b1), (a2, _) in zip(times, times[1:]))
+            assert times[0][0] >= 0 and times[-1][1] <= duration + 0.001
+        assert [int(l) for l in srt.splitlines() if l.isdigit()] == list(range(1, len(cues(srt)) + 1))
+        doc = json.loads((out / f"{stem}.json").read_text())
+        assert doc["file"].endswith(clip) and abs(doc["duration"] - duration) < 0.001
+        assert doc["segments"][0]["start"] == 0 and abs(doc["segments"][-1]["end"] - duration) < 0.001
+        assert doc["decoding"]["seed"] == 0 and doc["model"] == model_dir
+        assert " ".join(s["text"] for s in doc["segments"] if s["text"]) == doc["text"]
+        tsv = (out / f"{stem}.tsv").read_text().splitlines()
+        assert tsv[0] == "start\tend\ttext" and all(len(r.split("\t")) == 3 for r in tsv)
+        assert (out / f"{stem}.txt").read_text().strip().replace("\n", " ") == doc["text"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stdout_output(model_dir):
+    one = cli("transcribe", AUDIO / "jfk.wav", "-m", model_dir, "-q", "--seed", "0")
+    assert one.exit_code == 0 and one.stdout.strip() and "==>" not in one.stdout
+    two = cli("transcribe", AUDIO / "jfk.wav", AUDIO / "goforward.flac", "-m", model_dir, "-q", "--seed", "0")
+    assert two.exit_code == 0
+    assert two.stdout.count("==> ") == 2 and one.stdout.strip() in two.stdout
+    js = cli("transcribe", AUDIO / "jfk.wav", AUDIO / "goforward.flac", "-m", model_dir, "-q", "-f", "json")
+    rows = [json.loads(line) for line in js.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == ["jfk.wav", "goforward.flac"]
+    srt = cli("transcribe", AUDIO / "jfk.wav", "-m", model_dir, "-q", "-f", "srt")
+    assert cues(srt.stdout)
+
+
+def make_mixed_folder(d: Path) -> dict:
+    """Good clips, bad files of every kind, and a silent recording; returns {bad name: expected reason}."""
+    for name in ("jfk.wav", "cards_002.flac", "forever.flac"):
+        shutil.copy(AUDIO / name, d / name)
+    (d / "nested").mkdir()
+    shutil.copy(AUDIO / "goforward.flac", d / "nested" / "goforward.flac")
+    sf.write(d / "silence.wav", np.zeros(20 * 16000, np.float32), 16000)
+    bad = {}
+    (d / "notes.wav").write_text("meeting notes, not audio\n" * 40)
+    bad["notes.wav"] = "not an audio file"
+    (d / "empty.flac").write_bytes(b"")
+    bad["empty.flac"] = "empty file"
+    with wave.open(str(d / "no_samples.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+    bad["no_samples.wav"] = "empty audio"
+    sf.write(d / "click.wav", np.full(400, 0.3, np.float32), 16000)
+    bad["click.wav"] = "too short"
+    (d / "broken.mp3").write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00" + os.urandom(3000))
+    bad["broken.mp3"] = "not an audio file"
+    (d / "readme.txt").write_text("ignored: not an audio extension")
+    return bad
+
+
+def test_folder_with_good_and_bad_files(model_dir, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    bad = make_mixed_folder(src)
+    result = cli("transcribe", src, tmp_path / "missing_dir", "-m", model_dir, "-o", out, "-f", "txt,json")
+    assert result.exit_code == 1
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == len(bad) + 1  # one line per bad input, plus the missing path
+    for name, reason in bad.items():
+        line = [l for l in errors if f"{src / name}:" in l]
+        assert len(line) == 1 and reason in line[0], (name, errors)
+    assert any("missing_dir: no such file or directory" in l for l in errors)
+    assert "note: " in result.stderr and "silence.wav: no speech detected" in result.stderr
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    good = ["cards_002", "forever", "jfk", "nested/goforward", "silence"]
+    assert written == sorted(f"{g}.{e}" for g in good for e in ("txt", "json"))  # nothing for bad files
+    assert json.loads((out / "silence.json").read_text())["text"] == ""
+    assert (out / "jfk.txt").read_text().strip()
+
+    # Re-run: finished files are skipped (untouched), the bad ones are still reported.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = cli("transcribe", src, "-m", model_dir, "-o", out, "-f", "txt,json")
+    assert again.exit_code == 1 and "5 skipped" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+    assert len([l for l in again.stderr.splitlines() if l.startswith("error: ")]) == len(bad)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-f", "all"], "give --output-dir"),
+    (["-f", "docx"], "unknown output format"),
+    (["--schedule", "1.0,1.5"], "--schedule"),
+    (["--seq-len", "lots"], "--seq-len"),
+    (["--selection", "vote"], "--selection"),
+    (["--device", "cpu", "--dtype", "bfloat16"], "only supported on a GPU"),
+])
+def test_bad_options_exit_2_with_one_line(args, message):
+    result = cli("transcribe", AUDIO / "jfk.wav", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_unusable_model_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("transcribe", AUDIO / "jfk.wav", "-m", "whisfusion", "-q")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "not downloaded" in result.stderr and "whisfusion download" in result.stderr
+    result = cli("transcribe", AUDIO / "jfk.wav", "-m", "no-such-model", "-q")
+    assert result.exit_code == 1 and "unknown model 'no-such-model'" in result.stderr
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("gen_completions", ROOT / "scripts" / "gen_completions.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_completions_are_up_to_date_and_parse():
+    gen = load_generator()
+    assert gen.stale() == [], "run: python scripts/gen_completions.py"
+    files = {shell: ROOT / "completions" / name for shell, name in gen.FILES.items()}
+    text = files["bash"].read_text()
+    for option in ("--output-format", "--batch-size", "--no-vad", "--local-dir"):
+        assert option in text
+    assert "txt vtt srt tsv json all" in text and "whisfusion-stage1" in text
+    checked = 0
+    for shell, path in files.items():
+        exe = shutil.which(shell)
+        if exe:
+            proc = subprocess.run([exe, "-n", str(path)], capture_output=True, text=True, timeout=30)
+            assert proc.returncode == 0, (shell, proc.stderr)
+            checked += 1
+    assert checked >= 1  # bash is always there
+
+
+def test_bash_completion_completes():
+    if not shutil.which("bash"):
+        pytest.skip("bash is not installed")
+    script = ROOT / "completions" / "whisfusion.bash"
+    probe = (f"source {script}; COMP_WORDS=(whisfusion transcribe -f s); COMP_CWORD=3; _whisfusion; "
+             "echo ${COMPREPLY[@]}; COMP_WORDS=(whisfusion dow); COMP_CWORD=1; _whisfusion; echo ${COMPREPLY[@]}")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    assert out == ["srt", "download"]
