@@ -237,7 +237,7 @@ class RichReporter(Reporter):
     def start(self, n_files, total_seconds):
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.t0 = time.perf_counter()
+        self.t_first = None  # throughput counts from the first processed window, not from model loading
         self.audio = 0.0
         self.tokens = 0
         self.files_done = 0
@@ -255,7 +255,7 @@ class RichReporter(Reporter):
         self.progress.start()
 
     def _fields(self) -> dict:
-        elapsed = max(time.perf_counter() - self.t0, 1e-6)
+        elapsed = max(time.perf_counter() - (self.t_first or time.perf_counter()), 1e-6)
         total = f"/{_clock(self.total)}" if self.total else ""
         return {
             "files": f"{self.files_done}/{self.n_files} files",
@@ -264,6 +264,8 @@ class RichReporter(Reporter):
         }
 
     def advance(self, audio_seconds, tokens):
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
         self.audio += audio_seconds
         self.tokens += tokens
         if self.progress:
@@ -405,6 +407,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
                 _check_duration(f.path, info.duration, options)
             if pipeline is None:
                 pipeline = Pipeline.load(options)
+                reporter.advance(0.0, 0)  # the clock for throughput starts now, after loading the model
             n_samples = 0
             for w, samples in iter_windows(stream_audio(f.path, STREAM_BLOCK_SECONDS), options.vad):
                 idx = len(job.segments)
