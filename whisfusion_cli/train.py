@@ -66,6 +66,10 @@ class TrainOptions:
     val_items: int = 200
     wer_items: int = 32  # validation items decoded with Parallel Diffusion Decoding for the WER
     seq_len: int | None = None  # canvas; None: 256 for the SMDM family, longest target + margin for Whisper
+    # "fixed": every canvas is seq_len long (upstream). "audio": each batch's canvas is sized to its audio the
+    # way decoding sizes it (decoding.DecodingOptions.canvas_length), capped at seq_len: training matches
+    # inference with a sized canvas, and short utterances stop paying for a long tail of pads.
+    canvas: str = "fixed"
     batch_size: int = 16  # per rank and accumulation step
     grad_accum: int = 1
     lr: float | None = None  # None: the stage's upstream rule (scaled by global batch / 64)
@@ -478,6 +482,17 @@ class Batches:
         self.lengths = [dataset.items[i].frames for i in indices]
         n_text = [len(tokenizer.prefix_ids) + len(tokenizer.encode(dataset.items[i].text)) for i in indices]
         self.truncated = sum(n > seq_len for n in n_text)
+        # Audio-sized canvas per item: what decoding would use for this duration, never shorter than the text
+        # plus one end-of-text token.
+        from .decoding import DecodingOptions
+
+        sizing = DecodingOptions(seq_len=None, max_seq_len=seq_len)
+        n_prefix = len(tokenizer.prefix_ids)
+        self.canvas = [min(seq_len, max(sizing.canvas_length(dataset.items[i].duration, n_prefix), n + 1))
+                       for i, n in zip(indices, n_text)]
+
+    def canvas_length(self, rows: list[int]) -> int:
+        return max(self.canvas[r] for r in rows)
 
     def __len__(self):
         return len(self.indices)
@@ -696,105 +711,120 @@ def train(options: TrainOptions, console=None) -> dict:
     last_loss, stopped = None, "finished"
     stop_at = min(total, o.stop_at) if o.stop_at else total
     epoch_cache: dict = {}
-    with _progress(o.progress and is_main, console) as progress:
-        task = progress.add_task("training", total=stop_at, completed=step)
-        while step < stop_at:
-            epoch, b_in_epoch = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(train_batches.lengths, global_batch, o.seed, epoch)}
-            batch_rows = epoch_cache[epoch][b_in_epoch]
-            masks = draw_masks(o.seed, step, global_batch, seq_len, o.mask_range, n_fixed)
-            n_masked = int(masks.sum())
-            lr = lr_at(step, o, total)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            model.train()
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for a in range(o.grad_accum):
-                m = rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
-                sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
-                rows = batch_rows[sl]
-                target = train_batches.targets[rows].to(device)
-                mask = masks[sl].to(device)
-                cond = train_batches.conditions(rows, torch.float32).to(device)
-                idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
-                sync = a == o.grad_accum - 1
-                ctx = model.no_sync() if (world > 1 and not sync) else _null()
-                with ctx:
-                    with autocast():
-                        logits = model(idx, cond, positions=mask)
-                    loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
-                    # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
-                    (loss_sum * (world / max(n_masked, 1))).backward()
-                step_loss += loss_sum.detach().double().cpu()
-                tokens_done += target.numel()
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(step_loss)
-            loss = float(step_loss) / max(n_masked, 1)
-            if not math.isfinite(loss):
-                stopped = "nan"
-                if is_main:
-                    msg = (f"loss is {loss} at step {step + 1}: stopping; the last good checkpoint is "
-                           f"{last_path if last_path.exists() else 'not written yet'} (try a lower --lr)")
-                    log({"step": step + 1, "event": "nan", "message": msg})
-                break
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad],
-                                                       o.grad_clip if o.grad_clip else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(decoder)
-            step += 1
-            last_loss = loss
-            loss_acc += loss
-            n_acc += 1
-            elapsed = time.time() - t_start
-            tok_s = tokens_done * world / max(elapsed, 1e-9)
-            progress.update(task, completed=step,
-                            description=f"step {step}/{total} loss {loss:.3f} lr {lr:.2e} {tok_s:,.0f} tok/s")
-            if step % o.log_every == 0 or step == stop_at:
-                log({"step": step, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(grad_norm),
-                     "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2), "epoch": step / steps_per_epoch})
-                loss_acc, n_acc = 0.0, 0
-            stop = False
-            if val_batches is not None and (step % o.eval_every == 0 or step == total):
-                decision = [None]
-                if is_main:
-                    with _swapped(decoder, ema):
-                        result = evaluate(decoder, val_batches, tokenizer, o, device, autocast, n_fixed)
-                    improved = result["val_loss"] < best
-                    if improved:
-                        best, bad_evals = result["val_loss"], 0
-                    else:
-                        bad_evals += 1
-                    log({"step": step, **result, "best_val_loss": best, "improved": improved})
-                    progress.console.print(
-                        f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
-                        f"({result['wer_items']} items, {o.decode_steps} steps)" + (" (best)" if improved else ""))
-                    if improved:
-                        save_outputs("best")
-                    decision = [(best, bad_evals, bool(o.patience and bad_evals >= o.patience))]
+    updating = [False]
+    try:
+        with _progress(o.progress and is_main, console) as progress:
+            task = progress.add_task("training", total=stop_at, completed=step)
+            while step < stop_at:
+                epoch, b_in_epoch = divmod(step, steps_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache = {epoch: epoch_batches(train_batches.lengths, global_batch, o.seed, epoch)}
+                batch_rows = epoch_cache[epoch][b_in_epoch]
+                masks = draw_masks(o.seed, step, global_batch, seq_len, o.mask_range, n_fixed)
+                if o.canvas == "audio":  # one length per global batch, so DDP ranks agree
+                    masks = masks[:, : train_batches.canvas_length(batch_rows)]
+                n_masked = int(masks.sum())
+                lr = lr_at(step, o, total)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                model.train()
+                step_loss = torch.zeros((), dtype=torch.float64)
+                for a in range(o.grad_accum):
+                    m = rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
+                    sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
+                    rows = batch_rows[sl]
+                    target = train_batches.targets[rows].to(device)
+                    mask = masks[sl].to(device)
+                    target = target[:, : mask.size(1)]
+                    cond = train_batches.conditions(rows, torch.float32).to(device)
+                    idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
+                    sync = a == o.grad_accum - 1
+                    ctx = model.no_sync() if (world > 1 and not sync) else _null()
+                    with ctx:
+                        with autocast():
+                            logits = model(idx, cond, positions=mask)
+                        loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
+                        # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
+                        (loss_sum * (world / max(n_masked, 1))).backward()
+                    step_loss += loss_sum.detach().double().cpu()
+                    tokens_done += target.numel()
                 if world > 1:
                     import torch.distributed as dist
 
-                    dist.broadcast_object_list(decision, src=0)
-                best, bad_evals, stop = decision[0]
-                if stop:
-                    stopped = "early_stopping"
-            if o.time_limit and (time.time() - t_start) / 60 > o.time_limit:
-                stop, stopped = True, "time_limit"
-            if world > 1 and o.time_limit:
-                import torch.distributed as dist
+                    dist.all_reduce(step_loss)
+                loss = float(step_loss) / max(n_masked, 1)
+                if not math.isfinite(loss):
+                    stopped = "nan"
+                    if is_main:
+                        msg = (f"loss is {loss} at step {step + 1}: stopping; the last good checkpoint is "
+                               f"{last_path if last_path.exists() else 'not written yet'} (try a lower --lr)")
+                        log({"step": step + 1, "event": "nan", "message": msg})
+                    break
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad],
+                                                           o.grad_clip if o.grad_clip else float("inf"))
+                updating[0] = True  # an interrupt now would leave a half-applied update: not saved
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(decoder)
+                step += 1
+                updating[0] = False
+                last_loss = loss
+                loss_acc += loss
+                n_acc += 1
+                elapsed = time.time() - t_start
+                tok_s = tokens_done * world / max(elapsed, 1e-9)
+                progress.update(task, completed=step,
+                                description=f"step {step}/{total} loss {loss:.3f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                if step % o.log_every == 0 or step == stop_at:
+                    log({"step": step, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2), "epoch": step / steps_per_epoch})
+                    loss_acc, n_acc = 0.0, 0
+                stop = False
+                if val_batches is not None and (step % o.eval_every == 0 or step == total):
+                    decision = [None]
+                    if is_main:
+                        with _swapped(decoder, ema):
+                            result = evaluate(decoder, val_batches, tokenizer, o, device, autocast, n_fixed)
+                        improved = result["val_loss"] < best
+                        if improved:
+                            best, bad_evals = result["val_loss"], 0
+                        else:
+                            bad_evals += 1
+                        log({"step": step, **result, "best_val_loss": best, "improved": improved})
+                        progress.console.print(
+                            f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
+                            f"({result['wer_items']} items, {o.decode_steps} steps)" + (" (best)" if improved else ""))
+                        if improved:
+                            save_outputs("best")
+                        decision = [(best, bad_evals, bool(o.patience and bad_evals >= o.patience))]
+                    if world > 1:
+                        import torch.distributed as dist
 
-                flag = torch.tensor([1.0 if stop else 0.0])
-                dist.all_reduce(flag)
-                stop = bool(flag.item() > 0)
-            if step % o.save_every == 0 or stop or step == stop_at:
-                save_last(step)
-            if stop:
-                break
+                        dist.broadcast_object_list(decision, src=0)
+                    best, bad_evals, stop = decision[0]
+                    if stop:
+                        stopped = "early_stopping"
+                if o.time_limit and (time.time() - t_start) / 60 > o.time_limit:
+                    stop, stopped = True, "time_limit"
+                if world > 1 and o.time_limit:
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([1.0 if stop else 0.0])
+                    dist.all_reduce(flag)
+                    stop = bool(flag.item() > 0)
+                if step % o.save_every == 0 or stop or step == stop_at:
+                    save_last(step)
+                if stop:
+                    break
+    except KeyboardInterrupt:
+        # Ctrl-C between updates: keep the progress of every finished step, then let the caller report it.
+        if not updating[0] and world == 1:
+            save_last(step)
+        if metrics:
+            log({"event": "interrupted", "step": step})
+            metrics.close()
+        raise
     if stopped == "finished" and step < total:
         stopped = "stop_at"
     if stopped != "nan" and (val_batches is None or not (out / MODEL_SUBDIR).exists()):
@@ -856,11 +886,14 @@ def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast
     result = {"val_loss": total / max(n, 1)}
     k = min(o.wer_items, len(val))
     if k:
-        options = DecodingOptions(candidates=o.decode_candidates, steps=o.decode_steps, seq_len=val.targets.size(1),
+        sized = o.canvas == "audio"
+        options = DecodingOptions(candidates=o.decode_candidates, steps=o.decode_steps,
+                                  seq_len=None if sized else val.targets.size(1), max_seq_len=val.targets.size(1),
                                   strategy=o.decode_strategy, seed=o.seed)
         conds = [val.dataset.states(val.indices[r]).float().to(device) for r in range(k)]
+        durations = [val.dataset.items[val.indices[r]].duration for r in range(k)]
         with torch.no_grad(), autocast():
-            results = decode_windows(decoder, conds, options, tokenizer.prefix_ids, tokenizer.pad_id)
+            results = decode_windows(decoder, conds, options, tokenizer.prefix_ids, tokenizer.pad_id, durations)
         hyps = [tokenizer.decode(r.text_tokens) for r in results]
         refs = [val.dataset.items[val.indices[r]].text for r in range(k)]
         result.update(wer=word_error_rate(refs, hyps), wer_items=k, example=hyps[0][:200])
@@ -911,5 +944,4 @@ def _progress(enabled: bool, console=None):
 
 def train_main(**kwargs) -> dict:
     """CLI entry: keyword arguments are TrainOptions fields."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("lr",)}
     return train(TrainOptions(**kwargs))
