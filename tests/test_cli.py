@@ -229,3 +229,32 @@ def test_bash_completion_completes():
              "echo ${COMPREPLY[@]}; COMP_WORDS=(whisfusion dow); COMP_CWORD=1; _whisfusion; echo ${COMPREPLY[@]}")
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30).stdout.splitlines()
     assert out == ["srt", "download"]
+
+
+def test_ctrl_c_leaves_only_complete_outputs_and_the_rerun_resumes(model_dir, tmp_path):
+    import signal
+    import time
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(24):
+        shutil.copy(AUDIO / "librivox_0890.flac", src / f"take{i:02d}.flac")
+    cmd = [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", str(src), "-m", model_dir, "-o", str(out),
+           "-f", "json,srt", "--batch-size", "1", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resume" in err
+    done = sorted(p.stem for p in out.glob("*.json"))
+    assert 2 <= len(done) < 24
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for stem in done:
+        json.loads((out / f"{stem}.json").read_text())  # every file that exists is complete
+    rerun = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    skipped = len([s for s in done if (out / f"{s}.srt").exists()])
+    assert f"{skipped} skipped" in rerun.stderr and len(list(out.glob("*.json"))) == 24
