@@ -145,7 +145,7 @@ def test_planner_invariants_on_random_probabilities():
     rng = np.random.default_rng(3)
     for trial in range(60):
         n_frames = int(rng.integers(1, frames(140)))
-        runs, probs = [], []
+        probs = []
         while len(probs) < n_frames:
             length = int(rng.geometric(1 / rng.choice([5, 30, 150])))
             probs += [float(rng.choice([0.02, 0.4, 0.7, 0.97]))] * length

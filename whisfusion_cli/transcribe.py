@@ -15,7 +15,6 @@ is written atomically, so an interrupted batch resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from collections import deque
@@ -301,7 +300,6 @@ class _Job:
     """One input file in flight."""
 
     input: InputFile
-    index: int
     result: TranscriptionResult
     segments: list[Segment | None] = field(default_factory=list)
     pending: int = 0  # windows queued for the decoder
@@ -311,13 +309,6 @@ class _Job:
     @property
     def ready(self) -> bool:
         return self.result.status == STATUS_ERROR or (not self.reading and self.pending == 0)
-
-
-def outputs_for(options: TranscribeOptions, output_name: str) -> list[Path]:
-    if options.output_dir is None:
-        return []
-    writer = get_writer(options.output_format, options.output_dir)
-    return [w.output_path(output_name) for w in writer.writers]
 
 
 def transcribe(
@@ -337,7 +328,8 @@ def transcribe(
     files, problems = expand_inputs(paths)
     for p in problems:
         yield TranscriptionResult(p.path, status=STATUS_ERROR, error=str(p))
-    total = _total_seconds(files) if not isinstance(reporter, Reporter) or type(reporter) is not Reporter else None
+    # Durations from the headers, for the progress display's total and ETA (not needed without one).
+    total = _total_seconds(files) if type(reporter) is not Reporter else None
     reporter.start(len(files), total)
     try:
         yield from _run(files, options, model, reporter)
@@ -389,17 +381,17 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
             reporter.file_done(res)
             yield res
 
-    for i, f in enumerate(files):
+    for f in files:
         result = TranscriptionResult(str(f.path), f.output_name)
         if writer is not None and not options.overwrite:
             targets = [w.output_path(f.output_name) for w in writer.writers]
             if all(t.is_file() for t in targets):
                 result.status, result.outputs = STATUS_SKIPPED, [str(t) for t in targets]
-                job = _Job(f, i, result, reading=False)
+                job = _Job(f, result, reading=False)
                 jobs.append(job)
                 yield from finished()
                 continue
-        job = _Job(f, i, result, t0=time.perf_counter())
+        job = _Job(f, result, t0=time.perf_counter())
         jobs.append(job)
         try:
             info = audio_info(f.path)
@@ -448,7 +440,7 @@ def _finish(job: _Job, writer) -> TranscriptionResult:
         return result
     result.segments = [s for s in job.segments if s is not None]
     result.elapsed = time.perf_counter() - job.t0
-    if not result.text:
+    if all(s.silent for s in result.segments):  # no window had speech: nothing was decoded
         result.status = STATUS_SILENT
     if writer is not None:
         try:

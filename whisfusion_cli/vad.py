@@ -112,11 +112,9 @@ def _silero_session(path: str):
 
 
 def silero_available(path: Path = SILERO_MODEL) -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return Path(path).is_file()
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and Path(path).is_file()
 
 
 class _FrameDetector:
