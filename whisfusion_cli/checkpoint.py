@@ -61,7 +61,8 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
                 f"{path}: refused: the pickle holds objects other than tensors (possibly code), and checkpoints "
                 f"are only loaded with weights_only=True ({_first_line(e)})"
             ) from None
-        except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+        except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError,
+                TypeError, AttributeError) as e:  # what torch.load raises on garbled bytes varies by damage
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({_first_line(e)})") from None
     if isinstance(sd, dict):
         for wrapper in STATE_DICT_WRAPPERS:
@@ -303,6 +304,6 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     dec_cfg = {k: (tuple(v) if k == "schedule" else v) for k, v in config.get("decoding", {}).items() if k in known}
     enc_spec = dict(config.get("encoder", {}))
     enc_spec.update(encoder_options or {})
-    encoder = load_encoder(enc_spec, device=device)
+    encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32)
     name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
     return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config)
