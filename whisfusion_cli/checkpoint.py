@@ -199,11 +199,11 @@ def save_model_dir(
     with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
         tmp = f.name
     save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    _publish(tmp, out / WEIGHTS_FILE)
     if Path(tokenizer_file).resolve() != (out / "tokenizer.json").resolve():
         tmp = out / "tokenizer.json.tmp"
         shutil.copyfile(tokenizer_file, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        _publish(tmp, out / "tokenizer.json")
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=1))
     return out
 
@@ -213,6 +213,14 @@ def atomic_write_text(path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         f.write(text)
         tmp = f.name
+    _publish(tmp, path)
+
+
+def _publish(tmp, path) -> None:
+    """Rename a finished temp file into place with ordinary permissions (temp files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
