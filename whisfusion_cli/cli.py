@@ -6,7 +6,6 @@ function, so `whisfusion --help` never loads torch.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import time
 from pathlib import Path
@@ -271,71 +270,142 @@ def _print_list(hub, local_dir) -> None:
 # --------------------------------------------------------------- commands implemented in other modules
 
 
-def _parse_extra(args: list[str]) -> dict:
-    """`--some-option value`, `--flag`, `--no-flag`, `--key=value` -> {"some_option": value, ...}."""
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ValueError(f"unexpected argument {arg!r} (options are --name value)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value, i = args[i + 1], i + 1
-            elif key.startswith("no-"):
-                key, value = key[3:], False
-            else:
-                value = True
-        out[key.replace("-", "_")] = _literal(value)
-        i += 1
-    return out
+ENCODER_MODE_NAMES = ("short", "pad_trim", "full")
+STAGE_NAMES = ("1", "2", "scratch")
 
 
-def _literal(value):
-    if not isinstance(value, str):
-        return value
-    for conv in (int, float):
-        try:
-            return conv(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
-
-
-def _delegate(module: str, function: str, ctx: typer.Context) -> None:
+def _pair(text: Optional[str], name: str):
+    if text is None:
+        return None
     try:
-        fn = getattr(importlib.import_module(f"whisfusion_cli.{module}"), function)
-    except (ImportError, AttributeError):
-        _err(f"error: `whisfusion {ctx.info_name}` is not available in this install "
-             f"(whisfusion_cli.{module}.{function} is missing)")
-        raise typer.Exit(EXIT_FAILED)
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two numbers like 0.9,0.95, got {text!r}", param_hint=name) from None
+    return (a, b)
+
+
+def _run_training_job(fn, kwargs: dict, resume_hint: str) -> None:
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+
     try:
-        kwargs = _parse_extra(list(ctx.args))
         fn(**kwargs)
-    except (TypeError, ValueError) as e:
-        _err(f"error: {_one_line(e)}")
-        raise typer.Exit(EXIT_USAGE)
     except KeyboardInterrupt:
-        _err("interrupted: run the same command again to resume")
+        _err(f"interrupted: {resume_hint}")
         raise typer.Exit(EXIT_INTERRUPTED)
+    except (DatasetError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+        _err(f"error: {_one_line(e)}")
+        raise typer.Exit(EXIT_FAILED)
 
 
-PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+@app.command(
+    epilog="\b\nExamples:\n"
+    "  whisfusion preprocess LibriSpeech/train-clean-100 -o shards/clean100 --encoder-mode full --encoder openai/whisper-small\n"
+    "  whisfusion preprocess my_manifest.jsonl -o shards/mine\n"
+    "  torchrun --nproc_per_node 4 -m whisfusion_cli.cli preprocess corpus/ -o shards/corpus   (ranks split the shards)\n\n"
+    "Shards are written atomically; running the same command again resumes where it stopped. Unreadable audio "
+    "is reported and skipped (listed in index.json). --encoder-mode full keeps all 1500 frames of every 30 s "
+    "window (upstream's training input); short/pad_trim keep only the frames that cover the audio.",
+)
+def preprocess(
+    dataset: str = typer.Argument(..., metavar="DATASET", help="LibriSpeech-layout tree, JSONL/CSV manifest "
+                                  "(audio, text, optional start/end/id), or folder of audio with same-name .txt."),
+    output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Shard folder to write (or resume)."),
+    encoder: str = typer.Option("tiny.en", "--encoder", help="Whisper encoder: tiny.en, a model dir or a hub name."),
+    encoder_mode: str = typer.Option("short", "--encoder-mode", autocompletion=_complete(ENCODER_MODE_NAMES),
+                                     help="short (fast, audio-length input), pad_trim, or full (upstream)."),
+    int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the encoder (CPU)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or float32."),
+    shard_size: int = typer.Option(512, "--shard-size", min=1, help="Utterances per shard."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per encoder call."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or size report."),
+):
+    """Encode a dataset's audio once with the frozen Whisper encoder into safetensors shards for training."""
+    from .data import preprocess_main
+
+    if encoder_mode not in ENCODER_MODE_NAMES:
+        raise typer.BadParameter(f"choose from {', '.join(ENCODER_MODE_NAMES)}", param_hint="--encoder-mode")
+    spec = {"source": encoder, "mode": encoder_mode, **({"int8": True} if int8 else {})}
+    _run_training_job(preprocess_main, dict(input=dataset, output=str(output), encoder=spec, dtype=dtype,
+                                            shard_size=shard_size, batch_size=batch_size, device=device,
+                                            progress=not quiet),
+                      "finished shards are kept; run the same command again to resume")
 
 
-@app.command(context_settings=PASSTHROUGH,
-             epilog="\b\nExample:\n  whisfusion preprocess --data librispeech/train-clean-100 --out shards/")
-def preprocess(ctx: typer.Context):
-    """Encode a dataset's audio into encoder-state shards for training (options: data.PreprocessOptions)."""
-    _delegate("data", "preprocess_main", ctx)
+@app.command(
+    epilog="\b\nExamples:\n"
+    "  whisfusion train --data shards/ -o runs/tiny --init tiny.en --max-steps 3000      (Whisper-initialised)\n"
+    "  whisfusion train --data shards/ -o runs/s1 --stage 1 --base mdm-170M.safetensors --tokenizer tokenizer.json\n"
+    "  whisfusion train --data shards/ -o runs/s2 --stage 2 --base mdm-170M.safetensors \\\n"
+    "      --init runs/s1/whisfusion_stage1_adapter.pt --tokenizer tokenizer.json --layer-decay 0.9\n"
+    "  torchrun --nproc_per_node 4 -m whisfusion_cli.cli train --data shards/ -o runs/s1 --stage 1 ...   (DDP)\n\n"
+    "Defaults (learning rate, betas, weight decay, clipping, mask ratios, EMA) are upstream's for --stage 1/2. "
+    "Writes RUN/model (for transcribe --model), upstream .pt files for the SMDM family, RUN/last.pt "
+    "(continue with --resume) and RUN/metrics.jsonl.",
+)
+def train(
+    data: str = typer.Option(..., "--data", help="Shard folder from `whisfusion preprocess`."),
+    output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Run folder."),
+    stage: str = typer.Option("scratch", "--stage", autocompletion=_complete(STAGE_NAMES),
+                              help="1 (adapter only), 2 (full decoder), scratch (random or Whisper init)."),
+    base: Optional[str] = typer.Option(None, "--base", help="SMDM base weights (stages 1 and 2)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Stage 2: stage-1 adapter or full decoder. Scratch: "
+                                       "'random' (default), a Whisper model (tiny.en, dir, hub name) or a model dir."),
+    config: Optional[str] = typer.Option(None, "--config", help="Decoder config JSON or preset (SMDM family)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json (Whisper init: its own)."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation shards (default: held out from --data)."),
+    val_items: int = typer.Option(200, "--val-items", min=0, help="Validation utterances."),
+    wer_items: int = typer.Option(32, "--wer-items", min=0, help="Validation utterances decoded for the WER."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help="Canvas length (default 256 SMDM, auto Whisper)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Per rank and accumulation step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Gradient accumulation steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the stage's upstream rule)."),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="Cosine floor as a fraction of --lr."),
+    warmup: float = typer.Option(0.1, "--warmup", min=0, help="Warm-up: fraction of the run if < 1, else steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Schedule length (default: from --epochs)."),
+    epochs: float = typer.Option(10.0, "--epochs", min=0.0, help="Epochs when --max-steps is not given."),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1, help="Stop after this step, schedule unchanged."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", min=0.0, help="Minutes; stop cleanly after."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    betas: Optional[str] = typer.Option(None, "--betas", help="AdamW betas, e.g. 0.9,0.95."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Gradient-norm clip (0 = off)."),
+    mask_range: Optional[str] = typer.Option(None, "--mask-range", help="t ~ U(lo,hi), e.g. 0.7,1.0 (stage 2)."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="EMA decay (stage 2 default 0.995; 0 = off)."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise LR decay, e.g. 0.9."),
+    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings",
+                                                     help="Whisper family: keep the tied token table fixed (default)."),
+    eval_every: int = typer.Option(500, "--eval-every", min=1, help="Steps between validations."),
+    save_every: int = typer.Option(500, "--save-every", min=1, help="Steps between last.pt checkpoints."),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="Steps between metrics lines."),
+    patience: Optional[int] = typer.Option(5, "--patience", min=0, help="Early stopping after N evaluations without "
+                                           "improvement (0 = off)."),
+    decode_steps: int = typer.Option(8, "--decode-steps", min=1, help="Diffusion steps for the validation WER."),
+    decode_candidates: int = typer.Option(1, "--decode-candidates", min=1, help="Candidates for the validation WER."),
+    seed: int = typer.Option(1234, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
+    name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+):
+    """Train the masked-diffusion decoder on preprocessed shards: upstream's stage 1 / stage 2, or from scratch."""
+    from .train import train_main
 
-
-@app.command(context_settings=PASSTHROUGH,
-             epilog="\b\nExample:\n  whisfusion train --data shards/ --out runs/stage1 --stage 1")
-def train(ctx: typer.Context):
-    """Train the decoder on preprocessed shards (options: train.TrainOptions)."""
-    _delegate("train", "train_main", ctx)
+    if stage not in STAGE_NAMES:
+        raise typer.BadParameter(f"choose from {', '.join(STAGE_NAMES)}", param_hint="--stage")
+    kwargs = dict(
+        data=data, output=str(output), stage=stage, base=base, init=init, config=config, tokenizer=tokenizer,
+        val_data=val_data, val_items=val_items, wer_items=wer_items, seq_len=seq_len, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, max_steps=max_steps, epochs=epochs,
+        stop_at=stop_at, time_limit=time_limit, weight_decay=weight_decay, betas=_pair(betas, "--betas"),
+        grad_clip=grad_clip, mask_range=_pair(mask_range, "--mask-range"), ema_decay=ema_decay,
+        layer_decay=layer_decay, freeze_embeddings=freeze_embeddings, eval_every=eval_every, save_every=save_every,
+        log_every=log_every, patience=patience or None, decode_steps=decode_steps,
+        decode_candidates=decode_candidates, seed=seed, device=device, precision=precision, resume=resume,
+        name=name, progress=not quiet,
+    )
+    _run_training_job(train_main, kwargs, f"continue with the same command plus --resume (from {output}/last.pt)")
 
 
 @app.command(
