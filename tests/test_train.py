@@ -94,6 +94,14 @@ def test_smdm_stage1_then_stage2_end_to_end(tmp_path, tmp_path_factory):
                              tokenizer.pad_id)
     words = set(" ".join(SENTENCES).split())
     assert all(w in words for r in results for w in tokenizer.decode(r.text_tokens).split())
+    # ... and `transcribe --model DIR` runs on it: audio -> tiny.en encoder ("short", from config.json) -> text.
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe_file
+
+    speech = tmp_path_factory.getbasetemp() / "speech"
+    result = transcribe_file(speech / "utt000.wav", TranscribeOptions(model=str(s2 / "model"), device="cpu"))
+    assert result.ok and result.duration > 1.0
+    assert result.text and all(w in words for w in result.text.split())  # here: "the the the on the mat"
+    assert set(result.text.split()) & (set(SENTENCES[0].split()) - {"the"})  # a content word of the reference
 
 
 def test_whisper_family_from_pretrained_decoder(tmp_path, tmp_path_factory):
