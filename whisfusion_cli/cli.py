@@ -380,8 +380,12 @@ def train(
     log_every: int = typer.Option(10, "--log-every", min=1, help="Steps between metrics lines."),
     patience: Optional[int] = typer.Option(5, "--patience", min=0, help="Early stopping after N evaluations without "
                                            "improvement (0 = off)."),
-    decode_steps: int = typer.Option(8, "--decode-steps", min=1, help="Diffusion steps for the validation WER."),
-    decode_candidates: int = typer.Option(1, "--decode-candidates", min=1, help="Candidates for the validation WER."),
+    decode_steps: Optional[int] = typer.Option(None, "--decode-steps", min=1,
+                                               help="Diffusion steps for the validation WER (SMDM 4, Whisper 8)."),
+    decode_candidates: Optional[int] = typer.Option(None, "--decode-candidates", min=1,
+                                                    help="Candidates for the validation WER (SMDM 15, Whisper 1)."),
+    canvas: str = typer.Option("fixed", "--canvas", help="fixed (every canvas --seq-len long, upstream) or audio "
+                               "(sized to each batch's audio as decoding sizes it)."),
     seed: int = typer.Option(1234, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16."),
@@ -402,7 +406,7 @@ def train(
         grad_clip=grad_clip, mask_range=_pair(mask_range, "--mask-range"), ema_decay=ema_decay,
         layer_decay=layer_decay, freeze_embeddings=freeze_embeddings, eval_every=eval_every, save_every=save_every,
         log_every=log_every, patience=patience or None, decode_steps=decode_steps,
-        decode_candidates=decode_candidates, seed=seed, device=device, precision=precision, resume=resume,
+        decode_candidates=decode_candidates, canvas=canvas, seed=seed, device=device, precision=precision, resume=resume,
         name=name, progress=not quiet,
     )
     _run_training_job(train_main, kwargs, f"continue with the same command plus --resume (from {output}/last.pt)")

@@ -92,9 +92,11 @@ class TrainOptions:
     save_every: int = 500
     log_every: int = 10
     patience: int | None = 5  # early stopping: evaluations without a better validation loss
-    decode_steps: int = 8
-    decode_candidates: int = 1
-    decode_strategy: str = "confidence"
+    # Parallel Diffusion Decoding for the validation WER. None: upstream's (15 candidates, 4 steps, "remask")
+    # for the SMDM family; 1 candidate, 8 steps, "confidence" for the Whisper family.
+    decode_steps: int | None = None
+    decode_candidates: int | None = None
+    decode_strategy: str | None = None
     seed: int = 1234
     device: str | None = None  # None: cuda:LOCAL_RANK where available, else cpu
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
@@ -113,6 +115,8 @@ class TrainOptions:
             lo, hi = self.mask_range
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"mask_range {self.mask_range}: need 0 <= lo <= hi <= 1")
+        if self.canvas not in ("fixed", "audio"):
+            raise ValueError(f"canvas {self.canvas!r}: expected 'fixed' or 'audio'")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
 
@@ -144,6 +148,17 @@ class TrainOptions:
             o.mask_range = o.mask_range or (0.0, 1.0)
         o.ema_decay = o.ema_decay or None
         return o
+
+    def decoding_options(self, family: str, seq_len: int | None, max_seq_len: int):
+        from .decoding import UPSTREAM_CANDIDATES, UPSTREAM_STEPS, DecodingOptions
+
+        smdm = family == "smdm"
+        return DecodingOptions(
+            candidates=self.decode_candidates or (UPSTREAM_CANDIDATES if smdm else 1),
+            steps=self.decode_steps or (UPSTREAM_STEPS if smdm else 8),
+            strategy=self.decode_strategy or ("remask" if smdm else "confidence"),
+            seq_len=seq_len, max_seq_len=max_seq_len, seed=self.seed,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,8 +298,8 @@ def build_model(o: TrainOptions, data_dim: int):
     import torch
 
     from .checkpoint import CheckpointError, check_and_load, load_state_dict_file, read_config
-    from .model import build_decoder, init_weights
-    from .tokenizer import Tokenizer, TokenizerConfig
+    from .model import ModelConfig, build_decoder, init_weights
+    from .tokenizer import Tokenizer
 
     torch.manual_seed(o.seed)  # fresh adapters / random init are part of the deterministic run
     init = o.init or "random"
@@ -293,7 +308,7 @@ def build_model(o: TrainOptions, data_dim: int):
             if o.base is None:
                 raise TrainError(f"stage {o.stage} needs --base (the SMDM base weights)")
             base = load_state_dict_file(o.base)
-            config = read_config(o.config)
+            config = ModelConfig.from_dict(read_config(o.config).to_dict())  # a copy: presets are shared
             if config.family != "smdm":
                 raise TrainError("stages 1 and 2 train the SMDM family; use --stage scratch for the Whisper family")
             config.condition_dim = data_dim
@@ -313,7 +328,7 @@ def build_model(o: TrainOptions, data_dim: int):
                     sd.setdefault(k, v)
             check_and_load(decoder, sd, " + ".join(str(p) for p in (o.base, o.init) if p and p != "random"))
         elif init == "random":
-            config = read_config(o.config)
+            config = ModelConfig.from_dict(read_config(o.config).to_dict())
             config.condition_dim = data_dim
             decoder = build_decoder(config)
             init_weights(decoder)
@@ -794,7 +809,7 @@ def train(options: TrainOptions, console=None) -> dict:
                         log({"step": step, **result, "best_val_loss": best, "improved": improved})
                         progress.console.print(
                             f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
-                            f"({result['wer_items']} items, {o.decode_steps} steps)" + (" (best)" if improved else ""))
+                            f"({result['wer_items']} items)" + (" (best)" if improved else ""))
                         if improved:
                             save_outputs("best")
                         decision = [(best, bad_evals, bool(o.patience and bad_evals >= o.patience))]
@@ -863,7 +878,7 @@ def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast
     import torch
     import torch.nn.functional as F
 
-    from .decoding import DecodingOptions, decode_windows
+    from .decoding import decode_windows
 
     decoder.eval()
     total, n = 0.0, 0
@@ -887,9 +902,8 @@ def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast
     k = min(o.wer_items, len(val))
     if k:
         sized = o.canvas == "audio"
-        options = DecodingOptions(candidates=o.decode_candidates, steps=o.decode_steps,
-                                  seq_len=None if sized else val.targets.size(1), max_seq_len=val.targets.size(1),
-                                  strategy=o.decode_strategy, seed=o.seed)
+        L = val.targets.size(1)
+        options = o.decoding_options(decoder.config.family, None if sized else L, L)
         conds = [val.dataset.states(val.indices[r]).float().to(device) for r in range(k)]
         durations = [val.dataset.items[val.indices[r]].duration for r in range(k)]
         with torch.no_grad(), autocast():
@@ -930,7 +944,8 @@ def write_outputs(decoder, o: TrainOptions, out: Path, tokenizer, tok_cfg: dict,
             _save_atomic(sd, out / f"{o.name}_stage2_decoder.pt")
     defaults = DecodingOptions(seq_len=None, max_seq_len=seq_len).to_dict()
     if decoder.config.family == "whisper":
-        defaults.update(strategy="confidence", steps=o.decode_steps, candidates=max(1, o.decode_candidates))
+        chosen = o.decoding_options("whisper", None, seq_len)
+        defaults.update(strategy=chosen.strategy, steps=chosen.steps, candidates=chosen.candidates)
     save_model_dir(out / MODEL_SUBDIR, decoder, tok_file, tok_cfg, encoder_spec, defaults,
                    extra={"training": {"stage": o.stage, "seq_len": seq_len, "data": str(o.data)}})
 
