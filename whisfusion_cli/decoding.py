@@ -9,7 +9,8 @@ confidence over non-pad positions wins.
 What we do on top, without changing the result of the upstream loop:
 * the cross-attention keys/values of a window are computed once and shared by all candidates and steps;
 * when every candidate has the same input (step 0 masks everything) the forward runs once and is broadcast;
-* before the last step only the masked positions go through the output projection.
+* before the last step only the masked positions go through the output projection;
+* windows of the same shape (decode_windows) share one forward per step, each with its own random stream.
 
 And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
 confident predictions step by step, LLaDA-style) that fixes repeated words, and `mbr` / `rover` selection.
@@ -35,6 +36,8 @@ ROVER_ALPHA = 0.5
 TOKENS_PER_SECOND = 5.0
 CANVAS_MARGIN = 12
 MIN_CANVAS = 16
+# decode_windows: windows of one shape decoded together, at most this many per forward pass.
+DEFAULT_MAX_BATCH_WINDOWS = 8
 
 
 @dataclass(frozen=True)
@@ -102,21 +105,102 @@ class DecodingResult:
 
 # ----------------------------------------------------------------------------------------------------------
 # The loop
+#
+# The core decodes W windows of K candidates at once: rows w*K .. w*K+K-1 of the canvas belong to window w,
+# and the cross-attention keys/values have one row per window (model.cross_attention folds the K candidates
+# of a window into one query sequence). The trunk runs on all rows in one call; the output projection, the
+# biggest matrix of a small decoder, runs window by window, so its memory stays that of one window and every
+# matrix a window sees has the same shape alone or in a batch (identical tokens either way).
 
 
-def _forward(decoder, x, kv, positions=None):
-    """One decoder call. Identical candidate rows are computed once and broadcast (exact)."""
-    K = x.size(0)
-    same_rows = K > 1 and torch.equal(x, x[:1].expand_as(x))
-    if same_rows and positions is not None:
-        same_rows = torch.equal(positions, positions[:1].expand_as(positions))
-    if same_rows:
-        kv1 = kv if kv is None or kv[0][0].size(0) == 1 else [(k[:1], v[:1]) for k, v in kv]
-        out = decoder(x[:1], cross_kv=kv1, positions=None if positions is None else positions[:1])
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()  # CPU: the same draws on every device
+    if seed is None:
+        g.seed()  # a fresh random seed, without touching torch's global generator
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _hidden(decoder, x, kv, K):
+    """Trunk on x [W*K, L] -> (hidden, shared). shared: the K rows of every window are identical (step 0
+    masks everything), so the trunk ran once per window and hidden is [W, L, d] (exact, K times cheaper)."""
+    W = x.size(0) // K
+    xr = x.view(W, K, -1)
+    if K > 1 and torch.equal(xr, xr[:, :1].expand_as(xr)):
+        if kv is not None and kv[0][0].size(0) == W * K:  # keys/values given per candidate
+            kv = [(k[::K], v[::K]) for k, v in kv]
+        return decoder.hidden_states(xr[:, 0], cross_kv=kv), True
+    return decoder.hidden_states(x, cross_kv=kv), False
+
+
+def _window_logits(decoder, hidden, shared, w, K, positions=None):
+    """Window w's logits: [K, L, V] ([L, V] when shared: the same for all K rows), or, for positions (bool
+    [K, L]), [n, V] for those positions in row-major order."""
+    if shared:
+        h = hidden[w]
         if positions is None:
-            return out.expand(K, *out.shape[1:])
-        return out.repeat(K, 1)
-    return decoder(x, cross_kv=kv, positions=positions)
+            return decoder.project(h)
+        if torch.equal(positions, positions[:1].expand_as(positions)):
+            return decoder.project(h[positions[0]]).repeat(K, 1)
+        return decoder.project(h.expand(K, *h.shape)[positions])
+    h = hidden[w * K : (w + 1) * K]
+    return decoder.project(h if positions is None else h[positions])
+
+
+def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None):
+    """W windows x K candidates on canvases of length L -> (canvas, confidences), both [W*K, L].
+
+    kv: cross-attention keys/values with one row per window (fast mode); cond_k: encoder states with one row
+    per candidate (reference mode: keys/values recomputed at every step, as upstream does). generators: one
+    per window, each drawing that window's [K, L] uniforms per step exactly as a lone window would.
+    """
+    K, P = options.candidates, len(prefix)
+    mask_id = decoder.config.mask_token_id
+    device = decoder.device
+    canvas = torch.full((W * K, L), mask_id, dtype=torch.long, device=device)
+    canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
+
+    def full_logits(x):  # reference mode: every position of every row, condition expanded per candidate
+        return decoder(x, condition=cond_k) if cond_k is not None else decoder(x, cross_kv=kv)
+
+    if options.strategy == "confidence":
+        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits)
+
+    confidences = torch.zeros(W * K, L, device=device)
+    for s in range(options.steps):
+        if masks is not None:
+            m = torch.as_tensor(masks[s], dtype=torch.bool, device=device).clone()
+        else:
+            m = torch.cat([torch.rand(K, L, generator=g) for g in generators]) < options.ratio(s)
+            m = m.to(device)
+        m[:, :P] = False
+        x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
+        if record is not None:
+            record.append(x.clone())
+        last = s == options.steps - 1
+        if not options.fast:
+            logits = full_logits(x)
+            if last:
+                confidences, pred = torch.softmax(logits.float(), dim=-1).max(-1)
+            else:
+                pred = logits.argmax(-1)
+        elif last:  # confidence of every position (upstream scores whole canvases), one window at a time
+            hidden, shared = _hidden(decoder, x, kv, K)
+            confs, preds = [], []
+            for w in range(W):
+                c, p = torch.softmax(_window_logits(decoder, hidden, shared, w, K).float(), dim=-1).max(-1)
+                confs.append(c.expand(K, L) if shared else c)
+                preds.append(p.expand(K, L) if shared else p)
+            confidences, pred = torch.cat(confs), torch.cat(preds)
+        else:  # only the masked positions are projected
+            hidden, shared = _hidden(decoder, x, kv, K)
+            pred = torch.zeros_like(canvas)
+            pred[m] = torch.cat([
+                _window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K]).argmax(-1) for w in range(W)
+            ])
+        canvas = torch.where(m, pred, x)
+    return canvas, confidences
 
 
 @torch.no_grad()
@@ -152,83 +236,50 @@ def parallel_diffusion_decode(
         )
     K, L = options.candidates, seq_len if seq_len is not None else options.seq_len
     prefix = list(prefix_ids) if prefix_ids is not None else [bos_id]
-    P = len(prefix)
-    mask_id = decoder.config.mask_token_id
-    device = decoder.device
     if generator is None:
-        generator = torch.Generator()  # CPU: the same draws on every device
-        generator.manual_seed(options.seed if options.seed is not None else torch.seed())
-
-    kv = cross_kv
+        generator = _generator(options.seed)
+    kv, cond_k = cross_kv, None
     if kv is None and condition is not None:
-        cond = condition if condition.dim() == 3 else condition.unsqueeze(0)
+        cond = (condition if condition.dim() == 3 else condition.unsqueeze(0)).to(decoder.device)
         if options.fast:
-            kv = decoder.precompute_cross_kv(cond.to(device))
+            kv = decoder.precompute_cross_kv(cond)
         else:  # upstream: the condition expanded to K rows, keys/values recomputed per step
-            kv = "expand"
-            cond_k = cond.to(device).expand(K, *cond.shape[1:])
+            cond_k = cond.expand(K, *cond.shape[1:])
+    record_inputs = [] if record else None
+    canvas, confidences = _decode_batch(decoder, kv, cond_k, 1, L, prefix, options, [generator], masks, record_inputs)
+    return _result(canvas, confidences, prefix, pad_id, options, to_words, record_inputs or [])
 
-    canvas = torch.full((K, L), mask_id, dtype=torch.long, device=device)
-    canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
-    confidences = torch.zeros(K, L, device=device)
-    record_inputs = []
-    strategy = options.strategy
 
-    if strategy == "confidence":
-        canvas, confidences = _confidence_unmask(decoder, canvas, P, kv if kv != "expand" else None, options, generator)
-    else:
-        for s in range(options.steps):
-            if masks is not None:
-                m = torch.as_tensor(masks[s], dtype=torch.bool, device=device).clone()
-            else:
-                m = (torch.rand(K, L, generator=generator) < options.ratio(s)).to(device)
-            m[:, :P] = False
-            x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
-            if record:
-                record_inputs.append(x.clone())
-            last = s == options.steps - 1
-            if kv == "expand":
-                logits = decoder(x, condition=cond_k)
-            elif not options.fast:
-                logits = decoder(x, cross_kv=kv)
-            elif last:
-                logits = _forward(decoder, x, kv)
-            else:
-                flat = _forward(decoder, x, kv, positions=m)
-                pred = torch.zeros_like(canvas)
-                pred[m] = flat.argmax(-1)
-                canvas = torch.where(m, pred, x)
-                continue
-            if last:
-                probs = torch.softmax(logits.float(), dim=-1)
-                confidences, pred = probs.max(-1)
-            else:
-                pred = logits.argmax(-1)
-            canvas = torch.where(m, pred, x)
-
+def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_words, step_inputs) -> DecodingResult:
+    """One window's candidates [K, L] -> scores, the selected candidate and its text."""
+    K, L = canvas.shape
     valid = canvas != pad_id
     scores = (confidences * valid).sum(1) / valid.sum(1).clamp(min=1)
     result = DecodingResult(
         tokens=canvas.cpu(), confidences=confidences.float().cpu(), scores=scores.float().cpu(), selected=0,
-        n_canvas_tokens=K * L * options.steps, step_inputs=[x.cpu() for x in record_inputs],
+        n_canvas_tokens=K * L * options.steps, step_inputs=[x.cpu() for x in step_inputs],
     )
     sequences = [text_ids(row, prefix, pad_id, options.cut_at_pad) for row in result.tokens.tolist()]
     _select(result, sequences, options.selection, prefix, pad_id, options.cut_at_pad, to_words)
     return result
 
 
-def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generator):
+def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits):
     """Commit the most confident predictions step by step (LLaDA low-confidence remasking).
 
     Start all-masked; at step s, predict every still-masked position and commit as many of the most
     confident ones as the linear schedule allows, so all are committed after the last step. Trailing
     end-of-text tokens are usually the most confident, so the transcript length is fixed first. Candidates
-    after the first add Gumbel noise (options.temperature) to their choice of token for diversity.
+    after the first add Gumbel noise (options.temperature) to their choice of token for diversity, drawn
+    from their window's generator. canvas: [W*K, L], W windows of the same length (so every row has the same
+    number of masked positions at every step).
     """
-    K, L = canvas.shape
+    R, L = canvas.shape
+    K = options.candidates
+    W = R // K
     mask_id = decoder.config.mask_token_id
     n_gen = L - P
-    confidences = torch.zeros(K, L, device=canvas.device)
+    confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, :P] = 1.0
     for s in range(options.steps):
         m = canvas == mask_id
@@ -238,21 +289,32 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         n_commit = target - (n_gen - int(m[0].sum()))
         if n_commit <= 0:
             continue
-        flat = _forward(decoder, canvas, kv, positions=m) if options.fast else decoder(canvas, cross_kv=kv)[m]
-        logp = torch.log_softmax(flat.float(), dim=-1)
-        if options.temperature > 0 and K > 1:
-            rows = m.nonzero()[:, 0]
-            u = torch.rand(logp.shape, generator=generator).to(logp.device).clamp_(1e-10, 1 - 1e-10)
-            gumbel = -torch.log(-torch.log(u)) * options.temperature
-            gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
-            pick = (logp + gumbel).argmax(-1)
+        if options.fast:
+            hidden, shared = _hidden(decoder, canvas, kv, K)
         else:
-            pick = logp.argmax(-1)
-        conf = logp.gather(-1, pick[:, None]).squeeze(-1).exp()
+            logits = full_logits(canvas)
+        picks, confs = [], []
+        for w in range(W):
+            mw = m[w * K : (w + 1) * K]
+            if options.fast:
+                flat = _window_logits(decoder, hidden, shared, w, K, mw)
+            else:
+                flat = logits[w * K : (w + 1) * K][mw]
+            logp = torch.log_softmax(flat.float(), dim=-1)
+            if options.temperature > 0 and K > 1:
+                rows = mw.nonzero()[:, 0]
+                u = torch.rand(logp.shape, generator=generators[w]).to(logp.device).clamp_(1e-10, 1 - 1e-10)
+                gumbel = -torch.log(-torch.log(u)) * options.temperature
+                gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
+                pick = (logp + gumbel).argmax(-1)
+            else:
+                pick = logp.argmax(-1)
+            picks.append(pick)
+            confs.append(logp.gather(-1, pick[:, None]).squeeze(-1).exp())
         pred = torch.full_like(canvas, mask_id)
-        pred[m] = pick
-        c = torch.full((K, L), -1.0, device=canvas.device)
-        c[m] = conf
+        pred[m] = torch.cat(picks)
+        c = torch.full((R, L), -1.0, device=canvas.device)
+        c[m] = torch.cat(confs)
         if options.repeat_penalty > 0:
             # A token equal to an already committed neighbour is often a parallel-decoding duplicate
             # ("country country"): defer it so it is decided with more context.
@@ -271,22 +333,43 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
 
 
 @torch.no_grad()
-def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pad_id, durations=None, to_words=None):
-    """Decode many windows. Each window gets its own seed stream (options.seed + window index) so a window
-    decodes the same alone or in a batch; each window's keys/values are computed once."""
-    results = []
-    for i, cond in enumerate(conditions):
-        dur = durations[i] if durations is not None else None
-        L = options.canvas_length(dur, len(prefix_ids))
-        gen = torch.Generator()
-        gen.manual_seed((options.seed if options.seed is not None else torch.seed()) + i)
-        results.append(
-            parallel_diffusion_decode(
-                decoder, cond, seq_len=L, prefix_ids=prefix_ids, pad_id=pad_id, options=options,
-                generator=gen, to_words=to_words,
-            )
-        )
-    return results
+def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pad_id, durations=None, to_words=None,
+                   *, seeds=None, max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS) -> list[DecodingResult]:
+    """Decode many windows; results in input order.
+
+    Windows whose encoder states have the same number of frames and whose canvases have the same length go
+    through one forward per step together, at most `max_batch_windows` at a time (memory: the hidden states
+    of max_batch_windows x K canvases). Each window draws from its own generator, seeded with seeds[i]
+    (default options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone
+    or in any batch.
+    """
+    if max_batch_windows < 1:
+        raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
+    n = len(conditions)
+    if seeds is None:
+        seeds = [None if options.seed is None else options.seed + i for i in range(n)]
+    if len(seeds) != n or (durations is not None and len(durations) != n):
+        raise ValueError(f"{n} conditions but {len(seeds)} seeds and {len(durations or [])} durations")
+    prefix = list(prefix_ids)
+    K = options.candidates
+    states = [c.squeeze(0) if c.dim() == 3 else c for c in conditions]
+    lengths = [options.canvas_length(durations[i] if durations is not None else None, len(prefix)) for i in range(n)]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(n):
+        groups.setdefault((states[i].size(0), lengths[i]), []).append(i)
+    results: list[DecodingResult | None] = [None] * n
+    device = decoder.device
+    for (_, L), members in groups.items():
+        for start in range(0, len(members), max_batch_windows):
+            idx = members[start : start + max_batch_windows]
+            cond = torch.stack([states[i] for i in idx]).to(device)
+            kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
+            canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
+                                                [_generator(seeds[i]) for i in idx])
+            for w, i in enumerate(idx):
+                rows = slice(w * K, (w + 1) * K)
+                results[i] = _result(canvas[rows], confidences[rows], prefix, pad_id, options, to_words, [])
+    return results  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -282,6 +282,15 @@ class DecoderBase(nn.Module):
         condition = self._condition_in(condition)
         return [self._cross_module(i).keys_values(condition) for i in range(self.config.n_layer)]
 
+    def hidden_states(self, idx, *, cross_kv=None) -> torch.Tensor:
+        """idx int64 [B, T] -> final hidden states [B, T, n_embd] (the forward pass before the projection), so
+        a decoding loop can project only the rows it needs, window by window."""
+        return self._trunk(idx, cross_kv)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., n_embd] -> logits [..., n_logits]."""
+        return self._head(x)
+
     def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
         """idx int64 [B, T] -> logits [B, T, n_logits].
 
@@ -425,11 +434,42 @@ class WhisperDiffusionDecoder(DecoderBase):
         return self.layer_norm(x)
 
     def _head(self, x):
+        proj = getattr(self, "output_proj", None)  # set by quantize_decoder: an int8 copy of the tied rows
+        if proj is not None:
+            return proj(x)
         return x @ self.embed_tokens.weight[: self.config.n_logits].T
 
 
 def build_decoder(config: ModelConfig) -> DecoderBase:
     return DiffusionDecoder(config) if config.family == "smdm" else WhisperDiffusionDecoder(config)
+
+
+def quantize_decoder(decoder: DecoderBase, head: bool = True) -> DecoderBase:
+    """A copy of `decoder` with int8 dynamic quantisation of its Linear layers (CPU, float32 weights).
+
+    Weights are int8 per output channel; activations are quantised per call from their range, so results
+    are close to float but not identical, and a window's tokens may depend on what else is in the batch.
+    head: also quantise the output projection. The Whisper family's projection is the tied token table
+    (`x @ embed_tokens.weight[:n].T`, not a Linear), so an int8 Linear copy of those rows (`output_proj`)
+    replaces it; the embedding itself stays float.
+    """
+    import copy
+    import warnings
+
+    if decoder.device.type != "cpu" or decoder.dtype != torch.float32:
+        raise ValueError("int8 decoder quantisation needs a float32 decoder on the CPU")
+    model = copy.deepcopy(decoder).eval()
+    if head and isinstance(model, WhisperDiffusionDecoder):
+        rows = model.embed_tokens.weight[: model.config.n_logits].detach()
+        model.output_proj = nn.Linear(rows.size(1), rows.size(0), bias=False)
+        model.output_proj.weight = nn.Parameter(rows.clone(), requires_grad=False)
+    skip = set() if head else {"lm_head"}
+    # torch warns that its eager quantisation API moves to torchao; it still works in the pinned torch.
+    with warnings.catch_warnings():
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
+        return torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8).requires_grad_(False)
 
 
 def is_adapter_key(name: str) -> bool:

@@ -173,13 +173,11 @@ class Pipeline:
     def decode(self, conditions, durations: list[float], seeds: list[int | None]):
         from .decoding import decode_windows
 
-        results = []
-        for cond, dur, seed in zip(conditions, durations, seeds):
-            # One window per call with its own seed: a window decodes the same whatever else is in the batch.
-            opts = dataclasses.replace(self.decoding, seed=seed)
-            results += decode_windows(self.model.decoder, [cond], opts, self.prefix_ids, self.pad_id, [dur],
-                                      to_words=self._to_words)
-        return results
+        # Windows of one shape share a forward per step; each has its own seed, so a window decodes the same
+        # whatever else is in the batch.
+        return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
+                              durations, to_words=self._to_words, seeds=seeds,
+                              max_batch_windows=max(1, len(conditions)))
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)

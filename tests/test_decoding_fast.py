@@ -1,0 +1,148 @@
+"""Fast decoding: batched windows, int8 decoders, sized canvases."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from whisfusion_cli.checkpoint import load_decoder
+from whisfusion_cli.decoding import DecodingOptions, decode_windows, parallel_diffusion_decode
+from whisfusion_cli.model import ModelConfig, WhisperDiffusionDecoder, quantize_decoder
+
+K = 3
+# (frames, seconds) per window: two frame counts and two canvas lengths, so the batch splits into groups.
+WINDOWS = [(200, 4.0), (200, 4.0), (150, 4.0), (200, 4.0), (200, 9.0), (200, 4.0)]
+WHISPER_PREFIX, WHISPER_EOT = [257, 258], 259
+
+
+@pytest.fixture(scope="module")
+def smdm(parity_dir):
+    dec = load_decoder(parity_dir / "weights.safetensors", config=parity_dir / "config.json")
+    cond = torch.load(parity_dir / "io.pt", weights_only=True)["condition"].float()
+    # Windows cut from the three recorded conditions at different offsets: all different.
+    conds = [cond[i % 3, 37 * i : 37 * i + f] for i, (f, _) in enumerate(WINDOWS)]
+    return dec, conds, [1], 2
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    torch.manual_seed(0)
+    dec = WhisperDiffusionDecoder(ModelConfig(family="whisper", n_layer=2, n_head=2, n_embd=32, intermediate_size=64,
+                                              vocab_size=300, block_size=64, output_vocab_size=260)).eval()
+    conds = [torch.randn(f, 32) for f, _ in WINDOWS]
+    return dec, conds, WHISPER_PREFIX, WHISPER_EOT
+
+
+def _options(strategy, **kw):
+    extra = {"temperature": 0.7, "repeat_penalty": 0.3} if strategy == "confidence" else {}
+    return DecodingOptions(candidates=K, steps=4, seq_len=None, max_seq_len=48, seed=11, strategy=strategy,
+                           **{**extra, **kw})
+
+
+def _count_batches(dec, monkeypatch):
+    rows = []
+    inner = dec.hidden_states
+
+    def counting(idx, **kw):
+        rows.append(idx.size(0))
+        return inner(idx, **kw)
+
+    monkeypatch.setattr(dec, "hidden_states", counting)
+    return rows
+
+
+def _same(a, b):
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.confidences, b.confidences, atol=1e-6, rtol=0)
+    assert a.selected == b.selected and a.text_tokens == b.text_tokens
+
+
+@pytest.mark.parametrize("strategy", ["remask", "confidence"])
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_batched_windows_decode_like_single_windows(family, strategy, request, monkeypatch):
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    options = _options(strategy)
+    durations = [d for _, d in WINDOWS]
+    rows = _count_batches(dec, monkeypatch)
+    batched = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=2)
+    # Groups: 4 windows of (200 frames, 4 s) in batches of 2, and the two odd ones alone.
+    assert max(rows) == 2 * K and min(rows) <= K
+    singles = [decode_windows(dec, [c], options, prefix, pad, [d], seeds=[options.seed + i])[0]
+               for i, (c, d) in enumerate(zip(conds, durations))]
+    for i, (a, b) in enumerate(zip(batched, singles)):
+        assert a.tokens.shape == (K, options.canvas_length(durations[i], len(prefix)))
+        _same(a, b)
+    # The windows really differ, so the check above cannot pass by decoding one window six times.
+    # (confidences: the tiny parity model often fills a whole canvas with one token whatever the audio).
+    assert len({tuple(r.confidences.flatten().tolist()) for r in batched}) == len(WINDOWS)
+    # And one window alone through the single-window entry point, seeded the same way.
+    lone = parallel_diffusion_decode(dec, conds[3], seq_len=batched[3].seq_len, prefix_ids=prefix, pad_id=pad,
+                                     options=dataclasses.replace(options, seed=options.seed + 3))
+    _same(lone, batched[3])
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_batched_reference_mode_matches_fast_mode(family, request):
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    options = _options("remask")
+    durations = [d for _, d in WINDOWS]
+    fast = decode_windows(dec, conds, options, prefix, pad, durations)
+    ref = decode_windows(dec, conds, dataclasses.replace(options, fast=False), prefix, pad, durations)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a.tokens, b.tokens) and a.selected == b.selected
+        torch.testing.assert_close(a.confidences, b.confidences, atol=1e-5, rtol=0)
+
+
+def test_seeds_and_batch_limit_are_checked(whisper):
+    dec, conds, prefix, pad = whisper
+    options = _options("remask")
+    with pytest.raises(ValueError, match="max_batch_windows"):
+        decode_windows(dec, conds, options, prefix, pad, max_batch_windows=0)
+    with pytest.raises(ValueError, match="seeds"):
+        decode_windows(dec, conds, options, prefix, pad, seeds=[1])
+    a = decode_windows(dec, conds[:2], options, prefix, pad, seeds=[5, 6])
+    b = decode_windows(dec, conds[:2], options, prefix, pad, seeds=[5, 7])
+    assert torch.equal(a[0].tokens, b[0].tokens) and not torch.equal(a[1].tokens, b[1].tokens)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_int8_decoder_runs_with_same_shapes(family, request):
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    q = quantize_decoder(dec)
+    linears = [m for m in dec.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float32 for m in linears)  # the original is untouched
+    qtypes = {type(m).__name__ for m in q.modules()}
+    assert "Linear" in qtypes and not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear
+                                          for m in q.modules())
+    if family == "whisper":
+        assert type(q.output_proj).__module__.startswith("torch.ao.nn.quantized")
+        assert getattr(quantize_decoder(dec, head=False), "output_proj", None) is None
+    idx = torch.tensor([prefix + [dec.config.mask_token_id] * 10])
+    kv = dec.precompute_cross_kv(conds[0][None])
+    with torch.no_grad():
+        ref, out = dec(idx, cross_kv=kv), q(idx, cross_kv=q.precompute_cross_kv(conds[0][None]))
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    # Close to the float decoder: int8 weights and activations, not garbage.
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+    options = _options("remask")
+    results = decode_windows(q, conds[:3], options, prefix, pad, [4.0, 4.0, 4.0])
+    assert [r.tokens.shape for r in results] == [(K, options.canvas_length(4.0, len(prefix)))] * 3
+
+
+def test_int8_needs_float32_cpu(whisper):
+    with pytest.raises(ValueError, match="float32"):
+        quantize_decoder(whisper[0].to(torch.float64))
+    whisper[0].float()
+
+
+def test_sized_canvas_lengths():
+    o = DecodingOptions(seq_len=None, tokens_per_second=5.0, canvas_margin=12, max_seq_len=200)
+    assert o.canvas_length(2.0, 1) == 1 + 10 + 12
+    assert o.canvas_length(10.0, 3) == 3 + 50 + 12
+    assert o.canvas_length(0.2, 1) == 16  # never shorter than MIN_CANVAS
+    assert o.canvas_length(60.0, 1) == 200  # capped at the trained length
+    assert o.canvas_length(None, 1) == 200
+    assert DecodingOptions(seq_len=64).canvas_length(30.0, 1) == 64  # exact mode: fixed canvas
+    # Monotone in the duration: longer audio never gets a shorter canvas.
+    lengths = [o.canvas_length(s / 2, 1) for s in range(0, 80)]
+    assert lengths == sorted(lengths)
