@@ -23,7 +23,7 @@ _whisfusion() {
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --threads) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --seed --seq-len --device --dtype --threads --vad --no-vad --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in
@@ -77,12 +77,13 @@ _whisfusion() {
         --patience) COMPREPLY=(); return ;;
         --decode-steps) COMPREPLY=(); return ;;
         --decode-candidates) COMPREPLY=(); return ;;
+        --canvas) COMPREPLY=(); return ;;
         --seed) COMPREPLY=(); return ;;
         --device) COMPREPLY=(); return ;;
         --precision) COMPREPLY=(); return ;;
         --name) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --output -o --stage --base --init --config --tokenizer --val-data --val-items --wer-items --seq-len --batch-size --grad-accum --lr --min-lr-ratio --warmup --max-steps --epochs --stop-at --time-limit --weight-decay --betas --grad-clip --mask-range --ema-decay --layer-decay --freeze-embeddings --train-embeddings --eval-every --save-every --log-every --patience --decode-steps --decode-candidates --seed --device --precision --resume --name --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --output -o --stage --base --init --config --tokenizer --val-data --val-items --wer-items --seq-len --batch-size --grad-accum --lr --min-lr-ratio --warmup --max-steps --epochs --stop-at --time-limit --weight-decay --betas --grad-clip --mask-range --ema-decay --layer-decay --freeze-embeddings --train-embeddings --eval-every --save-every --log-every --patience --decode-steps --decode-candidates --canvas --seed --device --precision --resume --name --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=() ;;
     bench)
         case "$prev" in

@@ -146,3 +146,21 @@ def test_sized_canvas_lengths():
     # Monotone in the duration: longer audio never gets a shorter canvas.
     lengths = [o.canvas_length(s / 2, 1) for s in range(0, 80)]
     assert lengths == sorted(lengths)
+
+
+def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
+    from tiny_model import make_model_dir
+
+    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+
+    model_dir = make_model_dir(tmp_path)
+    pipe = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu", int8=True))
+    assert type(pipe.model.decoder.lm_head).__module__.startswith("torch.ao.nn.quantized")
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in pipe.model.encoder.encoder.modules())
+    clip = data_dir / "audio" / "goforward.flac"
+    (result,) = transcribe([clip], TranscribeOptions(decoding={"seed": 0}), model=pipe)
+    float_pipe = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu"))
+    (reference,) = transcribe([clip], TranscribeOptions(decoding={"seed": 0}), model=float_pipe)
+    assert result.status == "ok" and [(s.start, s.end) for s in result.segments] == [
+        (s.start, s.end) for s in reference.segments]
+    assert any(s.tokens for s in result.segments)

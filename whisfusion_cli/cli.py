@@ -113,6 +113,8 @@ def transcribe(
     dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the decoder and encoder "
+                              "(CPU only; faster, tokens may differ slightly)."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
                              help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
@@ -148,10 +150,12 @@ def transcribe(
                 decoding["seq_len"] = int(seq_len)
             else:
                 raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {seq_len!r}")
-        resolve_device(device, dtype)  # a CPU run asked for bf16, or a GPU that is not there: fail before any work
+        dev, _ = resolve_device(device, dtype)  # a CPU run asked for bf16, or a GPU that is not there: fail early
+        if int8 and dev.type != "cpu":
+            raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
         options = TranscribeOptions(
-            model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, decoding=decoding,
-            vad=VadOptions(enabled=vad), output_dir=output_dir, output_format=output_format, overwrite=overwrite,
+            model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
+            decoding=decoding, vad=VadOptions(enabled=vad), output_dir=output_dir, output_format=output_format, overwrite=overwrite,
         )
     except ValueError as e:
         _err(f"error: {e}")

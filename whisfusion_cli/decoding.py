@@ -109,8 +109,10 @@ class DecodingResult:
 # The core decodes W windows of K candidates at once: rows w*K .. w*K+K-1 of the canvas belong to window w,
 # and the cross-attention keys/values have one row per window (model.cross_attention folds the K candidates
 # of a window into one query sequence). The trunk runs on all rows in one call; the output projection, the
-# biggest matrix of a small decoder, runs window by window, so its memory stays that of one window and every
-# matrix a window sees has the same shape alone or in a batch (identical tokens either way).
+# biggest matrix of a small decoder, runs window by window, so its memory (the logits) stays that of one
+# window and it multiplies the same matrices alone or in a batch. Everything else is row-wise, so a window
+# decodes to the same tokens alone or batched (tests/test_decoding_fast.py). On a CPU the matrices of one
+# window already fill the cores, so batching pays on a GPU, where one window leaves most of it idle.
 
 
 def _generator(seed: int | None) -> torch.Generator:

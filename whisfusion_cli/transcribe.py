@@ -49,6 +49,7 @@ class TranscribeOptions:
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16/float16 on GPU), "float32", "bfloat16", "float16"
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder/decoder batch, across files
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    int8: bool = False  # int8 dynamic quantisation of the decoder's and the encoder's Linear layers (CPU only)
     decoding: dict = field(default_factory=dict)  # DecodingOptions fields overriding the model's defaults
     vad: VadOptions = field(default_factory=VadOptions)
     output_dir: Path | None = None  # None: nothing is written (the CLI prints to stdout)
@@ -163,9 +164,17 @@ class Pipeline:
         from .checkpoint import load_model
 
         device, dtype = resolve_device(options.device, options.dtype)
+        if options.int8 and device.type != "cpu":
+            raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
         if options.threads:
             torch.set_num_threads(options.threads)
-        return cls(load_model(options.model, device=str(device), dtype=dtype), options.decoding)
+        model = load_model(options.model, device=str(device), dtype=dtype,
+                           encoder_options={"int8": True} if options.int8 else None)
+        if options.int8:
+            from .model import quantize_decoder
+
+            model.decoder = quantize_decoder(model.decoder)
+        return cls(model, options.decoding)
 
     def encode(self, clips: list[np.ndarray]):
         return self.model.encoder.encode(clips)
