@@ -54,6 +54,14 @@ def build_recording(out_dir: Path, repeats: int, gap: float) -> tuple[Path, str,
     return path, " ".join(refs), len(audio) / SAMPLE_RATE
 
 
+def publish(tmp: str, path: Path) -> None:
+    """Rename a finished temp file into place with ordinary permissions (mkstemp creates files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def time_runs(fn, runs: int) -> tuple[float, str]:
     best, text = float("inf"), ""
     for _ in range(runs):
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="Whisfusion model directory or name (default: the embedded one)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both systems")
-    ap.add_argument("--repeats", type=int, default=3, help="times the 13 clips are joined (3: ~4 min)")
+    ap.add_argument("--repeats", type=int, default=4, help="times the 13 clips are joined (4: ~4.3 min)")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between clips")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per system (best is kept)")
     ap.add_argument("--int8", action="store_true", help="Whisfusion with the int8 decoder and encoder")
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
         fd, tmp_json = tempfile.mkstemp(dir=out.parent, suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=1)
-        os.replace(tmp_json, out)
+        publish(tmp_json, out)
     return 0
 
 

@@ -13,6 +13,7 @@ The Whisfusion decoder is tiny.en's decoder made bidirectional (train.whisper_de
 both decoders have the same size. Prints a table with the ratios and saves a plot.
 
     python scripts/bench_length.py --out results/length.png
+    python scripts/bench_length.py --candidates 1 --steps 8 --strategy confidence --out results/length_k1.png
     python scripts/bench_length.py --lengths 5,60,120 --candidates 4 --threads 2   # quicker
 """
 
@@ -37,6 +38,14 @@ DEFAULT_LENGTHS = (5, 10, 20, 40, 60, 80, 100, 120)
 TOKENS_PER_SECOND = 4.0  # Whisper tokens per second of English speech: 120 tokens ~ a full 30 s window
 MIN_SECONDS, MAX_SECONDS = 2.0, 30.0
 WIDTH = 384  # tiny.en
+
+
+def publish(tmp: str, path: Path) -> None:
+    """Rename a finished temp file into place with ordinary permissions (mkstemp creates files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def seconds_for(tokens: int) -> float:
@@ -91,7 +100,7 @@ def save_plot(rows, path: Path, title: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
@@ -103,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="transcript lengths in tokens")
     ap.add_argument("--candidates", type=int, default=15)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--strategy", default="remask", choices=("remask", "confidence"))
     ap.add_argument("--canvas", type=int, default=256, help="the fixed canvas (upstream: 256)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="best of N for every timing")
@@ -120,10 +130,11 @@ def main(argv=None):
     prefix, eot = list(tok.prefix_ids), tok.pad_id
     if args.canvas < max(lengths) + len(prefix):
         ap.error(f"--canvas {args.canvas} cannot hold {max(lengths)} tokens")
-    base = DecodingOptions(candidates=args.candidates, steps=args.steps, seed=0, max_seq_len=args.canvas)
+    base = DecodingOptions(candidates=args.candidates, steps=args.steps, seed=0, max_seq_len=args.canvas,
+                           strategy=args.strategy)
     flat, sized = (dataclasses.replace(base, seq_len=s) for s in (args.canvas, None))
-    title = (f"tiny.en-sized decoders, K={args.candidates}, {args.steps} steps, {args.threads} thread(s), "
-             f"{torch.get_num_threads()} torch threads")
+    title = (f"tiny.en-sized decoders; Whisfusion K={args.candidates}, {args.steps} steps, {args.strategy}; "
+             f"{torch.get_num_threads()} CPU thread(s)")
     print(title, flush=True)
     gen = torch.Generator().manual_seed(0)
     # Warm-up: allocator and kernels.
@@ -157,7 +168,7 @@ def main(argv=None):
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=1)
-    os.replace(tmp, out.with_suffix(".json"))
+    publish(tmp, out.with_suffix(".json"))
     print(f"plot: {out}")
 
 
