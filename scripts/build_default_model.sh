@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default model from nothing but offline packages (see docs/MODEL_CARD.md).
+# Every step resumes where it stopped when run again. CPU: ~1.5 h on 2 cores; a GPU shortens training.
+set -euo pipefail
+W=${1:-work_data}
+mkdir -p "$W"
+# 1. Synthetic speech (Debian TTS engines: espeak-ng, mbrola voices, flite, libttspico-utils, festival).
+python -m whisfusion_cli.corpus --out "$W/corpus/train" --n 12053 --seed 0 --workers 2
+python -m whisfusion_cli.corpus --out "$W/corpus/test_synth" --n 150 --seed 0 --split test --workers 2
+# 2. Encoder states (frozen Whisper tiny.en, audio-length "short" mode, fp16 shards).
+torchrun --nproc_per_node 2 -m whisfusion_cli.cli preprocess "$W/corpus/train/manifest.jsonl" -o "$W/shards/train"
+whisfusion preprocess "$W/corpus/test_synth/manifest.jsonl" -o "$W/shards/test_synth"
+# 3. The bidirectional Whisper-family decoder, initialised from tiny.en's decoder, token table frozen.
+whisfusion train --data "$W/shards/train" --val-data "$W/shards/test_synth" -o "$W/runs/default" \
+  --stage scratch --init tiny.en --canvas audio --batch-size 32 --lr 3e-4 --warmup 50 --max-steps 1100 \
+  --eval-every 200 --save-every 100 --wer-items 32 --patience 0 --decode-steps 8 --seed 1234
+# 4. Ship: trained tensors in fp16, the token table read from tiny.en at load time.
+python scripts/package_default.py "$W/runs/default/model" whisfusion_cli/assets/default
