@@ -12,7 +12,7 @@ torchrun --nproc_per_node 2 -m whisfusion_cli.cli preprocess "$W/corpus/train/ma
 whisfusion preprocess "$W/corpus/test_synth/manifest.jsonl" -o "$W/shards/test_synth"
 # 3. The bidirectional Whisper-family decoder, initialised from tiny.en's decoder, token table frozen.
 whisfusion train --data "$W/shards/train" --val-data "$W/shards/test_synth" -o "$W/runs/default" \
-  --stage scratch --init tiny.en --canvas audio --batch-size 32 --lr 3e-4 --warmup 50 --max-steps 1100 \
-  --eval-every 200 --save-every 100 --wer-items 32 --patience 0 --decode-steps 8 --seed 1234
+  --stage scratch --init tiny.en --canvas audio --batch-size 32 --lr 3e-4 --warmup 40 --max-steps 750 \
+  --eval-every 150 --save-every 50 --wer-items 32 --patience 0 --decode-steps 8 --seed 1234
 # 4. Ship: trained tensors in fp16, the token table read from tiny.en at load time.
 python scripts/package_default.py "$W/runs/default/model" whisfusion_cli/assets/default

@@ -53,6 +53,7 @@ class DecodingOptions:
     strategy: str = "remask"  # "remask" (upstream) | "confidence" (commit by confidence)
     temperature: float = 0.0  # "confidence" strategy: Gumbel noise for candidates after the first
     repeat_penalty: float = 0.0  # "confidence" strategy: defer committing a token equal to a neighbour's
+    blocks: int = 1  # "confidence" strategy: >1 fills the canvas in that many blocks, left to right
     selection: str = "confidence"
     seed: int | None = None
     cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
@@ -287,9 +288,8 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         m = canvas == mask_id
         if not m.any():
             break
-        target = math.ceil(n_gen * (s + 1) / options.steps)
-        n_commit = target - (n_gen - int(m[0].sum()))
-        if n_commit <= 0:
+        target = n_gen if s == options.steps - 1 else math.ceil(n_gen * (s + 1) / options.steps)
+        if int((n_gen - m[:, P:].sum(1)).min()) >= target:
             continue
         if options.fast:
             hidden, shared = _hidden(decoder, canvas, kv, K)
@@ -324,11 +324,29 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
             right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=-1)
             dup = m & ((pred == left) | (pred == right))
             c = torch.where(dup, c * (1.0 - options.repeat_penalty), c)
-        take = min(n_commit, int(m.sum(1).min()))
-        top = c.topk(take, dim=1).indices
-        commit = torch.zeros_like(m)
-        commit.scatter_(1, top, True)
-        commit &= m
+        # Per row: commit the most confident masked positions up to the schedule's count for this step.
+        n_row = (target - (n_gen - m[:, P:].sum(1))).clamp(min=0)
+        ranks = torch.empty_like(canvas)
+        ranks.scatter_(1, c.argsort(dim=1, descending=True), torch.arange(L, device=canvas.device).expand(R, L))
+        commit = m & (ranks < n_row[:, None])
+        n_blocks = min(options.blocks, options.steps)  # at least one step per block
+        if n_blocks > 1:
+            # Semi-autoregressive: the canvas is filled block by block, left to right; within a block, by
+            # confidence. Later blocks stay masked (and are still predicted, as context) until their turn.
+            block = min(n_blocks - 1, s * n_blocks // options.steps)
+            end = P + math.ceil(n_gen * (block + 1) / n_blocks)
+            c[:, end:] = -2.0
+            ranks.scatter_(1, c.argsort(dim=1, descending=True), torch.arange(L, device=canvas.device).expand(R, L))
+            commit = m & (ranks < n_row[:, None])
+            commit[:, end:] = False
+        if options.repeat_penalty > 0 and s < options.steps - 1:
+            # Two neighbours committed in the same step with the same token are the typical parallel
+            # duplicate: keep the more confident one, re-predict the other next step with its neighbour known.
+            pair = commit[:, :-1] & commit[:, 1:] & (pred[:, :-1] == pred[:, 1:])
+            drop_left = pair & (c[:, :-1] < c[:, 1:])
+            drop_right = pair & ~drop_left
+            commit[:, :-1] &= ~drop_left
+            commit[:, 1:] &= ~drop_right
         canvas = torch.where(commit, pred, canvas)
         confidences = torch.where(commit, c.clamp(min=0), confidences)
     return canvas, confidences
