@@ -6,14 +6,19 @@
    the audio-sized canvas, K candidates x steps. Tokens must be identical.
 2. --int8: the same decode with the decoder's Linear layers int8 (model.quantize_decoder, with and without
    the tied output projection), one window at a time: time, and how many windows' chosen tokens changed.
+3. --model DIR: a trained model on real speech (the 13 clips of tests/data/audio/realspeech.jsonl, float
+   encoder states, the model's decoding defaults): float vs int8 decoder time, windows whose text changed,
+   and WER (Whisper normaliser) of each.
 
     python scripts/bench_batch.py                      # 8 windows of 10 s, K=15, 4 steps, 1 thread
     python scripts/bench_batch.py --int8 --threads 2
+    python scripts/bench_batch.py --windows 0 --model whisfusion_cli/assets/default   # int8 on real speech
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -50,7 +55,7 @@ def best_of(fn, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=8, help="0: skip the batching part")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--candidates", type=int, default=15)
     ap.add_argument("--steps", type=int, default=4)
@@ -59,10 +64,21 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="best of N for every timing")
     ap.add_argument("--random", action="store_true", help="random weights instead of tiny.en's")
     ap.add_argument("--int8", action="store_true", help="also time the int8 decoder")
+    ap.add_argument("--model", default=None, help="trained model directory for the int8 check on real speech")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    report = batch_and_int8(args) if args.windows > 0 else {}
+    if args.model:
+        report["int8_speech"] = int8_on_speech(args.model, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def batch_and_int8(args) -> dict:
+    """Parts 1 and 2: batched vs one-by-one windows, and (--int8) the int8 decoder, on random states."""
     decoder = tiny_en_decoder(args.random)
     tok = TokenizerConfig.whisper()
     prefix, pad = list(tok.prefix_ids), tok.pad_id
@@ -119,9 +135,49 @@ def main(argv=None):
                   f"{changed}/{args.windows}, canvas positions equal: {agree:.1%}", flush=True)
             report["int8"]["head" if head else "no_head"] = {"s": t, "speedup": t_single / t, "changed": changed,
                                                              "positions_equal": agree}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    return report
+
+
+def int8_on_speech(model_dir: str, repeats: int) -> dict:
+    """Float vs int8 decoder of a trained model on the real-speech clips (same float encoder states)."""
+    from pathlib import Path
+
+    from whisfusion_cli.audio import load_audio
+    from whisfusion_cli.bench import corpus_error_rates
+    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli.model import quantize_decoder
+
+    clips_dir = Path(__file__).resolve().parent.parent / "tests" / "data" / "audio"
+    items = [json.loads(x) for x in (clips_dir / "realspeech.jsonl").read_text().splitlines() if x.strip()]
+    clips = [load_audio(clips_dir / item["audio"]) for item in items]
+    refs = [item["text"] for item in items]
+    model = load_model(model_dir)
+    states = model.encoder.encode(clips)
+    tok = model.tokenizer
+    options = dataclasses.replace(model.decoding, seed=0)
+    durations = [len(c) / 16000 for c in clips]
+    print(f"\n{model_dir} on {len(clips)} real clips ({sum(durations):.1f} s), K={options.candidates}, "
+          f"{options.steps} steps, {options.strategy}, threads={torch.get_num_threads()}", flush=True)
+
+    def run(decoder):
+        return decode_windows(decoder, states, options, tok.prefix_ids, tok.pad_id, durations)
+
+    decoders = {"float32": model.decoder, "int8, fp32 head": quantize_decoder(model.decoder, head=False),
+                "int8 + head": quantize_decoder(model.decoder)}
+    out = {}
+    for name, decoder in decoders.items():
+        run(decoder)  # warm-up
+        t, results = best_of(lambda: run(decoder), repeats)
+        texts = [tok.decode(r.text_tokens) for r in results]
+        out[name] = {"s": t, "wer": corpus_error_rates(refs, texts)["wer"],
+                     "tokens": [r.text_tokens for r in results]}
+    base = out["float32"]
+    for name, r in out.items():
+        changed = sum(a != b for a, b in zip(r["tokens"], base["tokens"]))
+        r["changed"] = changed
+        print(f"{name:16s}: decode {r['s']:6.2f} s  speed-up {base['s'] / r['s']:4.2f}x  WER {r['wer']:6.1%}  "
+              f"clips whose text changed: {changed}/{len(clips)}", flush=True)
+    return {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -62,6 +62,30 @@ def publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def timed_stages(pipeline) -> dict:
+    """Wrap the pipeline's encode and decode with timers; the returned dict accumulates their seconds."""
+    stages = {"encode": 0.0, "decode": 0.0, "windows": 0}
+    encode, decode = pipeline.encode, pipeline.decode
+
+    def timed_encode(clips):
+        t0 = time.perf_counter()
+        try:
+            return encode(clips)
+        finally:
+            stages["encode"] += time.perf_counter() - t0
+            stages["windows"] += len(clips)
+
+    def timed_decode(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            stages["decode"] += time.perf_counter() - t0
+
+    pipeline.encode, pipeline.decode = timed_encode, timed_decode
+    return stages
+
+
 def time_runs(fn, runs: int) -> tuple[float, str]:
     best, text = float("inf"), ""
     for _ in range(runs):
@@ -83,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", "-k", type=int, default=None, help="override the model's K")
     ap.add_argument("--steps", type=int, default=None, help="override the model's steps")
     ap.add_argument("--seq-len", default=None, help="override the canvas: a length or 'auto'")
+    ap.add_argument("--max-window", type=float, default=None,
+                    help="Whisfusion's longest VAD window in seconds (default: the VAD's, 30 s)")
     ap.add_argument("--skip-whisper", action="store_true", help="only Whisfusion")
     ap.add_argument("--show", action="store_true", help="print both transcripts")
     ap.add_argument("--json", default=None, help="write the numbers here")
@@ -92,6 +118,7 @@ def main(argv=None) -> int:
 
     from whisfusion_cli.bench import BenchOptions, FasterWhisperSystem, corpus_error_rates, parse_system
     from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+    from whisfusion_cli.vad import VadOptions
 
     torch.set_num_threads(args.threads)
     decoding = {"seed": 0}
@@ -101,7 +128,9 @@ def main(argv=None) -> int:
     if args.seq_len is not None:
         decoding["seq_len"] = None if args.seq_len == "auto" else int(args.seq_len)
     options = TranscribeOptions(model=args.model, device="cpu", threads=args.threads, int8=args.int8,
-                                batch_size=args.batch_size, decoding=decoding)
+                                batch_size=args.batch_size, decoding=decoding,
+                                vad=VadOptions(max_window_s=args.max_window, min_cut_s=args.max_window / 2)
+                                if args.max_window else VadOptions())
     report: dict = {"threads": args.threads, "int8": args.int8}
     with tempfile.TemporaryDirectory() as tmp:
         path, reference, seconds = build_recording(Path(tmp), args.repeats, args.gap)
@@ -110,6 +139,7 @@ def main(argv=None) -> int:
               f"{len(reference.split())} reference words, {args.threads} threads", flush=True)
 
         pipeline = Pipeline.load(options)
+        stage_s = timed_stages(pipeline)
         warm = CLIPS / "goforward.flac"
         list(transcribe([warm], options, model=pipeline))
 
@@ -119,14 +149,18 @@ def main(argv=None) -> int:
                 raise SystemExit(f"whisfusion failed on {path}: {result.error or result.status}")
             return result.text
 
+        stage_s.update(encode=0.0, decode=0.0, windows=0)
         t_wf, text_wf = time_runs(run_whisfusion, args.runs)
+        per_run = {k: v / args.runs for k, v in stage_s.items()}
         wer_wf = corpus_error_rates([reference], [text_wf])["wer"]
         d = pipeline.decoding
         label = (f"Whisfusion ({pipeline.model.name}{', int8' if args.int8 else ''}; K={d.candidates}, "
                  f"{d.steps} steps, {d.strategy}, canvas {d.seq_len or 'audio-sized'})")
         report["whisfusion"] = {"label": label, "s": t_wf, "rtfx": seconds / t_wf, "wer": wer_wf,
-                                "decoding": d.to_dict(), "text": text_wf}
-        print(f"{label}\n  {t_wf:7.2f} s   RTFx {seconds / t_wf:7.1f}   WER {wer_wf:6.1%}", flush=True)
+                                "decoding": d.to_dict(), "stages_s": per_run, "text": text_wf}
+        print(f"{label}\n  {t_wf:7.2f} s   RTFx {seconds / t_wf:7.1f}   WER {wer_wf:6.1%}   (per run: "
+              f"{per_run['windows']:.0f} windows, encoder {per_run['encode']:.2f} s, "
+              f"decoder {per_run['decode']:.2f} s)", flush=True)
 
         if not args.skip_whisper:
             from whisfusion_cli.audio import load_audio
