@@ -164,3 +164,24 @@ def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
     assert result.status == "ok" and [(s.start, s.end) for s in result.segments] == [
         (s.start, s.end) for s in reference.segments]
     assert any(s.tokens for s in result.segments)
+
+
+def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper):
+    """A window that is ahead of the schedule (its rows committed more than this step asks) skips the step
+    alone; batched with one that is not, it must neither be projected nor draw noise."""
+    from whisfusion_cli.decoding import _confidence_unmask
+
+    dec, conds, prefix, _ = whisper
+    options = DecodingOptions(candidates=K, steps=6, strategy="confidence", temperature=1.0)
+    L, P = 20, len(prefix)
+    behind = torch.full((K, L), dec.config.mask_token_id)
+    behind[:, :P] = torch.tensor(prefix)
+    ahead = behind.clone()
+    ahead[:, P : P + 7] = 5  # 7 of 18 committed: nothing to do at steps 0 and 1 (targets 3 and 6)
+    cond = torch.stack([conds[0], conds[1]])
+    batched, _ = _confidence_unmask(dec, torch.cat([ahead, behind]), P, dec.precompute_cross_kv(cond), options,
+                                    [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], None)
+    for w, (canvas, seed) in enumerate(((ahead, 1), (behind, 2))):
+        alone, _ = _confidence_unmask(dec, canvas, P, dec.precompute_cross_kv(cond[w : w + 1]), options,
+                                      [torch.Generator().manual_seed(seed)], None)
+        assert torch.equal(batched[w * K : (w + 1) * K], alone), f"window {w}"

@@ -274,8 +274,7 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
     confident ones as the linear schedule allows, so all are committed after the last step. Trailing
     end-of-text tokens are usually the most confident, so the transcript length is fixed first. Candidates
     after the first add Gumbel noise (options.temperature) to their choice of token for diversity, drawn
-    from their window's generator. canvas: [W*K, L], W windows of the same length (so every row has the same
-    number of masked positions at every step).
+    from their window's generator. canvas: [W*K, L], W windows of the same length.
     """
     R, L = canvas.shape
     K = options.candidates
@@ -289,7 +288,11 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         if not m.any():
             break
         target = n_gen if s == options.steps - 1 else math.ceil(n_gen * (s + 1) / options.steps)
-        if int((n_gen - m[:, P:].sum(1)).min()) >= target:
+        # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
+        # nothing: alone it would skip the step, so in a batch it is not projected and draws no noise, and
+        # its random stream stays where it would be alone.
+        done = (n_gen - m[:, P:].sum(1)).view(W, K).min(1).values >= target
+        if bool(done.all()):
             continue
         if options.fast:
             hidden, shared = _hidden(decoder, canvas, kv, K)
@@ -298,6 +301,11 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         picks, confs = [], []
         for w in range(W):
             mw = m[w * K : (w + 1) * K]
+            if done[w]:
+                n = int(mw.sum())
+                picks.append(torch.full((n,), mask_id, dtype=torch.long, device=canvas.device))
+                confs.append(torch.full((n,), -1.0, device=canvas.device))
+                continue
             if options.fast:
                 flat = _window_logits(decoder, hidden, shared, w, K, mw)
             else:
