@@ -388,7 +388,8 @@ class WhisfusionSystem:
     def transcribe(self, audio: np.ndarray) -> Hypothesis:
         from .vad import VadOptions, iter_windows
 
-        windows = [(i, w, clip) for i, (w, clip) in enumerate(iter_windows([audio], VadOptions())) if not w.silent]
+        vad = self.pipeline.vad_options(VadOptions())
+        windows = [(i, w, clip) for i, (w, clip) in enumerate(iter_windows([audio], vad)) if not w.silent]
         if not windows:
             return Hypothesis("", 0.0, 0.0, 0, 0)
         seed = self.pipeline.decoding.seed

@@ -176,6 +176,14 @@ class Pipeline:
             model.decoder = quantize_decoder(model.decoder)
         return cls(model, options.decoding)
 
+    def vad_options(self, base: VadOptions) -> VadOptions:
+        """The VAD windows this model wants: a model trained on short utterances carries a shorter maximum
+        window in its config (`audio.max_window_s`), since it transcribes long windows worse."""
+        limit = (self.model.config.get("audio") or {}).get("max_window_s")
+        if not limit or limit >= base.max_window_s:
+            return base
+        return dataclasses.replace(base, max_window_s=float(limit), min_cut_s=min(base.min_cut_s, limit / 2))
+
     def encode(self, clips: list[np.ndarray]):
         return self.model.encoder.encode(clips)
 
@@ -365,7 +373,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
 
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
-                "vad": dataclasses.asdict(options.vad)}
+                "vad": dataclasses.asdict(pipeline.vad_options(options.vad))}
 
     def flush_batch():
         nonlocal batch
@@ -408,7 +416,8 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
                 pipeline = Pipeline.load(options)
                 reporter.advance(0.0, 0)  # the clock for throughput starts now, after loading the model
             n_samples = 0
-            for w, samples in iter_windows(stream_audio(f.path, STREAM_BLOCK_SECONDS), options.vad):
+            for w, samples in iter_windows(stream_audio(f.path, STREAM_BLOCK_SECONDS),
+                                           pipeline.vad_options(options.vad)):
                 idx = len(job.segments)
                 n_samples = w.end_sample
                 if w.silent:

@@ -294,6 +294,8 @@ class WindowPlanner:
             good = [r for r in runs if r[1] - r[0] >= self.good_f]
             a, b = max(good, key=lambda r: r[0]) if good else max(runs, key=lambda r: (r[1] - r[0], r[0]))
             return int(min(min(b, hi), max(max(a, lo), (a + b) // 2)))
+        if hi <= lo:  # min_cut_s == max_window_s: nothing to choose
+            return hi
         # No frame below the speech threshold: the least speech-like frame (3-frame average) in range.
         p = np.pad(np.asarray(self.probs[:hi], dtype=np.float64), 1, mode="edge")
         smooth = np.convolve(p, np.ones(3) / 3, mode="valid")  # edge-padded, so the ends are not favoured
