@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("model_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--decoding", default=None, help="JSON with decoding defaults to store (overrides)")
+    ap.add_argument("--max-window", type=float, default=None,
+                    help="longest VAD window for this model, seconds (audio.max_window_s)")
     args = ap.parse_args(argv)
 
     decoder, config = load_model_dir(args.model_dir)
@@ -49,7 +51,8 @@ def main(argv=None):
         tmp, decoder, Path(args.model_dir) / "tokenizer.json", config["tokenizer"], config["encoder"], decoding,
         external={TOKEN_TABLE: {"source": "tiny.en", "key": TINY_EN_TOKEN_TABLE}},
         storage_dtype=torch.float16,
-        extra={k: v for k, v in config.items() if k in ("training",)},
+        extra={**{k: v for k, v in config.items() if k in ("training", "audio")},
+               **({"audio": {"max_window_s": args.max_window}} if args.max_window else {})},
     )
     # Check the packaged copy loads and matches (fp16 storage: small rounding only).
     packaged, _ = load_model_dir(tmp)
