@@ -21,3 +21,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m pip install -e ".${extras}"
+# pyenv only puts new console scripts (whisfusion) on PATH after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
