@@ -551,7 +551,12 @@ def _setup_distributed(device_opt):
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            global _OWN_PROCESS_GROUP
+            _OWN_PROCESS_GROUP = True
     return rank, world, device
+
+
+_OWN_PROCESS_GROUP = False  # train() started the process group, so it also tears it down
 
 
 def _save_atomic(obj, path: Path):
@@ -855,6 +860,12 @@ def train(options: TrainOptions, console=None) -> dict:
         import torch.distributed as dist
 
         dist.barrier()
+        global _OWN_PROCESS_GROUP
+        if _OWN_PROCESS_GROUP:
+            # Exiting with gloo's threads still alive can abort a rank ("terminate called without an active
+            # exception") after a successful run: tear the group down explicitly.
+            dist.destroy_process_group()
+            _OWN_PROCESS_GROUP = False
     summary = {"step": step, "total": total, "reason": stopped, "last_loss": last_loss,
                "best_val_loss": None if best == float("inf") else best, "output": str(out)}
     if stopped == "nan":
