@@ -198,14 +198,19 @@ def _scalar(variables: dict[str, np.ndarray], name: str, path: Path) -> int:
     return int(np.asarray(variables[name]).reshape(-1)[0])
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of the model directory; a one-line CT2FormatError naming it if it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CT2FormatError(f"{path}: unreadable {path.name} ({exc})") from exc
+
+
 def _token_ids(model_dir: Path) -> dict[str, int]:
     """Id of every added/special token, from tokenizer.json or the vocabulary file (whichever is present)."""
     tok_file = model_dir / "tokenizer.json"
     if tok_file.is_file():
-        try:
-            tok = json.loads(tok_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CT2FormatError(f"{tok_file}: unreadable tokenizer.json ({exc})") from exc
+        tok = _read_json(tok_file)
         ids = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
         vocab = tok.get("model", {}).get("vocab", {})
         for special in (SOT_TOKEN, EOT_TOKEN, NO_TIMESTAMPS_TOKEN):
@@ -248,10 +253,7 @@ def _build_config(variables: dict[str, np.ndarray], model_dir: Path, path: Path)
     extra: dict[str, Any] = {}
     cfg_file = model_dir / "config.json"
     if cfg_file.is_file():
-        try:
-            extra = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CT2FormatError(f"{cfg_file}: unreadable config.json ({exc})") from exc
+        extra = _read_json(cfg_file)
     ids = _token_ids(model_dir)
     eot = ids.get(EOT_TOKEN, 50256)
     sot = ids.get(SOT_TOKEN, 50257)
