@@ -44,7 +44,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l batch-size
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l device -x -d 'cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l quiet -s q -d 'No progress display or size report'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l help -d 'Show this message and exit'
-complete -c whisfusion -n '__fish_seen_subcommand_from train' -l data -x -d 'Shard folder from `whisfusion preprocess`'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l data -x -d 'Shard folder from `whisfusion preprocess` (repeat to train on several)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l output -s o -r -a '(__fish_complete_directories)' -d 'Run folder'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l stage -x -a '1 2 scratch' -d '1 (adapter only), 2 (full decoder), scratch (random or Whisper init)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l base -x -d 'SMDM base weights (stages 1 and 2)'

@@ -275,3 +275,23 @@ def test_shard_dataset_errors(tmp_path, tmp_path_factory):
     (copy / "shard-00001.safetensors").unlink()
     with pytest.raises(DatasetError, match=r"shard-00001.safetensors: missing shard"):
         ShardDataset(copy)
+
+
+def test_shard_dataset_concatenates_several_folders(tmp_path, tmp_path_factory):
+    shards = speech_shards(tmp_path_factory)
+    one = ShardDataset(shards)
+    both = ShardDataset([shards, shards])
+    n = len(one)
+    assert len(both) == 2 * n and both.dim == one.dim
+    assert [it.text for it in both.items] == [it.text for it in one.items] * 2
+    for i in (0, n - 1):
+        assert torch.equal(both.states(i), one.states(i)) and torch.equal(both.states(n + i), one.states(i))
+    # A folder from an encoder of another width is refused, naming it.
+    other = tmp_path / "other"
+    shutil.copytree(shards, other)
+    index = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps({**index, "dim": index["dim"] + 1}))
+    with pytest.raises(DatasetError, match=rf"{other.name}: encoder states of width"):
+        ShardDataset([shards, other])
+    with pytest.raises(DatasetError, match="no shard folder"):
+        ShardDataset([])

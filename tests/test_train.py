@@ -11,6 +11,7 @@ from test_data import (SENTENCES, TINY_DIM, TINY_EN_DIM, make_tiny_whisper, make
 
 from whisfusion_cli import train as T
 from whisfusion_cli.checkpoint import load_decoder, load_model_dir, load_state_dict_file
+from whisfusion_cli.data import ShardDataset
 from whisfusion_cli.model import build_decoder, is_adapter_key
 
 torch.set_num_threads(1)
@@ -109,11 +110,14 @@ def test_whisper_family_from_pretrained_decoder(tmp_path, tmp_path_factory):
     shards = speech_shards(tmp_path_factory)
     whisper_dir = make_tiny_whisper(tmp_path_factory.getbasetemp() / "tiny-whisper")
     run = tmp_path / "run"
-    summary = T.train(T.TrainOptions(data=str(shards), output=str(run), init=str(whisper_dir), batch_size=8,
-                                     max_steps=40, lr=1e-2, warmup=3, eval_every=20, val_items=6, wer_items=2,
+    # Two shard folders (here the same one twice) train as one dataset.
+    summary = T.train(T.TrainOptions(data=[str(shards), str(shards)], output=str(run), init=str(whisper_dir),
+                                     batch_size=8, max_steps=40, lr=1e-2, warmup=3, eval_every=20, val_items=6, wer_items=2,
                                      log_every=5, progress=False))
     losses, evals = _losses(run)
     assert losses[-1] < 0.75 * losses[0], losses
+    first = json.loads((run / T.METRICS_FILE).read_text().splitlines()[0])
+    assert first["train_items"] + first["val_items"] == 2 * len(ShardDataset(shards))
     model, config = load_model_dir(run / "model")
     assert config["decoder"]["family"] == "whisper" and config["tokenizer"]["prefix_ids"] == [50257, 50362]
     assert config["decoder"]["output_vocab_size"] == 50257 and config["decoding"]["strategy"] == "confidence"

@@ -349,7 +349,8 @@ def preprocess(
     "(continue with --resume) and RUN/metrics.jsonl.",
 )
 def train(
-    data: str = typer.Option(..., "--data", help="Shard folder from `whisfusion preprocess`."),
+    data: List[str] = typer.Option(..., "--data", help="Shard folder from `whisfusion preprocess` (repeat to "
+                                   "train on several)."),
     output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Run folder."),
     stage: str = typer.Option("scratch", "--stage", autocompletion=_complete(STAGE_NAMES),
                               help="1 (adapter only), 2 (full decoder), scratch (random or Whisper init)."),
@@ -403,7 +404,7 @@ def train(
     if stage not in STAGE_NAMES:
         raise typer.BadParameter(f"choose from {', '.join(STAGE_NAMES)}", param_hint="--stage")
     kwargs = dict(
-        data=data, output=str(output), stage=stage, base=base, init=init, config=config, tokenizer=tokenizer,
+        data=data if len(data) > 1 else data[0], output=str(output), stage=stage, base=base, init=init, config=config, tokenizer=tokenizer,
         val_data=val_data, val_items=val_items, wer_items=wer_items, seq_len=seq_len, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, max_steps=max_steps, epochs=epochs,
         stop_at=stop_at, time_limit=time_limit, weight_decay=weight_decay, betas=_pair(betas, "--betas"),

@@ -497,37 +497,50 @@ class ShardItem:
 
 
 class ShardDataset:
-    """The utterances of a shard folder; states are read lazily from the memory-mapped safetensors files."""
+    """The utterances of one or more shard folders (concatenated, in the order given); states are read lazily
+    from the memory-mapped safetensors files. Folders must come from the same encoder (same width)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.root = Path(path)
-        index_path = self.root / INDEX_FILE
-        if not index_path.exists():
-            hint = " (preprocess did not finish: run it again to resume)" if (self.root / PLAN_FILE).exists() else ""
-            raise DatasetError(f"{index_path}: missing shard index{hint}")
-        try:
-            self.index = json.loads(index_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{index_path}: not valid JSON ({e.msg})") from None
-        if self.index.get("format") != FORMAT:
-            raise DatasetError(f"{index_path}: not a whisfusion shard index")
-        self.dim = self.index["dim"]
-        self.encoder = self.index["encoder"]
+    def __init__(self, path: str | os.PathLike | list):
+        roots = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+        if not roots:
+            raise DatasetError("no shard folder given")
+        self.root = roots[0]
         self.items: list[ShardItem] = []
-        self._offsets: list = []
         self._files: list[Path] = []
-        for s, shard in enumerate(self.index["shards"]):
-            path = self.root / shard["file"]
-            if not path.exists():
-                raise DatasetError(f"{path}: missing shard listed in {index_path}")
-            meta = read_shard_meta(path)
-            if meta["dim"] != self.dim:
-                raise DatasetError(f"{path}: states of width {meta['dim']}, index says {self.dim}")
-            self._files.append(path)
-            for row, it in enumerate(meta["items"]):
-                self.items.append(ShardItem(it["id"], it["text"], it["frames"], it["duration"], s, row))
+        self.dim = self.encoder = None
+        for root in roots:
+            index = self._read_index(root)
+            if self.dim is None:
+                self.dim, self.encoder = index["dim"], index["encoder"]
+            elif index["dim"] != self.dim:
+                raise DatasetError(f"{root}: encoder states of width {index['dim']}, {roots[0]} has {self.dim}")
+            for shard in index["shards"]:
+                file = root / shard["file"]
+                if not file.exists():
+                    raise DatasetError(f"{file}: missing shard listed in {root / INDEX_FILE}")
+                meta = read_shard_meta(file)
+                if meta["dim"] != self.dim:
+                    raise DatasetError(f"{file}: states of width {meta['dim']}, index says {self.dim}")
+                s = len(self._files)
+                self._files.append(file)
+                for row, it in enumerate(meta["items"]):
+                    self.items.append(ShardItem(it["id"], it["text"], it["frames"], it["duration"], s, row))
         self._handles: dict = {}
         self._pid = None
+
+    @staticmethod
+    def _read_index(root: Path) -> dict:
+        index_path = root / INDEX_FILE
+        if not index_path.exists():
+            hint = " (preprocess did not finish: run it again to resume)" if (root / PLAN_FILE).exists() else ""
+            raise DatasetError(f"{index_path}: missing shard index{hint}")
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{index_path}: not valid JSON ({e.msg})") from None
+        if index.get("format") != FORMAT:
+            raise DatasetError(f"{index_path}: not a whisfusion shard index")
+        return index
 
     def __len__(self) -> int:
         return len(self.items)

@@ -55,7 +55,7 @@ class TrainError(RuntimeError):
 
 @dataclass
 class TrainOptions:
-    data: str  # shard folder written by `whisfusion preprocess`
+    data: str | list  # shard folder(s) written by `whisfusion preprocess`; several are concatenated
     output: str  # run folder: last.pt, metrics.jsonl, model/, upstream .pt files
     stage: str = "scratch"  # "1" | "2" | "scratch"
     base: str | None = None  # SMDM base weights (stages 1 and 2)
@@ -521,6 +521,10 @@ class Batches:
         return cond
 
 
+def _as_list(paths) -> list:
+    return [str(p) for p in paths] if isinstance(paths, (list, tuple)) else [str(paths)]
+
+
 def auto_seq_len(dataset, tokenizer, family: str) -> int:
     if family == "smdm":
         return UPSTREAM_CANVAS
@@ -644,7 +648,7 @@ def train(options: TrainOptions, console=None) -> dict:
     train_batches = Batches(data, train_idx, tokenizer, seq_len)
     val_batches = Batches(val_set, val_idx, tokenizer, seq_len) if val_idx else None
     if len(train_batches) < global_batch:
-        raise TrainError(f"{o.data}: {len(train_batches)} training items, fewer than one global batch of {global_batch}")
+        raise TrainError(f"{', '.join(map(str, _as_list(o.data)))}: {len(train_batches)} training items, fewer than one global batch of {global_batch}")
     steps_per_epoch = len(train_batches) // global_batch
     total = o.max_steps or max(1, math.ceil(o.epochs * steps_per_epoch))
 
@@ -960,7 +964,7 @@ def write_outputs(decoder, o: TrainOptions, out: Path, tokenizer, tok_cfg: dict,
         chosen = o.decoding_options("whisper", None, seq_len)
         defaults.update(strategy=chosen.strategy, steps=chosen.steps, candidates=chosen.candidates)
     save_model_dir(out / MODEL_SUBDIR, decoder, tok_file, tok_cfg, encoder_spec, defaults,
-                   extra={"training": {"stage": o.stage, "seq_len": seq_len, "data": str(o.data)}})
+                   extra={"training": {"stage": o.stage, "seq_len": seq_len, "data": _as_list(o.data)}})
 
 
 def _progress(enabled: bool, console=None):
