@@ -23,6 +23,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from . import first_line
+
 # Whisper's audio contract, each derived from the one before.
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -80,11 +82,6 @@ def _check_readable(path: Path) -> None:
         raise AudioError(path, "empty file (0 bytes)")
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
-
-
 @contextlib.contextmanager
 def _quiet_native_stderr(enabled: bool):
     """Silence what C libraries print to file descriptor 2 (libmpg123 writes 'Note: Illegal Audio-MPEG-Header'
@@ -121,9 +118,9 @@ def _open_soundfile(path: Path):
     except sf.LibsndfileError as e:
         # libsndfile gives "Format not recognised" for unknown containers and a variety of messages for
         # broken headers; both may still be something ffmpeg can decode.
-        return _SoundfileFailure(_first_line(e))
+        return _SoundfileFailure(first_line(e))
     except (RuntimeError, OSError) as e:
-        return _SoundfileFailure(_first_line(e))
+        return _SoundfileFailure(first_line(e))
 
 
 @dataclass
@@ -174,7 +171,7 @@ def _soundfile_blocks(f) -> Iterator[np.ndarray]:
                 with _quiet_native_stderr(quiet):
                     block = f.read(READ_FRAMES, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
-                raise AudioError(path, f"corrupt audio data ({_first_line(e)})") from None
+                raise AudioError(path, f"corrupt audio data ({first_line(e)})") from None
             if len(block) == 0:
                 return
             yield block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from . import first_line
+
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .data import DatasetError, Item, dataset_fingerprint, read_dataset
 from .writers import write_atomic
@@ -589,11 +591,6 @@ def read_item_audio(item: Item) -> np.ndarray:
     return audio
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _median(values):
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else None
@@ -609,7 +606,7 @@ def run_system(spec: SystemSpec, items: list[Item], options: BenchOptions, progr
     except BenchError:
         raise
     except (ValueError, OSError, RuntimeError, ImportError) as e:  # CheckpointError, HubError, WhisperLoadError...
-        raise BenchError(f"system {spec.text!r}: {_one_line(e)}") from None
+        raise BenchError(f"system {spec.text!r}: {first_line(e)}") from None
     load_s = time.perf_counter() - t0
     import torch
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import first_line
 from .model import PRESETS, DecoderBase, ModelConfig, build_decoder, is_adapter_key
 
 MODEL_FORMAT = "whisfusion-model"
@@ -52,18 +53,18 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file, corrupt or truncated ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file, corrupt or truncated ({first_line(e)})") from None
     else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{path}: refused: the pickle holds objects other than tensors (possibly code), and checkpoints "
-                f"are only loaded with weights_only=True ({_first_line(e)})"
+                f"are only loaded with weights_only=True ({first_line(e)})"
             ) from None
         except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError,
                 TypeError, AttributeError) as e:  # what torch.load raises on garbled bytes varies by damage
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({first_line(e)})") from None
     if isinstance(sd, dict):
         for wrapper in STATE_DICT_WRAPPERS:
             if isinstance(sd.get(wrapper), dict):
@@ -80,11 +81,6 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
 def read_config(config) -> ModelConfig:
     """A ModelConfig from a ModelConfig, a dict (upstream field names), a JSON file, or a preset name."""
     if config is None:
@@ -98,7 +94,7 @@ def read_config(config) -> ModelConfig:
         try:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read model config ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot read model config ({first_line(e)})") from None
         if "config" in config and isinstance(config["config"], dict):  # e.g. spec/keys_*.json
             config = config["config"]
         if "decoder" in config and isinstance(config["decoder"], dict):  # our model directory
@@ -106,7 +102,7 @@ def read_config(config) -> ModelConfig:
     try:
         return ModelConfig.from_dict(dict(config))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"invalid model config: {_first_line(e)}") from None
+        raise CheckpointError(f"invalid model config: {first_line(e)}") from None
 
 
 def check_and_load(model: DecoderBase, sd: dict, source: str) -> None:
@@ -232,7 +228,7 @@ def read_model_config(path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not a model directory (no {CONFIG_FILE})") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable model config ({_first_line(e)})") from None
+        raise CheckpointError(f"{cfg_path}: unreadable model config ({first_line(e)})") from None
     if config.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{cfg_path}: not a whisfusion model config (format {config.get('format')!r})")
     return config

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from . import __version__
+from . import __version__, first_line
 
 FORMAT_NAMES = ("txt", "vtt", "srt", "tsv", "json", "all")
 SELECTION_NAMES = ("confidence", "mbr", "rover")
@@ -191,7 +191,7 @@ def transcribe(
     except (AudioError, ValueError, RuntimeError, OSError) as e:
         if reporter:
             reporter.stop()
-        _err(f"error: {_one_line(e)}")
+        _err(f"error: {first_line(e)}")
         raise typer.Exit(EXIT_FAILED)
     elapsed = time.perf_counter() - t0
     if not quiet:
@@ -214,11 +214,6 @@ def _print_result(printer, result, many: bool, fmt: str, first: bool) -> None:
         text = printer.render(result)
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     sys.stdout.flush()
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 # -------------------------------------------------------------------------------------------- download
@@ -298,7 +293,7 @@ def _run_training_job(fn, kwargs: dict, resume_hint: str) -> None:
         _err(f"interrupted: {resume_hint}")
         raise typer.Exit(EXIT_INTERRUPTED)
     except (DatasetError, CheckpointError, ValueError, RuntimeError, OSError) as e:
-        _err(f"error: {_one_line(e)}")
+        _err(f"error: {first_line(e)}")
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -468,7 +463,7 @@ def bench(
         _err("interrupted: finished systems are saved; run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
     except (BenchError, ValueError, RuntimeError, OSError) as e:
-        _err(f"error: {_one_line(e)}")
+        _err(f"error: {first_line(e)}")
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -23,6 +23,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import first_line
+
 FORMAT = "whisfusion-shards"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -253,7 +255,7 @@ class ShardWriter:
             try:
                 loaded.append((item, self.read_audio(item)))
             except Exception as e:  # any unreadable file is reported and skipped, never fatal
-                skipped.append({"id": item.id, "audio": item.audio, "error": _one_line(e)})
+                skipped.append({"id": item.id, "audio": item.audio, "error": first_line(e)})
                 if on_item:
                     on_item(1)
         # Batch items of similar length (deterministic: stable sort by length) so "short" mode pads little.
@@ -288,11 +290,6 @@ class ShardWriter:
         return meta
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:300]
-
-
 def read_shard_meta(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -300,7 +297,7 @@ def read_shard_meta(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get(META_KEY)
     except Exception as e:
-        raise DatasetError(f"{path}: not a readable safetensors shard ({_one_line(e)})") from None
+        raise DatasetError(f"{path}: not a readable safetensors shard ({first_line(e)})") from None
     if meta is None:
         raise DatasetError(f"{path}: not a whisfusion shard (no '{META_KEY}' metadata)")
     return json.loads(meta)
@@ -325,7 +322,7 @@ def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
     import torch
 
     rank, world = _dist_info()
-    dist = None
+    dist, own_group = None, False
     if world > 1:
         import datetime
 
@@ -335,6 +332,18 @@ def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             # Ranks wait for each other only at the end; give slow shards plenty of time.
             dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+            own_group = True
+    try:
+        return _preprocess_ranks(options, encoder, console, rank, world, dist)
+    finally:
+        if own_group:
+            # Exiting with gloo's threads alive can abort a rank after a good run: tear the group down.
+            dist.destroy_process_group()
+
+
+def _preprocess_ranks(options: PreprocessOptions, encoder, console, rank: int, world: int, dist) -> dict:
+    import torch
+
     out = Path(options.output)
     out.mkdir(parents=True, exist_ok=True)
     items = read_dataset(options.input)

@@ -19,20 +19,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .audio import CHUNK_LENGTH, ENCODER_FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
     from transformers import WhisperForConditionalGeneration
 
-# Whisper's audio contract (the same numbers as audio.py's; repeated here so the encoder can build its
-# feature extractor without a hub download).
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
-CHUNK_LENGTH = 30
-N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames
-CONV_STRIDE = 2  # conv2 halves the mel frame rate
-ENCODER_FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH // CONV_STRIDE  # 50
+# Whisper's audio contract lives in audio.py; the encoder's conv stem halves the mel frame rate.
+CONV_STRIDE = 2  # 100 mel frames/s -> ENCODER_FRAMES_PER_SECOND (50)
 MAX_ENCODER_FRAMES = N_FRAMES // CONV_STRIDE  # 1500
 # Extra encoder frames kept after the audio in "pad_trim"/"short": the decoder sees where speech ends
 # (a little padding) instead of a hard cut in the last word.

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import first_line
+
 TRUE_VALUES = {"1", "true", "yes", "on"}
 ASSEMBLED_SUBDIR = "whisfusion"  # under HF_HOME (or --local-dir): our model directories built from artefacts
 STAMP_KEY = "assembled_from"
@@ -222,7 +224,7 @@ def _fetch(a: Artefact, filename: str, s: HubSettings, local_dir: Path | None, n
             reason = "offline mode is on (HF_HUB_OFFLINE=1) and the file is not in the cache"
         else:
             cause = e.__cause__ or e.__context__
-            detail = f" ({_first_line(cause)})" if cause and str(cause) else ""
+            detail = f" ({first_line(cause)})" if cause and str(cause) else ""
             reason = f"the hub at {s.endpoint} is unreachable{detail}"
         raise HubError(f"cannot fetch {what}: {reason}; {_hint(s, name)}") from None
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as e:
@@ -231,14 +233,9 @@ def _fetch(a: Artefact, filename: str, s: HubSettings, local_dir: Path | None, n
     except EntryNotFoundError:
         raise HubError(f"cannot fetch {what}: no such file in the repository at {s.endpoint}") from None
     except HfHubHTTPError as e:
-        raise HubError(f"cannot fetch {what}: {_first_line(e)}; {_hint(s, name)}") from None
+        raise HubError(f"cannot fetch {what}: {first_line(e)}; {_hint(s, name)}") from None
     except OSError as e:
-        raise HubError(f"cannot fetch {what}: {type(e).__name__}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+        raise HubError(f"cannot fetch {what}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _unreachable(endpoint: str) -> str | None:
@@ -315,7 +312,7 @@ def assemble_model_dir(spec: ModelSpec, paths: dict[str, Path], out_dir: Path) -
         raise HubError(f"{spec.name}: the downloaded decoder cannot be used: {e}") from None
     except Exception as e:  # a garbled download can fail inside the unpickler in many ways
         raise HubError(f"{spec.name}: the downloaded decoder cannot be used: {paths[spec.decoder]}: not a readable "
-                       f"checkpoint ({type(e).__name__}: {_first_line(e)}); delete it and download again") from None
+                       f"checkpoint ({type(e).__name__}: {first_line(e)}); delete it and download again") from None
     cfg = decoder.config
     encoder_spec = {"source": str(paths[spec.encoder]), "mode": spec.encoder_mode,
                     "dim": int(cfg.condition_dim or cfg.n_embd)}

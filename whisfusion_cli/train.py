@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 STAGES = ("1", "2", "scratch")
@@ -663,7 +663,7 @@ def train(options: TrainOptions, console=None) -> dict:
     ema = EMA(decoder, names, o.ema_decay) if o.ema_decay else None
     n_fixed = 0 if o.mask_prefix else len(tokenizer.prefix_ids)
 
-    step, best, bad_evals, epoch_seen = 0, float("inf"), 0, None
+    step, best, bad_evals = 0, float("inf"), 0
     last_path = out / LAST_CHECKPOINT
     if o.resume:
         if not last_path.exists():
