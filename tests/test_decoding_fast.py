@@ -35,6 +35,8 @@ def whisper():
 
 def _options(strategy, **kw):
     extra = {"temperature": 0.7, "repeat_penalty": 0.3} if strategy == "confidence" else {}
+    if strategy == "refine":  # the confidence strategy followed by mask-predict passes
+        strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2}
     return DecodingOptions(candidates=K, steps=4, seq_len=None, max_seq_len=48, seed=11, strategy=strategy,
                            **{**extra, **kw})
 
@@ -57,7 +59,7 @@ def _same(a, b):
     assert a.selected == b.selected and a.text_tokens == b.text_tokens
 
 
-@pytest.mark.parametrize("strategy", ["remask", "confidence"])
+@pytest.mark.parametrize("strategy", ["remask", "confidence", "refine"])
 @pytest.mark.parametrize("family", ["smdm", "whisper"])
 def test_batched_windows_decode_like_single_windows(family, strategy, request, monkeypatch):
     dec, conds, prefix, pad = request.getfixturevalue(family)
@@ -81,10 +83,11 @@ def test_batched_windows_decode_like_single_windows(family, strategy, request, m
     _same(lone, batched[3])
 
 
+@pytest.mark.parametrize("strategy", ["remask", "refine"])
 @pytest.mark.parametrize("family", ["smdm", "whisper"])
-def test_batched_reference_mode_matches_fast_mode(family, request):
+def test_batched_reference_mode_matches_fast_mode(family, strategy, request):
     dec, conds, prefix, pad = request.getfixturevalue(family)
-    options = _options("remask")
+    options = _options(strategy)
     durations = [d for _, d in WINDOWS]
     fast = decode_windows(dec, conds, options, prefix, pad, durations)
     ref = decode_windows(dec, conds, dataclasses.replace(options, fast=False), prefix, pad, durations)

@@ -43,3 +43,36 @@ def test_same_step_adjacent_duplicates_are_deferred(decoder):
                                                                  "repeat_penalty": 0.5}))
     assert (ruled.tokens != decoder.config.mask_token_id).all()
     assert not torch.equal(ruled.tokens, plain.tokens)
+
+
+def test_refine_pass_repredicts_the_least_confident_and_the_duplicates(decoder):
+    """One mask-predict pass: the lowest-confidence share of the transcript and every token equal to its left
+    neighbour are re-masked and predicted again from the rest; nothing else changes."""
+    from whisfusion_cli.decoding import _refine_pass
+
+    torch.manual_seed(3)
+    P, L, pad = 2, 20, 256
+    canvas = torch.randint(0, 200, (1, L))
+    canvas[0, :P] = torch.tensor([258, 259])
+    canvas[0, 14:] = pad  # 12 transcript tokens, then end-of-text
+    canvas[0, 6] = canvas[0, 5]  # a duplicate
+    confidences = torch.rand(1, L) * 0.5 + 0.5
+    confidences[0, :P] = 1.0
+    confidences[0, 9], confidences[0, 11], confidences[0, 3] = 0.01, 0.02, 0.03  # the three least sure
+    opts = DecodingOptions(strategy="confidence", refine=2, refine_fraction=0.25, seq_len=L, candidates=1)
+    cond = torch.randn(1, 20, 32)
+    kv = decoder.precompute_cross_kv(cond)
+    out, conf = _refine_pass(decoder, canvas, confidences, P, kv, opts, None, pad, r=0)
+    masked = torch.zeros(L, dtype=torch.bool)
+    masked[[3, 9, 11, 6]] = True  # ceil(12 x 0.25) = 3 least confident + the duplicate
+    x = torch.where(masked, torch.tensor(decoder.config.mask_token_id), canvas[0])
+    probs = torch.softmax(decoder(x[None], cross_kv=kv)[0].float(), -1)
+    assert torch.equal(out[0, ~masked], canvas[0, ~masked]) and torch.equal(conf[0, ~masked], confidences[0, ~masked])
+    assert torch.equal(out[0, masked], probs[masked].argmax(-1))
+    torch.testing.assert_close(conf[0, masked], probs[masked].max(-1).values)
+    # The second (last) pass re-masks half as many: ceil(12 x 0.125) = 2.
+    opts_last = DecodingOptions(strategy="confidence", refine=2, refine_fraction=0.25, seq_len=L, candidates=1)
+    out2, _ = _refine_pass(decoder, canvas, confidences, P, kv, opts_last, None, pad, r=1)
+    changed_allowed = torch.zeros(L, dtype=torch.bool)
+    changed_allowed[[9, 11, 6]] = True  # the two least sure + the duplicate
+    assert torch.equal(out2[0, ~changed_allowed], canvas[0, ~changed_allowed])

@@ -105,6 +105,8 @@ def transcribe(
                                             help="Candidate selection: confidence, mbr or rover."),
     strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGY_NAMES),
                                            help="Unmasking: remask (upstream) or confidence."),
+    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the "
+                                         "confidence fill: re-predict the least sure tokens (model default if unset)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
@@ -138,7 +140,7 @@ def transcribe(
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}")
         decoding = {}
         for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
-                           ("strategy", strategy), ("seed", seed)):
+                           ("strategy", strategy), ("refine", refine), ("seed", seed)):
             if value is not None:
                 decoding[key] = value
         if schedule is not None:
@@ -420,7 +422,7 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, seed, encoder_mode, label\n"
+    "                  strategy, refine, seed, encoder_mode, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

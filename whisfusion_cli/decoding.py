@@ -13,7 +13,9 @@ What we do on top, without changing the result of the upstream loop:
 * windows of the same shape (decode_windows) share one forward per step, each with its own random stream.
 
 And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
-confident predictions step by step, LLaDA-style) that fixes repeated words, and `mbr` / `rover` selection.
+confident predictions step by step, LLaDA-style) that fixes repeated words, mask-predict refinement passes
+after it (`refine`: re-predict the least sure tokens with everything else known), and `mbr` / `rover`
+selection.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ ROVER_ALPHA = 0.5
 TOKENS_PER_SECOND = 5.0
 CANVAS_MARGIN = 12
 MIN_CANVAS = 16
+# Mask-predict refinement (Ghazvininejad et al. 2019): the first pass re-masks this share of the transcript's
+# least confident tokens (then linearly fewer), plus every token equal to its neighbour.
+REFINE_FRACTION = 0.3
 # decode_windows: windows of one shape decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
 
@@ -54,6 +59,8 @@ class DecodingOptions:
     temperature: float = 0.0  # "confidence" strategy: Gumbel noise for candidates after the first
     repeat_penalty: float = 0.0  # "confidence" strategy: defer committing a token equal to a neighbour's
     blocks: int = 1  # "confidence" strategy: >1 fills the canvas in that many blocks, left to right
+    refine: int = 0  # "confidence" strategy: mask-predict passes after the fill (re-predict the least sure)
+    refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
     selection: str = "confidence"
     seed: int | None = None
     cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
@@ -66,6 +73,8 @@ class DecodingOptions:
             raise ValueError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.refine < 0 or not 0.0 < self.refine_fraction <= 1.0:
+            raise ValueError(f"refine must be >= 0 and refine_fraction in (0, 1]: {self.refine}, {self.refine_fraction}")
         if any(not 0.0 <= r <= 1.0 for r in self.schedule):
             raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
 
@@ -151,7 +160,8 @@ def _window_logits(decoder, hidden, shared, w, K, positions=None):
     return decoder.project(h if positions is None else h[positions])
 
 
-def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None):
+def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None,
+                  pad_id=None):
     """W windows x K candidates on canvases of length L -> (canvas, confidences), both [W*K, L].
 
     kv: cross-attention keys/values with one row per window (fast mode); cond_k: encoder states with one row
@@ -168,7 +178,7 @@ def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, g
         return decoder(x, condition=cond_k) if cond_k is not None else decoder(x, cross_kv=kv)
 
     if options.strategy == "confidence":
-        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits)
+        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits, pad_id)
 
     confidences = torch.zeros(W * K, L, device=device)
     for s in range(options.steps):
@@ -249,7 +259,8 @@ def parallel_diffusion_decode(
         else:  # upstream: the condition expanded to K rows, keys/values recomputed per step
             cond_k = cond.expand(K, *cond.shape[1:])
     record_inputs = [] if record else None
-    canvas, confidences = _decode_batch(decoder, kv, cond_k, 1, L, prefix, options, [generator], masks, record_inputs)
+    canvas, confidences = _decode_batch(decoder, kv, cond_k, 1, L, prefix, options, [generator], masks, record_inputs,
+                                        pad_id=pad_id)
     return _result(canvas, confidences, prefix, pad_id, options, to_words, record_inputs or [])
 
 
@@ -267,7 +278,7 @@ def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_wo
     return result
 
 
-def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits):
+def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits, pad_id=None):
     """Commit the most confident predictions step by step (LLaDA low-confidence remasking).
 
     Start all-masked; at step s, predict every still-masked position and commit as many of the most
@@ -357,6 +368,42 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
             commit[:, 1:] &= ~drop_right
         canvas = torch.where(commit, pred, canvas)
         confidences = torch.where(commit, c.clamp(min=0), confidences)
+    for r in range(options.refine):
+        canvas, confidences = _refine_pass(decoder, canvas, confidences, P, kv, options, full_logits, pad_id, r)
+    return canvas, confidences
+
+
+def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int):
+    """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
+    token equal to a neighbour, the parallel-duplicate signature) and predict them again with everything
+    else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
+    R, L = canvas.shape
+    K = options.candidates
+    W = R // K
+    mask_id = decoder.config.mask_token_id
+    is_pad = canvas == pad_id
+    # Transcript length per row: positions before the first end-of-text (all generated ones if none).
+    first_pad = torch.where(is_pad[:, P:].any(1), is_pad[:, P:].float().argmax(1), torch.full((R,), L - P))
+    share = options.refine_fraction * (options.refine - r) / options.refine
+    n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
+    c = confidences.clone()
+    c[:, :P] = float("inf")
+    ranks = torch.empty_like(canvas)
+    ranks.scatter_(1, c.argsort(dim=1), torch.arange(L, device=canvas.device).expand(R, L))
+    m = ranks < n_row[:, None]
+    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=-1)
+    dup = (canvas == left) & ~is_pad
+    dup[:, :P] = False
+    m |= dup
+    x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
+    if options.fast:
+        hidden, shared = _hidden(decoder, x, kv, K)
+        flat = torch.cat([_window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K]) for w in range(W)])
+    else:
+        flat = full_logits(x)[m]
+    conf, pick = torch.softmax(flat.float(), dim=-1).max(-1)
+    canvas, confidences = canvas.clone(), confidences.clone()
+    canvas[m], confidences[m] = pick, conf
     return canvas, confidences
 
 
@@ -393,7 +440,7 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
             cond = torch.stack([states[i] for i in idx]).to(device)
             kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
             canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
-                                                [_generator(seeds[i]) for i in idx])
+                                                [_generator(seeds[i]) for i in idx], pad_id=pad_id)
             for w, i in enumerate(idx):
                 rows = slice(w * K, (w + 1) * K)
                 results[i] = _result(canvas[rows], confidences[rows], prefix, pad_id, options, to_words, [])
