@@ -193,7 +193,7 @@ def transcribe(
     except (AudioError, ValueError, RuntimeError, OSError) as e:
         if reporter:
             reporter.stop()
-        _err(f"error: {first_line(e)}")
+        _err(f"error: {first_line(e, limit=None)}")
         raise typer.Exit(EXIT_FAILED)
     elapsed = time.perf_counter() - t0
     if not quiet:
@@ -295,7 +295,7 @@ def _run_training_job(fn, kwargs: dict, resume_hint: str) -> None:
         _err(f"interrupted: {resume_hint}")
         raise typer.Exit(EXIT_INTERRUPTED)
     except (DatasetError, CheckpointError, ValueError, RuntimeError, OSError) as e:
-        _err(f"error: {first_line(e)}")
+        _err(f"error: {first_line(e, limit=None)}")
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -465,7 +465,7 @@ def bench(
         _err("interrupted: finished systems are saved; run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)
     except (BenchError, ValueError, RuntimeError, OSError) as e:
-        _err(f"error: {first_line(e)}")
+        _err(f"error: {first_line(e, limit=None)}")
         raise typer.Exit(EXIT_FAILED)
 
 
