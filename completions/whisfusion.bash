@@ -18,13 +18,14 @@ _whisfusion() {
         --selection) COMPREPLY=($(compgen -W "confidence mbr rover" -- "$cur")); return ;;
         --strategy) COMPREPLY=($(compgen -W "remask confidence" -- "$cur")); return ;;
         --refine) COMPREPLY=(); return ;;
+        --shortlist) COMPREPLY=(); return ;;
         --seed) COMPREPLY=(); return ;;
         --seq-len) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --threads) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in

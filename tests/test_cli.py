@@ -80,7 +80,8 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", str(AUDIO), "--model", model_dir, "-o", str(out),
-         "-f", "all", "--seed", "0", "--batch-size", "4", "--refine", "2"],
+         "-f", "all", "--seed", "0", "--batch-size", "4", "--strategy", "confidence", "--refine", "2",
+         "--shortlist", "16"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -100,6 +101,7 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
         assert doc["file"].endswith(clip) and abs(doc["duration"] - duration) < 0.001
         assert doc["segments"][0]["start"] == 0 and abs(doc["segments"][-1]["end"] - duration) < 0.001
         assert doc["decoding"]["seed"] == 0 and doc["decoding"]["refine"] == 2 and doc["model"] == model_dir
+        assert doc["decoding"]["shortlist"] == 16
         assert " ".join(s["text"] for s in doc["segments"] if s["text"]) == doc["text"]
         tsv = (out / f"{stem}.tsv").read_text().splitlines()
         assert tsv[0] == "start\tend\ttext" and all(len(r.split("\t")) == 3 for r in tsv)

@@ -37,6 +37,8 @@ def _options(strategy, **kw):
     extra = {"temperature": 0.7, "repeat_penalty": 0.3} if strategy == "confidence" else {}
     if strategy == "refine":  # the confidence strategy followed by mask-predict passes
         strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2}
+    if strategy == "shortlist":  # the same, scoring only a vocabulary shortlist after step 0
+        strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2, "shortlist": 4}
     return DecodingOptions(candidates=K, steps=4, seq_len=None, max_seq_len=48, seed=11, strategy=strategy,
                            **{**extra, **kw})
 
@@ -59,7 +61,7 @@ def _same(a, b):
     assert a.selected == b.selected and a.text_tokens == b.text_tokens
 
 
-@pytest.mark.parametrize("strategy", ["remask", "confidence", "refine"])
+@pytest.mark.parametrize("strategy", ["remask", "confidence", "refine", "shortlist"])
 @pytest.mark.parametrize("family", ["smdm", "whisper"])
 def test_batched_windows_decode_like_single_windows(family, strategy, request, monkeypatch):
     dec, conds, prefix, pad = request.getfixturevalue(family)
@@ -188,3 +190,49 @@ def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper):
         alone, _ = _confidence_unmask(dec, canvas, P, dec.precompute_cross_kv(cond[w : w + 1]), options,
                                       [torch.Generator().manual_seed(seed)], None)
         assert torch.equal(batched[w * K : (w + 1) * K], alone), f"window {w}"
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_shortlist_projects_the_whole_vocabulary_once_per_window(family, request, monkeypatch):
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    options = _options("shortlist")
+    full_projections = []
+    inner = dec.project
+    monkeypatch.setattr(dec, "project", lambda h: full_projections.append(h.shape) or inner(h))
+    results = decode_windows(dec, conds, options, prefix, pad, [d for _, d in WINDOWS])
+    # Step 0 only (later steps and both refine passes score the shortlist); step 0 is shared by the K rows.
+    assert len(full_projections) == len(WINDOWS)
+    vocab = set(range(dec.config.n_logits))
+    assert all(set(r.tokens[:, len(prefix):].flatten().tolist()) <= vocab for r in results)
+
+
+def test_shortlist_as_large_as_the_vocabulary_is_exact(whisper):
+    dec, conds, prefix, pad = whisper
+    options = _options("refine")
+    durations = [d for _, d in WINDOWS]
+    exact = decode_windows(dec, conds, options, prefix, pad, durations)
+    whole = decode_windows(dec, conds, dataclasses.replace(options, shortlist=dec.config.n_logits), prefix, pad,
+                           durations)
+    for a, b in zip(exact, whole):
+        assert torch.equal(a.tokens, b.tokens) and a.selected == b.selected
+        torch.testing.assert_close(a.confidences, b.confidences, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_output_rows_are_the_projection_rows(family, request):
+    dec = request.getfixturevalue(family)[0]
+    ids = torch.tensor([0, 3, dec.config.n_logits - 1])
+    h = torch.randn(5, dec.config.n_embd)
+    torch.testing.assert_close(h @ dec.output_rows(ids).T, dec.project(h)[:, ids])
+    q = quantize_decoder(dec)  # an int8 head still gives its float rows (dequantised for SMDM's Linear)
+    assert q.output_rows(ids).dtype == torch.float32
+    torch.testing.assert_close(q.output_rows(ids), dec.output_rows(ids), atol=0.05, rtol=0.05)
+
+
+def test_shortlist_options_are_checked():
+    with pytest.raises(ValueError, match="shortlist"):
+        DecodingOptions(shortlist=-1)
+    with pytest.raises(ValueError, match="confidence strategy"):
+        DecodingOptions(shortlist=8, strategy="remask")
+    with pytest.raises(ValueError, match="confidence strategy"):
+        DecodingOptions(shortlist=8, strategy="confidence", fast=False)

@@ -60,8 +60,8 @@ SYSTEM_KINDS = ("whisfusion", "whisper", "faster-whisper")
 DEFAULT_SYSTEMS = ("whisfusion:model=default", "whisper:tiny.en", "faster-whisper:tiny.en,compute_type=int8")
 # Keys each kind of system spec accepts (the first bare value of a spec is its model).
 SPEC_KEYS = {
-    "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "seed",
-                   "encoder_mode", "label"},
+    "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "shortlist",
+                   "seed", "encoder_mode", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
@@ -371,7 +371,7 @@ class WhisfusionSystem:
                            encoder_options=enc_opts)
         p = spec.params
         overrides: dict[str, Any] = {"seed": int(p.get("seed", DEFAULT_SEED))}
-        for key in ("steps", "candidates", "refine"):
+        for key in ("steps", "candidates", "refine", "shortlist"):
             if key in p:
                 overrides[key] = int(p[key])
         for key in ("selection", "strategy"):

@@ -107,6 +107,8 @@ def transcribe(
                                            help="Unmasking: remask (upstream) or confidence."),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the "
                                          "confidence fill: re-predict the least sure tokens (model default if unset)."),
+    shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
+                                            "each position's N best tokens (faster; 0: whole vocabulary, exact)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
@@ -140,7 +142,8 @@ def transcribe(
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}")
         decoding = {}
         for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
-                           ("strategy", strategy), ("refine", refine), ("seed", seed)):
+                           ("strategy", strategy), ("refine", refine), ("shortlist", shortlist),
+                           ("seed", seed)):
             if value is not None:
                 decoding[key] = value
         if schedule is not None:
@@ -422,7 +425,7 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, seed, encoder_mode, label\n"
+    "                  strategy, refine, shortlist, seed, encoder_mode, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

@@ -41,6 +41,12 @@ MIN_CANVAS = 16
 # Mask-predict refinement (Ghazvininejad et al. 2019): the first pass re-masks this share of the transcript's
 # least confident tokens (then linearly fewer), plus every token equal to its neighbour.
 REFINE_FRACTION = 0.3
+# Vocabulary shortlist ("confidence" strategy, `shortlist` > 0): a window's first prediction scores the whole
+# vocabulary; later steps and refine passes score only the union of each position's top-`shortlist` tokens
+# there, plus end-of-text. The output projection is most of a small decoder's step (every still-masked
+# position onto 50k tokens), so this cuts it several-fold; approximate, since confidences are then
+# normalised over the shortlist. 0 keeps the full vocabulary (exact).
+SHORTLIST_OFF = 0
 # decode_windows: windows of one shape decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
 
@@ -61,6 +67,7 @@ class DecodingOptions:
     blocks: int = 1  # "confidence" strategy: >1 fills the canvas in that many blocks, left to right
     refine: int = 0  # "confidence" strategy: mask-predict passes after the fill (re-predict the least sure)
     refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
+    shortlist: int = SHORTLIST_OFF  # "confidence" strategy: after step 0, score only each position's top-N
     selection: str = "confidence"
     seed: int | None = None
     cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
@@ -75,6 +82,10 @@ class DecodingOptions:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.refine < 0 or not 0.0 < self.refine_fraction <= 1.0:
             raise ValueError(f"refine must be >= 0 and refine_fraction in (0, 1]: {self.refine}, {self.refine_fraction}")
+        if self.shortlist < 0:
+            raise ValueError(f"shortlist must be >= 0 (0: the full vocabulary), got {self.shortlist}")
+        if self.shortlist and (self.strategy != "confidence" or not self.fast):
+            raise ValueError("shortlist needs the confidence strategy in fast mode")
         if any(not 0.0 <= r <= 1.0 for r in self.schedule):
             raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
 
@@ -146,18 +157,30 @@ def _hidden(decoder, x, kv, K):
     return decoder.hidden_states(x, cross_kv=kv), False
 
 
-def _window_logits(decoder, hidden, shared, w, K, positions=None):
+def _window_logits(decoder, hidden, shared, w, K, positions=None, rows=None):
     """Window w's logits: [K, L, V] ([L, V] when shared: the same for all K rows), or, for positions (bool
-    [K, L]), [n, V] for those positions in row-major order."""
+    [K, L]), [n, V] for those positions in row-major order. rows: output rows of a shortlist [V', d] to
+    project onto instead of the whole vocabulary (logits [..., V'])."""
+    project = decoder.project if rows is None else (lambda h: h @ rows.T)
     if shared:
         h = hidden[w]
         if positions is None:
-            return decoder.project(h)
+            return project(h)
         if torch.equal(positions, positions[:1].expand_as(positions)):
-            return decoder.project(h[positions[0]]).repeat(K, 1)
-        return decoder.project(h.expand(K, *h.shape)[positions])
+            return project(h[positions[0]]).repeat(K, 1)
+        return project(h.expand(K, *h.shape)[positions])
     h = hidden[w * K : (w + 1) * K]
-    return decoder.project(h if positions is None else h[positions])
+    return project(h if positions is None else h[positions])
+
+
+def _shortlist(decoder, logits, top: int, pad_id):
+    """(token ids, their output rows): the union of each row's `top` best tokens in logits [n, V], plus
+    end-of-text (so a transcript can still end anywhere)."""
+    ids = logits.topk(min(top, logits.size(-1)), dim=-1).indices.flatten()
+    if pad_id is not None:
+        ids = torch.cat([ids, torch.tensor([pad_id], device=ids.device)])
+    ids = torch.unique(ids)
+    return ids, decoder.output_rows(ids).float()
 
 
 def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None,
@@ -294,6 +317,7 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
     n_gen = L - P
     confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, :P] = 1.0
+    shortlists = [None] * W  # per window, with options.shortlist: made from its first prediction
     for s in range(options.steps):
         m = canvas == mask_id
         if not m.any():
@@ -317,10 +341,13 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
                 picks.append(torch.full((n,), mask_id, dtype=torch.long, device=canvas.device))
                 confs.append(torch.full((n,), -1.0, device=canvas.device))
                 continue
+            short = shortlists[w]
             if options.fast:
-                flat = _window_logits(decoder, hidden, shared, w, K, mw)
+                flat = _window_logits(decoder, hidden, shared, w, K, mw, None if short is None else short[1])
             else:
                 flat = logits[w * K : (w + 1) * K][mw]
+            if options.shortlist and short is None:
+                shortlists[w] = _shortlist(decoder, flat, options.shortlist, pad_id)
             logp = torch.log_softmax(flat.float(), dim=-1)
             if options.temperature > 0 and K > 1:
                 rows = mw.nonzero()[:, 0]
@@ -330,8 +357,8 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
                 pick = (logp + gumbel).argmax(-1)
             else:
                 pick = logp.argmax(-1)
-            picks.append(pick)
             confs.append(logp.gather(-1, pick[:, None]).squeeze(-1).exp())
+            picks.append(pick if short is None else short[0][pick])
         pred = torch.full_like(canvas, mask_id)
         pred[m] = torch.cat(picks)
         c = torch.full((R, L), -1.0, device=canvas.device)
@@ -369,11 +396,13 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         canvas = torch.where(commit, pred, canvas)
         confidences = torch.where(commit, c.clamp(min=0), confidences)
     for r in range(options.refine):
-        canvas, confidences = _refine_pass(decoder, canvas, confidences, P, kv, options, full_logits, pad_id, r)
+        canvas, confidences = _refine_pass(decoder, canvas, confidences, P, kv, options, full_logits, pad_id, r,
+                                           shortlists)
     return canvas, confidences
 
 
-def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int):
+def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int,
+                 shortlists=None):
     """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
     token equal to a neighbour, the parallel-duplicate signature) and predict them again with everything
     else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
@@ -398,10 +427,17 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
     x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
     if options.fast:
         hidden, shared = _hidden(decoder, x, kv, K)
-        flat = torch.cat([_window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K]) for w in range(W)])
+        confs, picks = [], []
+        for w in range(W):
+            short = shortlists[w] if shortlists is not None else None
+            flat = _window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K],
+                                  None if short is None else short[1])
+            c, p = torch.softmax(flat.float(), dim=-1).max(-1)
+            confs.append(c)
+            picks.append(p if short is None else short[0][p])
+        conf, pick = torch.cat(confs), torch.cat(picks)
     else:
-        flat = full_logits(x)[m]
-    conf, pick = torch.softmax(flat.float(), dim=-1).max(-1)
+        conf, pick = torch.softmax(full_logits(x)[m].float(), dim=-1).max(-1)
     canvas, confidences = canvas.clone(), confidences.clone()
     canvas[m], confidences[m] = pick, conf
     return canvas, confidences

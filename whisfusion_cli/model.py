@@ -291,6 +291,11 @@ class DecoderBase(nn.Module):
         """Hidden states [..., n_embd] -> logits [..., n_logits]."""
         return self._head(x)
 
+    def output_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the output projection, float [len(ids), n_embd]: `x @ rows.T` are the logits of
+        those tokens only (a decoding shortlist; an int8 head's rows are read from the float weights)."""
+        return self._output_weight()[ids]
+
     def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
         """idx int64 [B, T] -> logits [B, T, n_logits].
 
@@ -350,6 +355,10 @@ class DiffusionDecoder(DecoderBase):
 
     def _head(self, x):
         return self.lm_head(x)
+
+    def _output_weight(self):
+        w = self.lm_head.weight
+        return w().dequantize() if callable(w) else w  # a dynamically quantised Linear stores int8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,6 +447,9 @@ class WhisperDiffusionDecoder(DecoderBase):
         if proj is not None:
             return proj(x)
         return x @ self.embed_tokens.weight[: self.config.n_logits].T
+
+    def _output_weight(self):
+        return self.embed_tokens.weight[: self.config.n_logits]
 
 
 def build_decoder(config: ModelConfig) -> DecoderBase:
