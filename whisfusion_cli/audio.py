@@ -1,7 +1,8 @@
 """Reading audio: any file -> float32 mono 16 kHz, whole (`load_audio`) or in bounded blocks (`stream_audio`).
 
 soundfile (libsndfile) decodes wav, flac, ogg/vorbis/opus, mp3, aiff and friends; containers libsndfile does
-not know (m4a, aac, webm, ...) are decoded by an `ffmpeg` subprocess when one is on PATH. Resampling to 16 kHz
+not know (m4a, aac, webm, ...) are decoded by an `ffmpeg` subprocess: the one on PATH, else the binary the
+`imageio-ffmpeg` wheel ships (`pip install imageio-ffmpeg`, no system package needed). Resampling to 16 kHz
 uses soxr (librosa's resampler) in streaming mode, so a file of hours never sits in memory and a file read in
 blocks gives the same samples as one read whole.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +130,42 @@ class _SoundfileFailure:
     message: str
 
 
+def ffmpeg_executable() -> str | None:
+    """ffmpeg on PATH, else the imageio-ffmpeg wheel's binary when that package is installed, else None."""
+    exe = shutil.which("ffmpeg")
+    if exe:
+        return exe
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+
+def _ffmpeg_duration(path: Path) -> float | None:
+    """Duration from `ffprobe`, or from the `Duration:` line `ffmpeg -i` prints (imageio-ffmpeg has no ffprobe)."""
+    try:
+        if shutil.which("ffprobe"):
+            out = subprocess.run(
+                ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
+                capture_output=True, text=True, timeout=60, check=True,
+            ).stdout.strip()
+            return float(out)
+        exe = ffmpeg_executable()
+        if exe:
+            # With no output file ffmpeg exits 1 after printing the input's header, which is all we need.
+            err = subprocess.run([exe, "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True, text=True,
+                                 timeout=60).stderr
+            match = re.search(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", err)
+            if match:
+                h, m, sec = match.groups()
+                return int(h) * 3600 + int(m) * 60 + float(sec)
+    except (subprocess.SubprocessError, ValueError, OSError):
+        pass
+    return None
+
+
 def audio_info(path) -> AudioInfo:
     """Duration and format from the header (no decoding for soundfile formats; ffprobe for the others)."""
     path = Path(path)
@@ -137,15 +175,9 @@ def audio_info(path) -> AudioInfo:
         with f:
             duration = f.frames / f.samplerate if f.samplerate else None
             return AudioInfo(str(path), duration, f.samplerate, f.channels, f.format)
-    if shutil.which("ffprobe"):
-        try:
-            out = subprocess.run(
-                ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "csv=p=0", str(path)],
-                capture_output=True, text=True, timeout=60, check=True,
-            ).stdout.strip()
-            return AudioInfo(str(path), float(out), None, None, "ffmpeg")
-        except (subprocess.SubprocessError, ValueError, OSError):
-            pass
+    duration = _ffmpeg_duration(path)
+    if duration is not None:
+        return AudioInfo(str(path), duration, None, None, "ffmpeg")
     raise AudioError(path, _not_audio_reason(path, f.message))
 
 
@@ -154,8 +186,8 @@ def audio_duration(path) -> float | None:
 
 
 def _not_audio_reason(path: Path, soundfile_message: str) -> str:
-    if path.suffix.lower() in FFMPEG_EXTENSIONS and not shutil.which("ffmpeg"):
-        return f"{path.suffix} files need ffmpeg on PATH (not found)"
+    if path.suffix.lower() in FFMPEG_EXTENSIONS and not ffmpeg_executable():
+        return f"{path.suffix} files need ffmpeg: apt-get install ffmpeg, or pip install imageio-ffmpeg"
     return f"not an audio file, or corrupt ({soundfile_message})"
 
 
@@ -179,7 +211,7 @@ def _soundfile_blocks(f) -> Iterator[np.ndarray]:
 
 def _ffmpeg_blocks(path: Path, sr: int) -> Iterator[np.ndarray]:
     """Mono float32 blocks already at `sr`, decoded and resampled by an ffmpeg subprocess."""
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
+    cmd = [ffmpeg_executable() or "ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
     # stderr goes to a file: a pipe could fill up and block ffmpeg on a file with many decode errors.
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
@@ -252,7 +284,7 @@ def stream_audio(path, block_seconds: float = DEFAULT_BLOCK_SECONDS, sr: int = S
     size = max(1, int(round(block_seconds * sr)))
     f = _open_soundfile(path)
     if isinstance(f, _SoundfileFailure):
-        if not shutil.which("ffmpeg"):
+        if not ffmpeg_executable():
             raise AudioError(path, _not_audio_reason(path, f.message))
         blocks = _ffmpeg_blocks(path, sr)
     else:
