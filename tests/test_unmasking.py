@@ -76,3 +76,23 @@ def test_refine_pass_repredicts_the_least_confident_and_the_duplicates(decoder):
     changed_allowed = torch.zeros(L, dtype=torch.bool)
     changed_allowed[[9, 11, 6]] = True  # the two least sure + the duplicate
     assert torch.equal(out2[0, ~changed_allowed], canvas[0, ~changed_allowed])
+
+
+def test_refine_pass_remasks_the_second_copy_of_a_repeated_pair(decoder):
+    """ "can do can do": a pair equal to the pair before it is the two-token form of a parallel duplicate."""
+    from whisfusion_cli.decoding import _refine_pass
+
+    P, pad = 2, 256
+    canvas = torch.tensor([[258, 259, 10, 11, 20, 21, 20, 21, 30, 31, pad, pad, pad, pad]])
+    L = canvas.size(1)
+    confidences = torch.full((1, L), 0.9)
+    confidences[0, 2] = 0.1  # the least sure: ceil(8 x 0.1) = 1 token
+    opts = DecodingOptions(strategy="confidence", refine=1, refine_fraction=0.1, seq_len=L, candidates=1)
+    kv = decoder.precompute_cross_kv(torch.randn(1, 20, 32))
+    out, conf = _refine_pass(decoder, canvas, confidences, P, kv, opts, None, pad, r=0)
+    masked = torch.zeros(L, dtype=torch.bool)
+    masked[[2, 6, 7]] = True  # the least confident and the second "20 21"
+    x = torch.where(masked, torch.tensor(decoder.config.mask_token_id), canvas[0])
+    probs = torch.softmax(decoder(x[None], cross_kv=kv)[0].float(), -1)
+    assert torch.equal(out[0, ~masked], canvas[0, ~masked]) and torch.equal(conf[0, ~masked], confidences[0, ~masked])
+    assert torch.equal(out[0, masked], probs[masked].argmax(-1))

@@ -404,7 +404,8 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
 def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int,
                  shortlists=None):
     """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
-    token equal to a neighbour, the parallel-duplicate signature) and predict them again with everything
+    token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate signatures) and
+    predict them again with everything
     else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
     R, L = canvas.shape
     K = options.candidates
@@ -422,6 +423,12 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
     m = ranks < n_row[:, None]
     left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=-1)
     dup = (canvas == left) & ~is_pad
+    # The two-token form of the same duplicate ("can do can do"): a pair equal to the pair before it; its
+    # second copy is re-masked.
+    left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=-1)
+    left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=-1)
+    pair_end = (canvas == left2) & (left == left3) & ~is_pad
+    dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
     dup[:, :P] = False
     m |= dup
     x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
