@@ -14,8 +14,8 @@ What we do on top, without changing the result of the upstream loop:
 
 And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
 confident predictions step by step, LLaDA-style) that fixes repeated words, mask-predict refinement passes
-after it (`refine`: re-predict the least sure tokens with everything else known), and `mbr` / `rover`
-selection.
+after it (`refine`: re-predict the least sure tokens with everything else known), a vocabulary shortlist
+for the steps after the first (`shortlist`: approximate, for speed), and `mbr` / `rover` selection.
 """
 
 from __future__ import annotations
