@@ -79,11 +79,14 @@ def test_parse_system_specs():
     assert (s.model, s.params["compute_type"], s.label) == ("tiny.en", "int8", "fw")
     assert parse_system("whisfusion:models/x,canvas=64").params == {"seq_len": "64"}
     assert parse_system("whisper").model == "tiny.en"
+    assert parse_system("whisfusion:default,refine=0,shortlist=16").params == {"refine": "0", "shortlist": "16"}
     for bad, words in [
         ("foo:bar", "unknown kind"),
         ("whisper:tiny.en,steps=4", "unknown option 'steps'"),
         ("whisfusion:default,steps=0", "positive integer"),
         ("whisfusion:default,seq_len=big", "'auto'"),
+        ("whisfusion:default,shortlist=x", "shortlist='x' must be a non-negative integer"),
+        ("whisfusion:default,refine=-1", "refine='-1' must be a non-negative integer"),
         ("whisper:tiny.en,small", "key=value"),
     ]:
         with pytest.raises(BenchError, match=words):

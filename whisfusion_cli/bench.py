@@ -176,8 +176,9 @@ def parse_system(text: str) -> SystemSpec:
     for key in ("steps", "candidates", "beams"):
         if key in params and not re.fullmatch(r"[1-9]\d*", params[key]):
             raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a positive integer")
-    if "seed" in params and not re.fullmatch(r"\d+", params["seed"]):
-        raise BenchError(f"system {text!r}: seed={params['seed']!r} must be a non-negative integer")
+    for key in ("seed", "refine", "shortlist"):
+        if key in params and not re.fullmatch(r"\d+", params[key]):
+            raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a non-negative integer")
     if "seq_len" in params and params["seq_len"] != AUTO and not re.fullmatch(r"[1-9]\d*", params["seq_len"]):
         raise BenchError(f"system {text!r}: seq_len={params['seq_len']!r} must be a positive integer or 'auto'")
     normal = f"{kind}:{model}" + "".join(f",{k}={v}" for k, v in params.items())
