@@ -229,6 +229,18 @@ def test_output_rows_are_the_projection_rows(family, request):
     torch.testing.assert_close(q.output_rows(ids), dec.output_rows(ids), atol=0.05, rtol=0.05)
 
 
+def test_shortlist_keeps_the_decoder_dtype(whisper):
+    """The shortlist's rows are in the decoder's dtype, so a bf16 decoder (the GPU default) decodes with it."""
+    import copy
+
+    dec, conds, prefix, pad = whisper
+    half = copy.deepcopy(dec).to(torch.bfloat16)
+    options = dataclasses.replace(_options("shortlist"), candidates=1)
+    (result,) = decode_windows(half, [conds[0].to(torch.bfloat16)], options, prefix, pad, [4.0])
+    assert (result.tokens != half.config.mask_token_id).all()
+    assert half.output_rows(torch.tensor([1, 2])).dtype == torch.bfloat16
+
+
 def test_shortlist_options_are_checked():
     with pytest.raises(ValueError, match="shortlist"):
         DecodingOptions(shortlist=-1)

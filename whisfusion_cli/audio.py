@@ -209,9 +209,9 @@ def _soundfile_blocks(f) -> Iterator[np.ndarray]:
             yield block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
 
 
-def _ffmpeg_blocks(path: Path, sr: int) -> Iterator[np.ndarray]:
-    """Mono float32 blocks already at `sr`, decoded and resampled by an ffmpeg subprocess."""
-    cmd = [ffmpeg_executable() or "ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
+def _ffmpeg_blocks(path: Path, sr: int, ffmpeg: str) -> Iterator[np.ndarray]:
+    """Mono float32 blocks already at `sr`, decoded and resampled by an ffmpeg subprocess (executable `ffmpeg`)."""
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(sr), "-"]
     # stderr goes to a file: a pipe could fill up and block ffmpeg on a file with many decode errors.
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
@@ -284,9 +284,10 @@ def stream_audio(path, block_seconds: float = DEFAULT_BLOCK_SECONDS, sr: int = S
     size = max(1, int(round(block_seconds * sr)))
     f = _open_soundfile(path)
     if isinstance(f, _SoundfileFailure):
-        if not ffmpeg_executable():
+        ffmpeg = ffmpeg_executable()
+        if not ffmpeg:
             raise AudioError(path, _not_audio_reason(path, f.message))
-        blocks = _ffmpeg_blocks(path, sr)
+        blocks = _ffmpeg_blocks(path, sr, ffmpeg)
     else:
         if f.samplerate <= 0:
             f.close()

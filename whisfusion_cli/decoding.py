@@ -180,7 +180,7 @@ def _shortlist(decoder, logits, top: int, pad_id):
     if pad_id is not None:
         ids = torch.cat([ids, torch.tensor([pad_id], device=ids.device)])
     ids = torch.unique(ids)
-    return ids, decoder.output_rows(ids).float()
+    return ids, decoder.output_rows(ids)
 
 
 def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None,
@@ -405,8 +405,7 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
                  shortlists=None):
     """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
     token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate signatures) and
-    predict them again with everything
-    else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
+    predict them again with everything else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
     R, L = canvas.shape
     K = options.candidates
     W = R // K

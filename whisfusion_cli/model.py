@@ -292,8 +292,8 @@ class DecoderBase(nn.Module):
         return self._head(x)
 
     def output_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the output projection, float [len(ids), n_embd]: `x @ rows.T` are the logits of
-        those tokens only (a decoding shortlist; an int8 head's rows are read from the float weights)."""
+        """Rows `ids` of the output projection, [len(ids), n_embd] in the decoder's dtype: `x @ rows.T` are the
+        logits of those tokens only (a decoding shortlist; an int8 head's rows are read as float)."""
         return self._output_weight()[ids]
 
     def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
@@ -446,7 +446,7 @@ class WhisperDiffusionDecoder(DecoderBase):
         proj = getattr(self, "output_proj", None)  # set by quantize_decoder: an int8 copy of the tied rows
         if proj is not None:
             return proj(x)
-        return x @ self.embed_tokens.weight[: self.config.n_logits].T
+        return x @ self._output_weight().T
 
     def _output_weight(self):
         return self.embed_tokens.weight[: self.config.n_logits]
