@@ -10,7 +10,7 @@ from whisfusion_cli.decoding import DecodingOptions, decode_windows, parallel_di
 from whisfusion_cli.model import ModelConfig, WhisperDiffusionDecoder, quantize_decoder
 
 K = 3
-# (frames, seconds) per window: two frame counts and two canvas lengths, so the batch splits into groups.
+# (frames, seconds) per window: two frame counts and two canvas lengths, so batches mix shapes.
 WINDOWS = [(200, 4.0), (200, 4.0), (150, 4.0), (200, 4.0), (200, 9.0), (200, 4.0)]
 WHISPER_PREFIX, WHISPER_EOT = [257, 258], 259
 
@@ -44,20 +44,23 @@ def _options(strategy, **kw):
 
 
 def _count_batches(dec, monkeypatch):
-    rows = []
+    """Rows and padding of every trunk call: (rows, canvas lengths or None, frame counts or None)."""
+    calls = []
     inner = dec.hidden_states
 
     def counting(idx, **kw):
-        rows.append(idx.size(0))
+        lengths, frames = kw.get("lengths"), kw.get("frames")
+        calls.append((idx.size(0), None if lengths is None else lengths.tolist(),
+                      None if frames is None else frames.tolist()))
         return inner(idx, **kw)
 
     monkeypatch.setattr(dec, "hidden_states", counting)
-    return rows
+    return calls
 
 
-def _same(a, b):
+def _same(a, b, atol=1e-6):
     assert torch.equal(a.tokens, b.tokens)
-    torch.testing.assert_close(a.confidences, b.confidences, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.confidences, b.confidences, atol=atol, rtol=0)
     assert a.selected == b.selected and a.text_tokens == b.text_tokens
 
 
@@ -67,15 +70,23 @@ def test_batched_windows_decode_like_single_windows(family, strategy, request, m
     dec, conds, prefix, pad = request.getfixturevalue(family)
     options = _options(strategy)
     durations = [d for _, d in WINDOWS]
-    rows = _count_batches(dec, monkeypatch)
+    calls = _count_batches(dec, monkeypatch)
     batched = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=2)
-    # Groups: 4 windows of (200 frames, 4 s) in batches of 2, and the two odd ones alone.
-    assert max(rows) == 2 * K and min(rows) <= K
+    # Longest first in batches of 2: (9 s, 200 frames) with a 4 s one (canvas padded), then two 4 s windows
+    # of 200 frames (nothing padded), then 200 with 150 frames (encoder states padded).
+    rows = [r for r, _, _ in calls]
+    assert max(rows) == 2 * K and all(r in (2, 2 * K) for r in rows)  # 2: step 0 shared by the K rows
+    long_canvas = options.canvas_length(9.0, len(prefix))
+    short_canvas = options.canvas_length(4.0, len(prefix))
+    lengths = {tuple(x) if x else None for _, x, _ in calls}
+    assert None in lengths and (long_canvas, short_canvas) in lengths  # step 0: one row per window
+    frames = {tuple(f) if f else None for _, _, f in calls}
+    assert None in frames and (200, 150) in frames
     singles = [decode_windows(dec, [c], options, prefix, pad, [d], seeds=[options.seed + i])[0]
                for i, (c, d) in enumerate(zip(conds, durations))]
     for i, (a, b) in enumerate(zip(batched, singles)):
         assert a.tokens.shape == (K, options.canvas_length(durations[i], len(prefix)))
-        _same(a, b)
+        _same(a, b, atol=1e-5)  # padded and bigger matrix products round differently
     # The windows really differ, so the check above cannot pass by decoding one window six times.
     # (confidences: the tiny parity model often fills a whole canvas with one token whatever the audio).
     assert len({tuple(r.confidences.flatten().tolist()) for r in batched}) == len(WINDOWS)
@@ -199,9 +210,18 @@ def test_shortlist_projects_the_whole_vocabulary_once_per_window(family, request
     full_projections = []
     inner = dec.project
     monkeypatch.setattr(dec, "project", lambda h: full_projections.append(h.shape) or inner(h))
-    results = decode_windows(dec, conds, options, prefix, pad, [d for _, d in WINDOWS])
-    # Step 0 only (later steps and both refine passes score the shortlist); step 0 is shared by the K rows.
-    assert len(full_projections) == len(WINDOWS)
+    durations = [d for _, d in WINDOWS]
+    results = decode_windows(dec, conds, options, prefix, pad, durations)
+    # Step 0 only (later steps and both refine passes score the shortlist), shared by the K rows, and the
+    # step-0 rows of the whole batch in one product.
+    step0_rows = sum(options.canvas_length(d, len(prefix)) - len(prefix) for d in durations)
+    assert full_projections == [(step0_rows, dec.config.n_embd)]
+    monkeypatch.setattr("whisfusion_cli.decoding.MAX_PROJECTION_ROWS", 40)  # then in chunks of whole windows
+    full_projections.clear()
+    chunked = decode_windows(dec, conds, options, prefix, pad, durations)
+    assert len(full_projections) > 1 and sum(n for n, _ in full_projections) == step0_rows
+    for a, b in zip(results, chunked):
+        assert torch.equal(a.tokens, b.tokens)
     vocab = set(range(dec.config.n_logits))
     assert all(set(r.tokens[:, len(prefix):].flatten().tolist()) <= vocab for r in results)
 
@@ -248,3 +268,26 @@ def test_shortlist_options_are_checked():
         DecodingOptions(shortlist=8, strategy="remask")
     with pytest.raises(ValueError, match="confidence strategy"):
         DecodingOptions(shortlist=8, strategy="confidence", fast=False)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_padded_rows_with_key_masks_match_the_unpadded_rows(family, request):
+    """The trunk on a batch of windows of different lengths: canvases padded to the longest, encoder states
+    padded to the most frames, and the key masks keep every real position's hidden state what it is alone."""
+    dec, conds, prefix, _ = request.getfixturevalue(family)
+    mask_id = dec.config.mask_token_id
+    short = torch.tensor([prefix + [5, mask_id, 7, mask_id, 9]])
+    long = torch.tensor([prefix + [mask_id, 11, 12, mask_id, 13, 14, 15, mask_id, 16]])
+    cond_short, cond_long = conds[2][:150], conds[0][:200]
+    with torch.no_grad():
+        alone = [dec.hidden_states(x, cross_kv=dec.precompute_cross_kv(c[None]))[0]
+                 for x, c in ((short, cond_short), (long, cond_long))]
+        idx = torch.cat([torch.nn.functional.pad(short, (0, long.size(1) - short.size(1)), value=0), long])
+        cond = torch.stack([torch.nn.functional.pad(cond_short, (0, 0, 0, 50)), cond_long])
+        padded = dec.hidden_states(idx, cross_kv=dec.precompute_cross_kv(cond), lengths=torch.tensor([short.size(1),
+                                   long.size(1)]), frames=torch.tensor([150, 200]))
+        unmasked = dec.hidden_states(idx, cross_kv=dec.precompute_cross_kv(cond))
+    torch.testing.assert_close(padded[0, : short.size(1)], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], alone[1], atol=1e-5, rtol=1e-5)
+    # Without the masks the padding leaks into the short window (so the check above is not vacuous).
+    assert not torch.allclose(unmasked[0, : short.size(1)], alone[0], atol=1e-3)

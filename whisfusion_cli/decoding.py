@@ -10,7 +10,9 @@ What we do on top, without changing the result of the upstream loop:
 * the cross-attention keys/values of a window are computed once and shared by all candidates and steps;
 * when every candidate has the same input (step 0 masks everything) the forward runs once and is broadcast;
 * before the last step only the masked positions go through the output projection;
-* windows of the same shape (decode_windows) share one forward per step, each with its own random stream.
+* windows (decode_windows) share one forward per step, each with its own random stream; windows of
+  different lengths are padded, with attention masks keeping the padding out of every real position, and
+  the projections onto the whole vocabulary of a step run as one matrix product for the batch.
 
 And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
 confident predictions step by step, LLaDA-style) that fixes repeated words, mask-predict refinement passes
@@ -47,8 +49,15 @@ REFINE_FRACTION = 0.3
 # position onto 50k tokens), so this cuts it several-fold; approximate, since confidences are then
 # normalised over the shortlist. 0 keeps the full vocabulary (exact).
 SHORTLIST_OFF = 0
-# decode_windows: windows of one shape decoded together, at most this many per forward pass.
+# decode_windows: windows decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
+# Canvas positions past a window's length in a batch of windows of different lengths: no token (every
+# comparison with a real token or the mask id is false); the trunk sees FILL_INPUT there, behind the mask.
+FILL = -1
+FILL_INPUT = 0
+# Hidden rows projected onto the whole vocabulary in one matrix product (the logits of 1024 rows onto 50k
+# tokens are 200 MB in float32); more are projected window by window.
+MAX_PROJECTION_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -129,11 +138,13 @@ class DecodingResult:
 #
 # The core decodes W windows of K candidates at once: rows w*K .. w*K+K-1 of the canvas belong to window w,
 # and the cross-attention keys/values have one row per window (model.cross_attention folds the K candidates
-# of a window into one query sequence). The trunk runs on all rows in one call; the output projection, the
-# biggest matrix of a small decoder, runs window by window, so its memory (the logits) stays that of one
-# window and it multiplies the same matrices alone or in a batch. Everything else is row-wise, so a window
-# decodes to the same tokens alone or batched (tests/test_decoding_fast.py). On a CPU the matrices of one
-# window already fill the cores, so batching pays on a GPU, where one window leaves most of it idle.
+# of a window into one query sequence). Windows of different lengths are padded to the longest canvas (with
+# FILL) and the longest encoder states; `lengths` and `frames` give the trunk key masks, so no real position
+# attends to padding. The trunk runs on all rows in one call. The projections onto the whole vocabulary of
+# a step run as one product for the batch (up to MAX_PROJECTION_ROWS rows), shortlists window by window.
+# Everything else is row-wise, so a window decodes to the same tokens alone or batched, up to float rounding
+# of the padded and bigger matrix products (tests/test_decoding_fast.py). On 2 CPU cores, batches of 8
+# windows decode about 1.5x faster than windows one at a time (scripts/bench_batch.py).
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -145,32 +156,90 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
-def _hidden(decoder, x, kv, K):
+@dataclass
+class _Ragged:
+    """Lengths of the windows of a batch padded to a common shape: canvas positions per window [W] and
+    encoder frames per window [W] (either None when all are equal)."""
+
+    lengths: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+
+    def row_lengths(self, K: int, R: int, L: int, device) -> torch.Tensor:
+        """Canvas length of each of the R = W*K rows."""
+        if self.lengths is None:
+            return torch.full((R,), L, dtype=torch.long, device=device)
+        return self.lengths.to(device).repeat_interleave(K)
+
+
+def _hidden(decoder, x, kv, K, ragged: _Ragged | None = None):
     """Trunk on x [W*K, L] -> (hidden, shared). shared: the K rows of every window are identical (step 0
     masks everything), so the trunk ran once per window and hidden is [W, L, d] (exact, K times cheaper)."""
     W = x.size(0) // K
+    lengths, frames = (ragged.lengths, ragged.frames) if ragged is not None else (None, None)
+    if lengths is not None:
+        x = x.masked_fill(x == FILL, FILL_INPUT)
+        lengths = lengths.to(x.device)
+    frames = frames.to(x.device) if frames is not None else None
     xr = x.view(W, K, -1)
     if K > 1 and torch.equal(xr, xr[:, :1].expand_as(xr)):
         if kv is not None and kv[0][0].size(0) == W * K:  # keys/values given per candidate
             kv = [(k[::K], v[::K]) for k, v in kv]
-        return decoder.hidden_states(xr[:, 0], cross_kv=kv), True
-    return decoder.hidden_states(x, cross_kv=kv), False
+        return decoder.hidden_states(xr[:, 0], cross_kv=kv, lengths=lengths, frames=frames), True
+    if lengths is not None:
+        lengths = lengths.repeat_interleave(K)
+    if frames is not None and kv is not None and kv[0][0].size(0) == W * K:
+        frames = frames.repeat_interleave(K)
+    return decoder.hidden_states(x, cross_kv=kv, lengths=lengths, frames=frames), False
+
+
+def _window_hidden(hidden, shared, w, K, positions=None):
+    """(hidden rows of window w, repeats): the rows to project for its positions (bool [K, L], row-major
+    order; None: every position of its K rows, [K, L, d]); repeats > 1 when the K rows are shared and equal,
+    so only one row's positions are given and its logits are to be repeated K times."""
+    if shared:
+        h = hidden[w]
+        if positions is None:
+            return h, 1
+        if torch.equal(positions, positions[:1].expand_as(positions)):
+            return h[positions[0]], K
+        return h.expand(K, *h.shape)[positions], 1
+    h = hidden[w * K : (w + 1) * K]
+    return (h if positions is None else h[positions]), 1
 
 
 def _window_logits(decoder, hidden, shared, w, K, positions=None, rows=None):
     """Window w's logits: [K, L, V] ([L, V] when shared: the same for all K rows), or, for positions (bool
     [K, L]), [n, V] for those positions in row-major order. rows: output rows of a shortlist [V', d] to
     project onto instead of the whole vocabulary (logits [..., V'])."""
-    project = decoder.project if rows is None else (lambda h: h @ rows.T)
-    if shared:
-        h = hidden[w]
-        if positions is None:
-            return project(h)
-        if torch.equal(positions, positions[:1].expand_as(positions)):
-            return project(h[positions[0]]).repeat(K, 1)
-        return project(h.expand(K, *h.shape)[positions])
-    h = hidden[w * K : (w + 1) * K]
-    return project(h if positions is None else h[positions])
+    h, repeats = _window_hidden(hidden, shared, w, K, positions)
+    logits = decoder.project(h) if rows is None else h @ rows.T
+    return logits.repeat(repeats, 1) if repeats > 1 else logits
+
+
+def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists):
+    """{w: logits [n_w, V or V_w]} of the masked positions m [W*K, L] of each window in `windows`: onto its
+    shortlist's rows where it has one, else onto the whole vocabulary, those in one product for the batch
+    (a bigger matrix product reads the 77 MB token table of a Whisper decoder once, not once per window)."""
+    out, full = {}, []
+    for w in windows:
+        positions = m[w * K : (w + 1) * K]
+        short = shortlists[w] if shortlists is not None else None
+        if short is not None:
+            out[w] = _window_logits(decoder, hidden, shared, w, K, positions, short[1])
+        else:
+            full.append((w, *_window_hidden(hidden, shared, w, K, positions)))
+    start = 0
+    while start < len(full):  # chunks of at most MAX_PROJECTION_ROWS rows (always at least one window)
+        end, rows = start, 0
+        while end < len(full) and (end == start or rows + full[end][1].size(0) <= MAX_PROJECTION_ROWS):
+            rows += full[end][1].size(0)
+            end += 1
+        chunk = full[start:end]
+        logits = decoder.project(torch.cat([h for _, h, _ in chunk]) if len(chunk) > 1 else chunk[0][1])
+        for (w, h, repeats), part in zip(chunk, logits.split([h.size(0) for _, h, _ in chunk])):
+            out[w] = part.repeat(repeats, 1) if repeats > 1 else part
+        start = end
+    return out
 
 
 def _shortlist(decoder, logits, top: int, pad_id):
@@ -184,33 +253,41 @@ def _shortlist(decoder, logits, top: int, pad_id):
 
 
 def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None,
-                  pad_id=None):
+                  pad_id=None, ragged: _Ragged | None = None):
     """W windows x K candidates on canvases of length L -> (canvas, confidences), both [W*K, L].
 
     kv: cross-attention keys/values with one row per window (fast mode); cond_k: encoder states with one row
     per candidate (reference mode: keys/values recomputed at every step, as upstream does). generators: one
-    per window, each drawing that window's [K, L] uniforms per step exactly as a lone window would.
+    per window, each drawing that window's [K, L_w] uniforms per step exactly as a lone window would.
+    ragged: the windows' own canvas lengths L_w <= L and frame counts (fast mode only); positions past L_w
+    hold FILL.
     """
     K, P = options.candidates, len(prefix)
     mask_id = decoder.config.mask_token_id
     device = decoder.device
-    canvas = torch.full((W * K, L), mask_id, dtype=torch.long, device=device)
+    ragged = ragged or _Ragged()
+    row_len = ragged.row_lengths(K, W * K, L, device)
+    valid = torch.arange(L, device=device) < row_len[:, None]
+    canvas = torch.full((W * K, L), mask_id, dtype=torch.long, device=device).masked_fill(~valid, FILL)
     canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
 
     def full_logits(x):  # reference mode: every position of every row, condition expanded per candidate
         return decoder(x, condition=cond_k) if cond_k is not None else decoder(x, cross_kv=kv)
 
     if options.strategy == "confidence":
-        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits, pad_id)
+        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits, pad_id, ragged)
 
+    win_len = row_len[::K].tolist()
     confidences = torch.zeros(W * K, L, device=device)
     for s in range(options.steps):
         if masks is not None:
             m = torch.as_tensor(masks[s], dtype=torch.bool, device=device).clone()
         else:
-            m = torch.cat([torch.rand(K, L, generator=g) for g in generators]) < options.ratio(s)
-            m = m.to(device)
+            u = [torch.nn.functional.pad(torch.rand(K, n, generator=g), (0, L - n), value=1.0)
+                 for g, n in zip(generators, win_len)]
+            m = (torch.cat(u) < options.ratio(s)).to(device)
         m[:, :P] = False
+        m &= valid
         x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
         if record is not None:
             record.append(x.clone())
@@ -222,7 +299,7 @@ def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, g
             else:
                 pred = logits.argmax(-1)
         elif last:  # confidence of every position (upstream scores whole canvases), one window at a time
-            hidden, shared = _hidden(decoder, x, kv, K)
+            hidden, shared = _hidden(decoder, x, kv, K, ragged)
             confs, preds = [], []
             for w in range(W):
                 c, p = torch.softmax(_window_logits(decoder, hidden, shared, w, K).float(), dim=-1).max(-1)
@@ -230,11 +307,10 @@ def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, g
                 preds.append(p.expand(K, L) if shared else p)
             confidences, pred = torch.cat(confs), torch.cat(preds)
         else:  # only the masked positions are projected
-            hidden, shared = _hidden(decoder, x, kv, K)
+            hidden, shared = _hidden(decoder, x, kv, K, ragged)
+            logits = _masked_logits(decoder, hidden, shared, K, m, range(W), None)
             pred = torch.zeros_like(canvas)
-            pred[m] = torch.cat([
-                _window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K]).argmax(-1) for w in range(W)
-            ])
+            pred[m] = torch.cat([logits[w].argmax(-1) for w in range(W)])
         canvas = torch.where(m, pred, x)
     return canvas, confidences
 
@@ -301,20 +377,24 @@ def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_wo
     return result
 
 
-def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits, pad_id=None):
+def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits, pad_id=None,
+                       ragged: _Ragged | None = None):
     """Commit the most confident predictions step by step (LLaDA low-confidence remasking).
 
     Start all-masked; at step s, predict every still-masked position and commit as many of the most
     confident ones as the linear schedule allows, so all are committed after the last step. Trailing
     end-of-text tokens are usually the most confident, so the transcript length is fixed first. Candidates
     after the first add Gumbel noise (options.temperature) to their choice of token for diversity, drawn
-    from their window's generator. canvas: [W*K, L], W windows of the same length.
+    from their window's generator. canvas: [W*K, L], W windows (of their own lengths when ragged; FILL past
+    the end).
     """
     R, L = canvas.shape
     K = options.candidates
     W = R // K
     mask_id = decoder.config.mask_token_id
-    n_gen = L - P
+    ragged = ragged or _Ragged()
+    n_gen = ragged.row_lengths(K, R, L, canvas.device) - P  # positions to fill, per row
+    positions = torch.arange(L, device=canvas.device).expand(R, L)
     confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, :P] = 1.0
     shortlists = [None] * W  # per window, with options.shortlist: made from its first prediction
@@ -322,15 +402,19 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         m = canvas == mask_id
         if not m.any():
             break
-        target = n_gen if s == options.steps - 1 else math.ceil(n_gen * (s + 1) / options.steps)
+        # ceil(n_gen * (s + 1) / steps) in integers; everything after the last step.
+        target = n_gen if s == options.steps - 1 else (n_gen * (s + 1) + options.steps - 1) // options.steps
+        committed = n_gen - m[:, P:].sum(1)
         # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
         # nothing: alone it would skip the step, so in a batch it is not projected and draws no noise, and
         # its random stream stays where it would be alone.
-        done = (n_gen - m[:, P:].sum(1)).view(W, K).min(1).values >= target
+        done = (committed >= target).view(W, K).all(1)
         if bool(done.all()):
             continue
         if options.fast:
-            hidden, shared = _hidden(decoder, canvas, kv, K)
+            hidden, shared = _hidden(decoder, canvas, kv, K, ragged)
+            active = [w for w in range(W) if not done[w]]
+            window_logits = _masked_logits(decoder, hidden, shared, K, m, active, shortlists)
         else:
             logits = full_logits(canvas)
         picks, confs = [], []
@@ -342,10 +426,7 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
                 confs.append(torch.full((n,), -1.0, device=canvas.device))
                 continue
             short = shortlists[w]
-            if options.fast:
-                flat = _window_logits(decoder, hidden, shared, w, K, mw, None if short is None else short[1])
-            else:
-                flat = logits[w * K : (w + 1) * K][mw]
+            flat = window_logits[w] if options.fast else logits[w * K : (w + 1) * K][mw]
             if options.shortlist and short is None:
                 shortlists[w] = _shortlist(decoder, flat, options.shortlist, pad_id)
             logp = torch.log_softmax(flat.float(), dim=-1)
@@ -366,25 +447,22 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         if options.repeat_penalty > 0:
             # A token equal to an already committed neighbour is often a parallel-decoding duplicate
             # ("country country"): defer it so it is decided with more context.
-            left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=-1)
-            right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=-1)
+            left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
+            right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=FILL)
             dup = m & ((pred == left) | (pred == right))
             c = torch.where(dup, c * (1.0 - options.repeat_penalty), c)
         # Per row: commit the most confident masked positions up to the schedule's count for this step.
-        n_row = (target - (n_gen - m[:, P:].sum(1))).clamp(min=0)
-        ranks = torch.empty_like(canvas)
-        ranks.scatter_(1, c.argsort(dim=1, descending=True), torch.arange(L, device=canvas.device).expand(R, L))
-        commit = m & (ranks < n_row[:, None])
+        n_row = (target - committed).clamp(min=0)
+        commit = m & (_ranks(c, descending=True) < n_row[:, None])
         n_blocks = min(options.blocks, options.steps)  # at least one step per block
         if n_blocks > 1:
             # Semi-autoregressive: the canvas is filled block by block, left to right; within a block, by
             # confidence. Later blocks stay masked (and are still predicted, as context) until their turn.
             block = min(n_blocks - 1, s * n_blocks // options.steps)
-            end = P + math.ceil(n_gen * (block + 1) / n_blocks)
-            c[:, end:] = -2.0
-            ranks.scatter_(1, c.argsort(dim=1, descending=True), torch.arange(L, device=canvas.device).expand(R, L))
-            commit = m & (ranks < n_row[:, None])
-            commit[:, end:] = False
+            end = P + (n_gen * (block + 1) + n_blocks - 1) // n_blocks
+            later = positions >= end[:, None]
+            c = c.masked_fill(later, -2.0)
+            commit = m & (_ranks(c, descending=True) < n_row[:, None]) & ~later
         if options.repeat_penalty > 0 and s < options.steps - 1:
             # Two neighbours committed in the same step with the same token are the typical parallel
             # duplicate: keep the more confident one, re-predict the other next step with its neighbour known.
@@ -397,48 +475,57 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         confidences = torch.where(commit, c.clamp(min=0), confidences)
     for r in range(options.refine):
         canvas, confidences = _refine_pass(decoder, canvas, confidences, P, kv, options, full_logits, pad_id, r,
-                                           shortlists)
+                                           shortlists, ragged)
     return canvas, confidences
 
 
+def _ranks(values, descending=False):
+    """Rank of every entry of values [R, L] within its row (0: the first in sort order; ties by position)."""
+    R, L = values.shape
+    ranks = torch.empty(R, L, dtype=torch.long, device=values.device)
+    order = values.argsort(dim=1, descending=descending, stable=True)
+    return ranks.scatter_(1, order, torch.arange(L, device=values.device).expand(R, L))
+
+
 def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int,
-                 shortlists=None):
+                 shortlists=None, ragged: _Ragged | None = None):
     """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
     token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate signatures) and
-    predict them again with everything else known. The end-of-text boundary is included, so a transcript can grow or shrink by a token."""
+    predict them again with everything else known. The end-of-text boundary is included, so a transcript can
+    grow or shrink by a token."""
     R, L = canvas.shape
     K = options.candidates
     W = R // K
     mask_id = decoder.config.mask_token_id
     is_pad = canvas == pad_id
+    real = canvas != FILL
     # Transcript length per row: positions before the first end-of-text (all generated ones if none).
-    first_pad = torch.where(is_pad[:, P:].any(1), is_pad[:, P:].float().argmax(1), torch.full((R,), L - P))
+    n_gen = real[:, P:].sum(1)
+    first_pad = torch.where(is_pad[:, P:].any(1), is_pad[:, P:].float().argmax(1), n_gen)
     share = options.refine_fraction * (options.refine - r) / options.refine
     n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
-    c = confidences.clone()
+    c = confidences.masked_fill(~real, float("inf"))
     c[:, :P] = float("inf")
-    ranks = torch.empty_like(canvas)
-    ranks.scatter_(1, c.argsort(dim=1), torch.arange(L, device=canvas.device).expand(R, L))
-    m = ranks < n_row[:, None]
-    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=-1)
+    m = _ranks(c) < n_row[:, None]
+    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
     dup = (canvas == left) & ~is_pad
     # The two-token form of the same duplicate ("can do can do"): a pair equal to the pair before it; its
     # second copy is re-masked.
-    left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=-1)
-    left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=-1)
+    left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=FILL)
+    left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=FILL)
     pair_end = (canvas == left2) & (left == left3) & ~is_pad
     dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
     dup[:, :P] = False
     m |= dup
+    m &= real
     x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
     if options.fast:
-        hidden, shared = _hidden(decoder, x, kv, K)
+        hidden, shared = _hidden(decoder, x, kv, K, ragged)
+        window_logits = _masked_logits(decoder, hidden, shared, K, m, range(W), shortlists)
         confs, picks = [], []
         for w in range(W):
             short = shortlists[w] if shortlists is not None else None
-            flat = _window_logits(decoder, hidden, shared, w, K, m[w * K : (w + 1) * K],
-                                  None if short is None else short[1])
-            c, p = torch.softmax(flat.float(), dim=-1).max(-1)
+            c, p = torch.softmax(window_logits[w].float(), dim=-1).max(-1)
             confs.append(c)
             picks.append(p if short is None else short[0][p])
         conf, pick = torch.cat(confs), torch.cat(picks)
@@ -454,11 +541,12 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
                    *, seeds=None, max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS) -> list[DecodingResult]:
     """Decode many windows; results in input order.
 
-    Windows whose encoder states have the same number of frames and whose canvases have the same length go
-    through one forward per step together, at most `max_batch_windows` at a time (memory: the hidden states
-    of max_batch_windows x K canvases). Each window draws from its own generator, seeded with seeds[i]
-    (default options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone
-    or in any batch.
+    Windows go through one forward per step together, at most `max_batch_windows` at a time (memory: the
+    hidden states of max_batch_windows x K canvases). In fast mode windows of any lengths share a batch
+    (sorted by length, so little is padded; masks keep the padding out); the reference mode batches only
+    windows of one shape. Each window draws from its own generator, seeded with seeds[i] (default
+    options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone or in any
+    batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone).
     """
     if max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
@@ -471,21 +559,32 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     K = options.candidates
     states = [c.squeeze(0) if c.dim() == 3 else c for c in conditions]
     lengths = [options.canvas_length(durations[i] if durations is not None else None, len(prefix)) for i in range(n)]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i in range(n):
-        groups.setdefault((states[i].size(0), lengths[i]), []).append(i)
+    if options.fast:  # longest first, so the windows of a batch are of similar lengths
+        order = sorted(range(n), key=lambda i: (-lengths[i], -states[i].size(0), i))
+        batches = [order[s : s + max_batch_windows] for s in range(0, n, max_batch_windows)]
+    else:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(n):
+            groups.setdefault((states[i].size(0), lengths[i]), []).append(i)
+        batches = [idx[s : s + max_batch_windows] for idx in groups.values() for s in range(0, len(idx), max_batch_windows)]
     results: list[DecodingResult | None] = [None] * n
     device = decoder.device
-    for (_, L), members in groups.items():
-        for start in range(0, len(members), max_batch_windows):
-            idx = members[start : start + max_batch_windows]
-            cond = torch.stack([states[i] for i in idx]).to(device)
-            kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
-            canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
-                                                [_generator(seeds[i]) for i in idx], pad_id=pad_id)
-            for w, i in enumerate(idx):
-                rows = slice(w * K, (w + 1) * K)
-                results[i] = _result(canvas[rows], confidences[rows], prefix, pad_id, options, to_words, [])
+    for idx in batches:
+        L = max(lengths[i] for i in idx)
+        frames = [states[i].size(0) for i in idx]
+        F_max = max(frames)
+        cond = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, F_max - states[i].size(0))) for i in idx])
+        cond = cond.to(device)
+        ragged = _Ragged(
+            lengths=torch.tensor([lengths[i] for i in idx]) if any(lengths[i] != L for i in idx) else None,
+            frames=torch.tensor(frames) if any(f != F_max for f in frames) else None,
+        )
+        kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
+        canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
+                                            [_generator(seeds[i]) for i in idx], pad_id=pad_id, ragged=ragged)
+        for w, i in enumerate(idx):
+            rows, cols = slice(w * K, (w + 1) * K), slice(0, lengths[i])
+            results[i] = _result(canvas[rows, cols], confidences[rows, cols], prefix, pad_id, options, to_words, [])
     return results  # type: ignore[return-value]
 
 

@@ -169,7 +169,7 @@ class SelfAttention(nn.Module):
         self.attn = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_query_groups) * c.head_size, bias=False)
         self.proj = nn.Linear(c.n_embd, c.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         B, T, C = x.shape
         q_per_kv = self.n_head // self.n_groups
         qkv = self.attn(x).view(B, T, self.n_groups, q_per_kv + 2, self.head_size)
@@ -178,12 +178,21 @@ class SelfAttention(nn.Module):
         k = k.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         v = v.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, T, H, hs] against k/v [B_kv, H, F, hs], where B is a multiple of B_kv.
+def key_mask(lengths: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Attention mask [B, 1, 1, size] letting row b attend to its first lengths[b] keys only (padding of a
+    batch of windows of different lengths), or None when nothing is padded."""
+    if lengths is None or bool((lengths >= size).all()):
+        return None
+    return (torch.arange(size, device=lengths.device) < lengths[:, None])[:, None, None, :]
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """q [B, T, H, hs] against k/v [B_kv, H, F, hs], where B is a multiple of B_kv; mask: [B_kv, 1, 1, F]
+    for encoder states padded to a common length.
 
     When several rows of q share one audio window (K candidates), their queries are folded into one long
     query sequence against that window's keys/values: cross-attention has no position coupling between
@@ -193,7 +202,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     B_kv = k.size(0)
     group = B // B_kv
     q = q.reshape(B_kv, group * T, H, hs).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v)  # [B_kv, H, group*T, hs]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B_kv, H, group*T, hs]
     return y.transpose(1, 2).reshape(B, T, H * hs)
 
 
@@ -215,10 +224,10 @@ class CrossAttention(nn.Module):
         v = v.view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask=None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
-        return self.proj(cross_attention(q, *kv))
+        return self.proj(cross_attention(q, *kv, mask=mask))
 
 
 class SwiGLU(nn.Module):
@@ -251,10 +260,10 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = LLaMAMLP(config)
 
-    def forward(self, x, cos, sin, kv=None):
-        x = x + self.attn(self.norm_1(x), cos, sin)
+    def forward(self, x, cos, sin, kv=None, self_mask=None, cross_mask=None):
+        x = x + self.attn(self.norm_1(x), cos, sin, self_mask)
         if kv is not None:  # no condition: the whole cross-attention sub-block is skipped (upstream)
-            x = x + self.cross_attn(self.norm_cross(x), kv)
+            x = x + self.cross_attn(self.norm_cross(x), kv, cross_mask)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -282,10 +291,16 @@ class DecoderBase(nn.Module):
         condition = self._condition_in(condition)
         return [self._cross_module(i).keys_values(condition) for i in range(self.config.n_layer)]
 
-    def hidden_states(self, idx, *, cross_kv=None) -> torch.Tensor:
+    def hidden_states(self, idx, *, cross_kv=None, lengths=None, frames=None) -> torch.Tensor:
         """idx int64 [B, T] -> final hidden states [B, T, n_embd] (the forward pass before the projection), so
-        a decoding loop can project only the rows it needs, window by window."""
-        return self._trunk(idx, cross_kv)
+        a decoding loop can project only the rows it needs, window by window.
+
+        A batch of windows of different lengths: lengths [B] (canvas positions of each row; the rest is
+        padding no position attends to) and frames [B_kv] (encoder states of each window in cross_kv; the
+        rest is padding). The hidden states of padded positions are meaningless."""
+        self_mask = key_mask(lengths, idx.size(1))
+        cross_mask = key_mask(frames, cross_kv[0][0].size(2)) if cross_kv is not None else None
+        return self._trunk(idx, cross_kv, self_mask, cross_mask)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., n_embd] -> logits [..., n_logits]."""
@@ -342,7 +357,7 @@ class DiffusionDecoder(DecoderBase):
             self._rope = (dtype, device, cos, sin)
         return self._rope[2], self._rope[3]
 
-    def _trunk(self, idx, kv):
+    def _trunk(self, idx, kv, self_mask=None, cross_mask=None):
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -350,7 +365,7 @@ class DiffusionDecoder(DecoderBase):
         cos, sin = cos[:T], sin[:T]
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, kv[i] if kv is not None else None)
+            x = block(x, cos, sin, kv[i] if kv is not None else None, self_mask, cross_mask)
         return self.transformer.ln_f(x)
 
     def _head(self, x):
@@ -380,14 +395,15 @@ class WhisperAttention(nn.Module):
         v = self.v_proj(condition).view(B, Fr, self.n_head, self.head_size).transpose(1, 2)
         return k, v
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, mask=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
         if kv is None:  # self-attention, bidirectional: no causal mask
             k, v = self.keys_values(x)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2).reshape(B, T, C)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+            y = y.transpose(1, 2).reshape(B, T, C)
         else:
-            y = cross_attention(q, *kv)
+            y = cross_attention(q, *kv, mask=mask)
         return self.out_proj(y)
 
 
@@ -403,10 +419,10 @@ class WhisperBlock(nn.Module):
         self.fc1 = nn.Linear(d, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, d)
 
-    def forward(self, x, kv=None):
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
+    def forward(self, x, kv=None, self_mask=None, cross_mask=None):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask=self_mask)
         if kv is not None:
-            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv)
+            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv, cross_mask)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -430,7 +446,7 @@ class WhisperDiffusionDecoder(DecoderBase):
     def _cross_module(self, i: int) -> WhisperAttention:
         return self.layers[i].encoder_attn
 
-    def _trunk(self, idx, kv):
+    def _trunk(self, idx, kv, self_mask=None, cross_mask=None):
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -439,7 +455,7 @@ class WhisperDiffusionDecoder(DecoderBase):
         x = torch.where(is_mask, self.mask_embedding.to(tok.dtype), tok)
         x = x + self.embed_positions.weight[:T]
         for i, layer in enumerate(self.layers):
-            x = layer(x, kv[i] if kv is not None else None)
+            x = layer(x, kv[i] if kv is not None else None, self_mask, cross_mask)
         return self.layer_norm(x)
 
     def _head(self, x):
