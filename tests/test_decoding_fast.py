@@ -182,12 +182,14 @@ def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
     assert any(s.tokens for s in result.segments)
 
 
-def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper):
+def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper, monkeypatch):
     """A window that is ahead of the schedule (its rows committed more than this step asks) skips the step
-    alone; batched with one that is not, it must neither be projected nor draw noise."""
+    alone; batched with one that is not, it must neither be projected nor draw noise, and it leaves the
+    forward pass of that step."""
     from whisfusion_cli.decoding import _confidence_unmask
 
     dec, conds, prefix, _ = whisper
+    calls = _count_batches(dec, monkeypatch)
     options = DecodingOptions(candidates=K, steps=6, strategy="confidence", temperature=1.0)
     L, P = 20, len(prefix)
     behind = torch.full((K, L), dec.config.mask_token_id)
@@ -197,6 +199,8 @@ def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper):
     cond = torch.stack([conds[0], conds[1]])
     batched, _ = _confidence_unmask(dec, torch.cat([ahead, behind]), P, dec.precompute_cross_kv(cond), options,
                                     [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], None)
+    # Steps 0 and 1: the window behind alone (its K rows equal: one shared row); later both windows.
+    assert [rows for rows, _, _ in calls[:2]] == [1, 1] and max(rows for rows, _, _ in calls) == 2 * K
     for w, (canvas, seed) in enumerate(((ahead, 1), (behind, 2))):
         alone, _ = _confidence_unmask(dec, canvas, P, dec.precompute_cross_kv(cond[w : w + 1]), options,
                                       [torch.Generator().manual_seed(seed)], None)

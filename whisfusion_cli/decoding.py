@@ -164,6 +164,10 @@ class _Ragged:
     lengths: torch.Tensor | None = None
     frames: torch.Tensor | None = None
 
+    def subset(self, windows: list[int]) -> "_Ragged":
+        pick = (lambda t: None if t is None else t[windows])
+        return _Ragged(pick(self.lengths), pick(self.frames))
+
     def row_lengths(self, K: int, R: int, L: int, device) -> torch.Tensor:
         """Canvas length of each of the R = W*K rows."""
         if self.lengths is None:
@@ -190,6 +194,18 @@ def _hidden(decoder, x, kv, K, ragged: _Ragged | None = None):
     if frames is not None and kv is not None and kv[0][0].size(0) == W * K:
         frames = frames.repeat_interleave(K)
     return decoder.hidden_states(x, cross_kv=kv, lengths=lengths, frames=frames), False
+
+
+def _active_hidden(decoder, x, kv, K, ragged: _Ragged, active: list[int], W: int):
+    """_hidden for the windows `active` only (those still being decoded): (hidden, shared, rows), where
+    hidden is indexed by position in `active` and rows selects their rows of x (None: all windows)."""
+    if len(active) == W:
+        return (*_hidden(decoder, x, kv, K, ragged), None)
+    rows = torch.tensor([w * K + k for w in active for k in range(K)], device=x.device)
+    per_window = kv is not None and kv[0][0].size(0) == W
+    index = torch.tensor(active, device=x.device) if per_window else rows
+    kv = None if kv is None else [(k[index], v[index]) for k, v in kv]
+    return (*_hidden(decoder, x[rows], kv, K, ragged.subset(active)), rows)
 
 
 def _window_hidden(hidden, shared, w, K, positions=None):
@@ -411,10 +427,12 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         done = (committed >= target).view(W, K).all(1)
         if bool(done.all()):
             continue
-        if options.fast:
-            hidden, shared = _hidden(decoder, canvas, kv, K, ragged)
+        if options.fast:  # the trunk runs on the windows with something to commit only
             active = [w for w in range(W) if not done[w]]
-            window_logits = _masked_logits(decoder, hidden, shared, K, m, active, shortlists)
+            hidden, shared, rows = _active_hidden(decoder, canvas, kv, K, ragged, active, W)
+            logits_active = _masked_logits(decoder, hidden, shared, K, m if rows is None else m[rows],
+                                           range(len(active)), [shortlists[w] for w in active])
+            window_logits = {w: logits_active[j] for j, w in enumerate(active)}
         else:
             logits = full_logits(canvas)
         picks, confs = [], []
@@ -521,10 +539,11 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
     x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
     if options.fast:
         hidden, shared = _hidden(decoder, x, kv, K, ragged)
+        shortlists = shortlists if shortlists is not None else [None] * W
         window_logits = _masked_logits(decoder, hidden, shared, K, m, range(W), shortlists)
         confs, picks = [], []
         for w in range(W):
-            short = shortlists[w] if shortlists is not None else None
+            short = shortlists[w]
             c, p = torch.softmax(window_logits[w].float(), dim=-1).max(-1)
             confs.append(c)
             picks.append(p if short is None else short[0][p])
