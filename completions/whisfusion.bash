@@ -24,8 +24,10 @@ _whisfusion() {
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --threads) COMPREPLY=(); return ;;
+        --max-window) COMPREPLY=(); return ;;
+        --split-silence) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --max-window --split-silence --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in

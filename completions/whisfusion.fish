@@ -29,6 +29,8 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l threads -x
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l int8 -d 'int8 dynamic quantisation of the decoder and encoder (CPU only; fas...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l vad -d 'Cut long audio at pauses and skip silence (--no-vad: fixed 30 s win...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l no-vad -d 'Cut long audio at pauses and skip silence (--no-vad: fixed 30 s win...'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l max-window -x -d 'Longest window (at most 30 s and the model\'s own limit)'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l split-silence -x -d 'A pause this long ends a window (default: the model\'s, else 2 s)'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l quiet -s q -d 'No progress display and no notes; errors only'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l help -d 'Show this message and exit'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -F

@@ -9,10 +9,15 @@
 3. --model DIR: a trained model on real speech (the 13 clips of tests/data/audio/realspeech.jsonl, float
    encoder states, the model's decoding defaults): float vs int8 decoder time, windows whose text changed,
    and WER (Whisper normaliser) of each.
+4. --recording: the windows of a real recording, of different lengths (the clips above joined 4 times with
+   1 s pauses, cut by the embedded default model's VAD settings, as scripts/bench_e2e.py does), decoded
+   one at a time vs in batches of 8 padded to their longest window, with the model's decoding defaults:
+   time, windows whose text changed, and WER of each.
 
     python scripts/bench_batch.py                      # 8 windows of 10 s, K=15, 4 steps, 1 thread
     python scripts/bench_batch.py --int8 --threads 2
     python scripts/bench_batch.py --windows 0 --model whisfusion_cli/assets/default   # int8 on real speech
+    python scripts/bench_batch.py --windows 0 --recording --threads 2                 # windows of mixed lengths
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--random", action="store_true", help="random weights instead of tiny.en's")
     ap.add_argument("--int8", action="store_true", help="also time the int8 decoder")
     ap.add_argument("--model", default=None, help="trained model directory for the int8 check on real speech")
+    ap.add_argument("--recording", action="store_true", help="mixed-length windows of a real recording")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -72,6 +78,8 @@ def main(argv=None):
     report = batch_and_int8(args) if args.windows > 0 else {}
     if args.model:
         report["int8_speech"] = int8_on_speech(args.model, args.repeats)
+    if args.recording:
+        report["recording"] = mixed_lengths(args.repeats)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -178,6 +186,56 @@ def int8_on_speech(model_dir: str, repeats: int) -> dict:
         print(f"{name:16s}: decode {r['s']:6.2f} s  speed-up {base['s'] / r['s']:4.2f}x  WER {r['wer']:6.1%}  "
               f"clips whose text changed: {changed}/{len(clips)}", flush=True)
     return {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in out.items()}
+
+
+def mixed_lengths(repeats: int, batch: int = 8) -> dict:
+    """Part 4: the VAD windows of a joined real recording, one at a time vs ragged batches of `batch`."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from whisfusion_cli.audio import stream_audio
+    from whisfusion_cli.bench import corpus_error_rates
+    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions
+    from whisfusion_cli.vad import VadOptions, iter_windows
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_e2e import build_recording
+
+    pipe = Pipeline.load(TranscribeOptions(device="cpu", decoding={"seed": 0}))
+    with tempfile.TemporaryDirectory() as tmp:
+        path, reference, seconds = build_recording(Path(tmp), repeats=4, gap=1.0)
+        windows = [(w, a) for w, a in iter_windows(stream_audio(path, 10.0), pipe.vad_options(VadOptions()))
+                   if not w.silent]
+    states = pipe.encode([a for _, a in windows])
+    durations = [w.duration for w, _ in windows]
+    canvases = [pipe.decoding.canvas_length(d, len(pipe.prefix_ids)) for d in durations]
+    print(f"\n{len(windows)} windows of a {seconds:.0f} s recording, {min(durations):.1f}-{max(durations):.1f} s "
+          f"(canvas {min(canvases)}-{max(canvases)}), {pipe.model.name} decoding defaults, "
+          f"threads={torch.get_num_threads()}", flush=True)
+
+    def run(max_batch):
+        return decode_windows(pipe.model.decoder, states, pipe.decoding, pipe.prefix_ids, pipe.pad_id, durations,
+                              seeds=list(range(len(states))), max_batch_windows=max_batch)
+
+    run(batch)  # warm-up
+    variants = {"one at a time": 1, f"batches of {batch}": batch}
+    best, outs = {k: float("inf") for k in variants}, {}
+    for _ in range(repeats):  # interleaved rounds: a noisy machine slows both alike
+        for name, b in variants.items():
+            t, outs[name] = best_of(lambda b=b: run(b), 1)
+            best[name] = min(best[name], t)
+    single = outs["one at a time"]
+    report = {"windows": len(windows), "audio_s": seconds}
+    for name in variants:
+        texts = [pipe.text(r) for r in outs[name]]
+        changed = sum(a.text_tokens != b.text_tokens for a, b in zip(outs[name], single))
+        wer = corpus_error_rates([reference], [" ".join(texts)])["wer"]
+        speedup = best["one at a time"] / best[name]
+        print(f"{name:16s}: {best[name]:6.2f} s  speed-up {speedup:4.2f}x  WER {wer:6.1%}  windows whose text "
+              f"changed: {changed}/{len(windows)}", flush=True)
+        report[name] = {"s": best[name], "speedup": speedup, "wer": wer, "changed": changed}
+    return report
 
 
 if __name__ == "__main__":

@@ -26,6 +26,16 @@ TOKEN_TABLE = "embed_tokens.weight"
 TINY_EN_TOKEN_TABLE = "model.decoder.embed_tokens.weight"
 
 
+def audio_extra(config: dict, args) -> dict:
+    """The config's "audio" block with the VAD preferences given on the command line."""
+    audio = dict(config.get("audio") or {})
+    if args.max_window:
+        audio["max_window_s"] = args.max_window
+    if args.split_silence:
+        audio["split_silence_s"] = args.split_silence
+    return {"audio": audio} if audio else {}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -33,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--decoding", default=None, help="JSON with decoding defaults to store (overrides)")
     ap.add_argument("--max-window", type=float, default=None,
                     help="longest VAD window for this model, seconds (audio.max_window_s)")
+    ap.add_argument("--split-silence", type=float, default=None,
+                    help="pause that ends a VAD window for this model, seconds (audio.split_silence_s)")
     args = ap.parse_args(argv)
 
     decoder, config = load_model_dir(args.model_dir)
@@ -51,8 +63,7 @@ def main(argv=None):
         tmp, decoder, Path(args.model_dir) / "tokenizer.json", config["tokenizer"], config["encoder"], decoding,
         external={TOKEN_TABLE: {"source": "tiny.en", "key": TINY_EN_TOKEN_TABLE}},
         storage_dtype=torch.float16,
-        extra={**{k: v for k, v in config.items() if k in ("training", "audio")},
-               **({"audio": {"max_window_s": args.max_window}} if args.max_window else {})},
+        extra={**{k: v for k, v in config.items() if k in ("training", "audio")}, **audio_extra(config, args)},
     )
     # Check the packaged copy loads and matches (fp16 storage: small rounding only).
     packaged, _ = load_model_dir(tmp)

@@ -107,6 +107,22 @@ def test_short_matches_transformers_encoder_with_cut_positions(whisper, encoders
     torch.testing.assert_close(encoders["short"].encode([clip])[0], reference, atol=1e-5, rtol=0)
 
 
+def test_short_features_are_the_first_frames_of_the_30_s_features(encoders, clips, jfk):
+    """Features of fewer frames come from less zero padding, with the values of upstream's 30 s features."""
+    enc = encoders["short"]
+    for clip in [jfk, jfk[: int(3.3 * SAMPLE_RATE)], *clips]:
+        full = enc.features([clip])
+        for mel in sorted({short_mel_frames(len(clip)), 200, 1000}):
+            short = enc.features([clip], mel)
+            assert short.shape == (1, enc.num_mel_bins, mel) and short.is_contiguous()
+            torch.testing.assert_close(short, full[:, :, :mel], atol=1e-5, rtol=0)
+    # A batch: every clip padded to the longest, each still equal to its own 30 s features.
+    mel = 600
+    batch = enc.features([jfk[:SAMPLE_RATE], jfk[: 5 * SAMPLE_RATE]], mel)
+    for row, clip in zip(batch, [jfk[:SAMPLE_RATE], jfk[: 5 * SAMPLE_RATE]]):
+        torch.testing.assert_close(row, enc.features([clip])[0, :, :mel], atol=1e-5, rtol=0)
+
+
 def test_batched_equals_one_by_one(whisper, clips):
     for mode in ("full", "pad_trim", "short"):
         batched = WhisperAudioEncoder(whisper, EncoderOptions(mode=mode, batch_size=4)).encode(clips)

@@ -121,6 +121,11 @@ def transcribe(
                               "(CPU only; faster, tokens may differ slightly)."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
                              help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
+    max_window: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
+                                               help="Longest window (at most 30 s and the model's own limit)."),
+    split_silence: Optional[float] = typer.Option(None, "--split-silence", metavar="SECONDS",
+                                                  help="A pause this long ends a window (default: the model's, "
+                                                  "else 2 s)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
 ):
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
@@ -129,7 +134,7 @@ def transcribe(
         STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_schedule, resolve_device,
         transcribe as run,
     )
-    from .vad import VadOptions
+    from .vad import vad_options
     from .writers import get_writer, parse_formats
 
     try:
@@ -160,7 +165,8 @@ def transcribe(
             raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
         options = TranscribeOptions(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
-            decoding=decoding, vad=VadOptions(enabled=vad), output_dir=output_dir, output_format=output_format, overwrite=overwrite,
+            decoding=decoding, vad=vad_options(vad, max_window, split_silence), output_dir=output_dir,
+            output_format=output_format, overwrite=overwrite,
         )
     except ValueError as e:
         _err(f"error: {e}")

@@ -147,14 +147,23 @@ class WhisperAudioEncoder:
             return frames_for_duration(num_samples / SAMPLE_RATE)
         return short_mel_frames(num_samples) // CONV_STRIDE
 
-    def features(self, audio: Sequence[np.ndarray]) -> "torch.Tensor":
-        """Log-mel features [B, n_mels, 3000] of 30 s-padded audio (upstream Whisper's input)."""
+    def features(self, audio: Sequence[np.ndarray], mel_frames: int = N_FRAMES) -> "torch.Tensor":
+        """Log-mel features [B, n_mels, mel_frames]: the first mel_frames of upstream Whisper's input (the
+        features of 30 s-padded audio). Fewer frames are computed from less zero padding: a frame reads only
+        N_FFT samples around it, and the normalisation's maximum comes from the audio, so the values are the
+        same (up to float rounding) at a fraction of the cost for short windows."""
         import torch
 
+        if mel_frames >= N_FRAMES:
+            padded, padding = list(audio), "max_length"
+        else:
+            # Zeros past the audio up to the last sample frame mel_frames - 1 reads, as 30 s padding has.
+            n = max([mel_frames * HOP_LENGTH + N_FFT] + [len(a) for a in audio])
+            padded, padding = [np.pad(a, (0, n - len(a))) for a in audio], "longest"
         feats = self.feature_extractor(
-            list(audio), sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length"
-        ).input_features
-        return torch.from_numpy(np.asarray(feats, dtype=np.float32))
+            padded, sampling_rate=SAMPLE_RATE, return_tensors="np", padding=padding
+        ).input_features[:, :, :mel_frames]
+        return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
 
     def encode(self, audio: Sequence[np.ndarray]) -> "list[torch.Tensor]":
         """Encoder states, one [F_i, d] tensor per clip (float32 mono 16 kHz, each <= 30 s), in input order,
@@ -177,7 +186,7 @@ class WhisperAudioEncoder:
                        for s in range(0, len(order), self.options.batch_size)]
         with torch.inference_mode():
             for idx, mel_frames in batches:
-                feats = self.features([clips[i] for i in idx])[:, :, :mel_frames]
+                feats = self.features([clips[i] for i in idx], mel_frames)
                 states = self._run(feats.to(self.device, self.dtype))
                 for row, i in enumerate(idx):
                     out[i] = states[row, : self.output_frames(len(clips[i]))]

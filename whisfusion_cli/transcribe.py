@@ -177,12 +177,18 @@ class Pipeline:
         return cls(model, options.decoding)
 
     def vad_options(self, base: VadOptions) -> VadOptions:
-        """The VAD windows this model wants: a model trained on short utterances carries a shorter maximum
-        window in its config (`audio.max_window_s`), since it transcribes long windows worse."""
-        limit = (self.model.config.get("audio") or {}).get("max_window_s")
-        if not limit or limit >= base.max_window_s:
-            return base
-        return dataclasses.replace(base, max_window_s=float(limit), min_cut_s=min(base.min_cut_s, limit / 2))
+        """The VAD windows this model wants. A model trained on short utterances carries in its config a
+        shorter maximum window (`audio.max_window_s`, a limit: a longer one asked for is cut to it), since it
+        transcribes long windows worse, and a shorter pause that splits windows (`audio.split_silence_s`,
+        used where `base` keeps VadOptions' default), so a window holds one utterance, as in training."""
+        audio = self.model.config.get("audio") or {}
+        limit, split = audio.get("max_window_s"), audio.get("split_silence_s")
+        if limit and limit < base.max_window_s:
+            base = dataclasses.replace(base, max_window_s=float(limit), min_cut_s=min(base.min_cut_s, limit / 2))
+        if split and base.split_silence_s == VadOptions.split_silence_s:
+            base = dataclasses.replace(base, split_silence_s=float(split),
+                                       speech_pad_s=min(base.speech_pad_s, float(split) / 2))
+        return base
 
     def encode(self, clips: list[np.ndarray]):
         return self.model.encoder.encode(clips)

@@ -74,6 +74,22 @@ class VadOptions:
         return self.neg_threshold if self.neg_threshold is not None else max(self.threshold - 0.15, 0.01)
 
 
+def vad_options(enabled: bool = True, max_window_s: float | None = None, split_silence_s: float | None = None) -> VadOptions:
+    """VadOptions from the two numbers a user sets (the CLI's --max-window and --split-silence); the values
+    that depend on them follow: a window cut for length is at least half the longest, and the audio kept
+    around speech is at most half the splitting pause. A one-line ValueError for values out of range."""
+    options = {"enabled": enabled}
+    if max_window_s is not None:
+        if not FRAME_SECONDS * 2 <= max_window_s <= CHUNK_LENGTH:
+            raise ValueError(f"max window {max_window_s:g} s: must lie in [{FRAME_SECONDS * 2:g}, {CHUNK_LENGTH}] s")
+        options.update(max_window_s=max_window_s, min_cut_s=min(VadOptions.min_cut_s, max_window_s / 2))
+    if split_silence_s is not None:
+        if not 0 < split_silence_s <= 3600:
+            raise ValueError(f"split silence {split_silence_s:g} s: must be a positive number of seconds")
+        options.update(split_silence_s=split_silence_s, speech_pad_s=min(VadOptions.speech_pad_s, split_silence_s / 2))
+    return VadOptions(**options)
+
+
 @dataclass(frozen=True)
 class Window:
     """A stretch of audio [start_sample, end_sample) at 16 kHz; `silent` windows are never decoded."""
@@ -425,4 +441,5 @@ def speech_timestamps(audio: np.ndarray, options: VadOptions | None = None) -> l
 __all__ = [
     "EnergyDetector", "FRAME_SAMPLES", "FRAME_SECONDS", "SileroDetector", "VadOptions", "Window", "WindowPlanner",
     "iter_windows", "make_detector", "plan_windows", "silero_available", "speech_probabilities", "speech_timestamps",
+    "vad_options",
 ]
