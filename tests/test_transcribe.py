@@ -67,6 +67,29 @@ def test_batch_composition_does_not_change_a_file(model):
     assert alone == texts[8][1]
 
 
+def test_windows_are_pooled_for_the_decoder_within_one_batch_of_encoder_states(model, tmp_path, monkeypatch):
+    """Windows are gathered across files (up to POOL_BATCHES batches, at most one batch of 30 s windows'
+    encoder states) so the decoder sorts them by length into batches of batch_size."""
+    calls = []
+    real_decode = Pipeline.decode
+
+    def recording_decode(self, conditions, durations, seeds, batch_size):
+        calls.append((len(conditions), sum(c.size(0) for c in conditions), batch_size))
+        return real_decode(self, conditions, durations, seeds, batch_size)
+
+    monkeypatch.setattr(Pipeline, "decode", recording_decode)
+    files = [AUDIO / name for name in ("cards_001.flac", "cards_002.flac", "goforward.flac", "forever.flac",
+                                       "cards_003.flac", "jfk.wav")]
+    results = list(transcribe(files, TranscribeOptions(batch_size=2, decoding={"seed": 0}), model=model))
+    assert [r.status for r in results] == ["ok"] * len(files)
+    assert max(n for n, _, _ in calls) > 2 and {b for _, _, b in calls} == {2}
+    assert all(n <= 2 * tr.POOL_BATCHES and frames <= 2 * 1500 for n, frames, _ in calls)
+    # And the pool changes nothing in a file's transcript (padding changes only the float rounding).
+    for path, r in zip(files, results):
+        alone = next(transcribe([path], TranscribeOptions(batch_size=1, decoding={"seed": 0}), model=model))
+        assert [s.text for s in alone.segments] == [s.text for s in r.segments]
+
+
 def long_recording(path: Path, minutes: float) -> float:
     """Real clips with short pauses and, every ~minute, 5 s of silence; written block by block as FLAC."""
     clips = [load_audio(p) for p in sorted(AUDIO.iterdir()) if p.suffix in (".wav", ".flac")]
@@ -112,9 +135,9 @@ def test_silence_yields_empty_transcript_without_the_decoder(model, tmp_path, mo
     calls = []
     real_decode = Pipeline.decode
 
-    def counting_decode(self, conditions, durations, seeds):
+    def counting_decode(self, conditions, *args):
         calls.append(len(conditions))
-        return real_decode(self, conditions, durations, seeds)
+        return real_decode(self, conditions, *args)
 
     monkeypatch.setattr(Pipeline, "decode", counting_decode)
     rng = np.random.default_rng(0)

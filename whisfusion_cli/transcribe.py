@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs, stream_audio
+from .encoder import MAX_ENCODER_FRAMES
 from .vad import VadOptions, Window, iter_windows
 from .writers import get_writer, parse_formats
 
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from .checkpoint import LoadedModel
 
 DEFAULT_BATCH_SIZE = 8
+# Windows gathered (across files) before they are encoded and decoded: up to this many batches' worth, so
+# the decoder can sort them by length into batches of similar windows (less padding), but no more encoder
+# states than one batch of 30 s windows (memory stays that of one batch; an encoder that always returns 30 s
+# of states pools nothing).
+POOL_BATCHES = 4
 MIN_AUDIO_SECONDS = 0.1  # shorter than the shortest spoken word
 STREAM_BLOCK_SECONDS = 10.0  # audio decoded per read while streaming a file
 DEVICES = ("auto", "cpu", "cuda")
@@ -193,14 +199,13 @@ class Pipeline:
     def encode(self, clips: list[np.ndarray]):
         return self.model.encoder.encode(clips)
 
-    def decode(self, conditions, durations: list[float], seeds: list[int | None]):
+    def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE):
         from .decoding import decode_windows
 
-        # Windows of one shape share a forward per step; each has its own seed, so a window decodes the same
-        # whatever else is in the batch.
+        # Up to batch_size windows share a forward per step, sorted by length; each has its own seed, so a
+        # window decodes the same (up to float rounding) whatever else is in the batch.
         return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
-                              durations, to_words=self._to_words, seeds=seeds,
-                              max_batch_windows=max(1, len(conditions)))
+                              durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size)
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)
@@ -376,20 +381,21 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
         pipeline = Pipeline(model, options.decoding)
     jobs: deque[_Job] = deque()
     batch: list[tuple[_Job, int, Window, np.ndarray]] = []
+    pooled_frames = 0  # encoder states the windows in `batch` will have
 
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(options.vad))}
 
     def flush_batch():
-        nonlocal batch
+        nonlocal batch, pooled_frames
         live = [b for b in batch if b[0].result.status != STATUS_ERROR]
-        batch = []
+        batch, pooled_frames = [], 0
         if not live:
             return
         conditions = pipeline.encode([b[3] for b in live])
         seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + b[1] for b in live]
-        results = pipeline.decode(conditions, [b[2].duration for b in live], seeds)
+        results = pipeline.decode(conditions, [b[2].duration for b in live], seeds, options.batch_size)
         for (job, idx, w, _), r in zip(live, results):
             job.segments[idx] = Segment(idx, w.start, w.end, pipeline.text(r), r.score, list(r.text_tokens))
             job.pending -= 1
@@ -433,7 +439,9 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
                 job.segments.append(None)
                 job.pending += 1
                 batch.append((job, idx, w, samples))
-                if len(batch) >= options.batch_size:
+                pooled_frames += pipeline.model.encoder.output_frames(len(samples))
+                if (len(batch) >= options.batch_size * POOL_BATCHES
+                        or pooled_frames + MAX_ENCODER_FRAMES > options.batch_size * MAX_ENCODER_FRAMES):
                     flush_batch()
                     yield from finished()
             _check_duration(f.path, n_samples / SAMPLE_RATE, options)
