@@ -23,9 +23,10 @@ whisfusion train --data "$W/shards/train" --val-data "$W/shards/test_synth" -o "
   --max-steps 600 --eval-every 200 --save-every 50 --wer-items 32 --val-items 150 --patience 0 \
   --decode-steps 8 --seed 4321
 # 4. Ship: trained tensors in fp16, the token table read from tiny.en at load time; decoding defaults
-#    (8 confidence steps + 4 mask-predict refinement passes, 16-token shortlist), the 10 s VAD window and a window
+#    (8 confidence steps + 4 mask-predict refinement passes, 16-token shortlist, the canvas cut 5 positions after
+#    the predicted end of the transcript), the 10 s VAD window and a window
 #    split at every pause of 0.6 s (one utterance per window, as in training), chosen with
 #    scripts/sweep_decoding.py and `whisfusion bench` (see the model card).
 python scripts/package_default.py "$W/runs/phase2/model" whisfusion_cli/assets/default \
-  --decoding '{"steps": 8, "repeat_penalty": 0.5, "candidates": 1, "seed": 0, "refine": 4, "refine_fraction": 0.3, "shortlist": 16}' \
+  --decoding '{"steps": 8, "repeat_penalty": 0.5, "candidates": 1, "seed": 0, "refine": 4, "refine_fraction": 0.3, "shortlist": 16, "pad_context": 5}' \
   --max-window 10 --split-silence 0.6

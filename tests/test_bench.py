@@ -86,6 +86,7 @@ def test_parse_system_specs():
         ("whisfusion:default,steps=0", "positive integer"),
         ("whisfusion:default,seq_len=big", "'auto'"),
         ("whisfusion:default,shortlist=x", "shortlist='x' must be a non-negative integer"),
+        ("whisfusion:default,pad_context=-2", "pad_context='-2' must be a non-negative integer or 'off'"),
         ("whisfusion:default,refine=-1", "refine='-1' must be a non-negative integer"),
         ("whisper:tiny.en,small", "key=value"),
     ]:

@@ -181,6 +181,7 @@ def test_folder_with_good_and_bad_files(model_dir, tmp_path):
     (["--device", "cpu", "--dtype", "bfloat16"], "only supported on a GPU"),
     (["--max-window", "45"], "max window 45 s"),
     (["--split-silence", "0"], "split silence 0 s"),
+    (["--pad-context", "some"], "--pad-context"),
 ])
 def test_bad_options_exit_2_with_one_line(args, message):
     result = cli("transcribe", AUDIO / "jfk.wav", *args)

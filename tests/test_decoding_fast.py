@@ -39,6 +39,9 @@ def _options(strategy, **kw):
         strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2}
     if strategy == "shortlist":  # the same, scoring only a vocabulary shortlist after step 0
         strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2, "shortlist": 4}
+    if strategy == "pad_context":  # the same, on the transcript and 2 positions after its predicted end
+        strategy, extra = "confidence", {"temperature": 0.7, "repeat_penalty": 0.3, "refine": 2, "shortlist": 4,
+                                         "pad_context": 2}
     return DecodingOptions(candidates=K, steps=4, seq_len=None, max_seq_len=48, seed=11, strategy=strategy,
                            **{**extra, **kw})
 
@@ -64,7 +67,7 @@ def _same(a, b, atol=1e-6):
     assert a.selected == b.selected and a.text_tokens == b.text_tokens
 
 
-@pytest.mark.parametrize("strategy", ["remask", "confidence", "refine", "shortlist"])
+@pytest.mark.parametrize("strategy", ["remask", "confidence", "refine", "shortlist", "pad_context"])
 @pytest.mark.parametrize("family", ["smdm", "whisper"])
 def test_batched_windows_decode_like_single_windows(family, strategy, request, monkeypatch):
     dec, conds, prefix, pad = request.getfixturevalue(family)
@@ -295,3 +298,60 @@ def test_padded_rows_with_key_masks_match_the_unpadded_rows(family, request):
     torch.testing.assert_close(padded[1], alone[1], atol=1e-5, rtol=1e-5)
     # Without the masks the padding leaks into the short window (so the check above is not vacuous).
     assert not torch.allclose(unmasked[0, : short.size(1)], alone[0], atol=1e-3)
+
+
+def _ends_early(dec, pad, widths):
+    """A copy of a Whisper-family decoder that predicts end-of-text (confidently) from canvas position 8 on,
+    so a transcript's end is predicted at step 0, as a trained model's is; widths records the columns of
+    every trunk call."""
+    import copy
+
+    dec = copy.deepcopy(dec)
+    with torch.no_grad():  # only the end-of-text row reads hidden dimension 0
+        dec.embed_tokens.weight[:, 0] = 0.0
+        dec.embed_tokens.weight[pad] = 0.0
+        dec.embed_tokens.weight[pad, 0] = 10.0
+    inner = dec.hidden_states
+
+    def hidden_states(idx, **kw):
+        widths.append(idx.size(1))
+        h = inner(idx, **kw).clone()
+        h[:, 8:] = 0.0
+        h[:, 8:, 0] = 10.0
+        return h
+
+    dec.hidden_states = hidden_states
+    return dec
+
+
+def test_pad_context_runs_on_the_transcript_and_what_follows_its_end(whisper):
+    dec, conds, prefix, pad = whisper
+    options = dataclasses.replace(_options("refine"), candidates=1, temperature=0.0, max_seq_len=48)
+    durations = [9.0, 9.0, 4.0]
+    exact = decode_windows(dec, conds[:3], options, prefix, pad, durations)
+    # pad_context as long as the canvas: nothing is cut, the decoding is the exact one.
+    whole = decode_windows(dec, conds[:3], dataclasses.replace(options, pad_context=48), prefix, pad, durations)
+    for a, b in zip(exact, whole):
+        assert torch.equal(a.tokens, b.tokens)
+    # A transcript whose end is predicted at step 0 (position 8): the end-of-text predictions from 8 + 2 on are
+    # committed, and the steps after run on 2 positions past the committed end: 12 columns, then 10 once
+    # positions 8 and 9 are committed end-of-text too.
+    widths = []
+    early = _ends_early(dec, pad, widths)
+    cut = decode_windows(early, conds[:3], dataclasses.replace(options, pad_context=2), prefix, pad, durations)
+    canvas = options.canvas_length(9.0, len(prefix))
+    assert widths[0] == canvas and set(widths[1:]) <= {12, 10} and widths[-1] == 10, widths
+    for r, d in zip(cut, durations):
+        assert r.tokens.shape == (1, options.canvas_length(d, len(prefix)))
+        assert (r.tokens[0, 8:] == pad).all() and (r.tokens != early.config.mask_token_id).all()
+    # Without pad_context the same decoder runs every step on the whole canvas.
+    widths.clear()
+    decode_windows(early, conds[:3], options, prefix, pad, durations)
+    assert set(widths) == {canvas}
+
+
+def test_pad_context_is_checked():
+    with pytest.raises(ValueError, match="pad_context"):
+        DecodingOptions(strategy="confidence", pad_context=-1)
+    with pytest.raises(ValueError, match="pad_context"):
+        DecodingOptions(strategy="remask", pad_context=2)

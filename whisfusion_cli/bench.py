@@ -61,7 +61,7 @@ DEFAULT_SYSTEMS = ("whisfusion:model=default", "whisper:tiny.en", "faster-whispe
 # Keys each kind of system spec accepts (the first bare value of a spec is its model).
 SPEC_KEYS = {
     "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "shortlist",
-                   "seed", "encoder_mode", "label"},
+                   "pad_context", "seed", "encoder_mode", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
@@ -179,6 +179,8 @@ def parse_system(text: str) -> SystemSpec:
     for key in ("seed", "refine", "shortlist"):
         if key in params and not re.fullmatch(r"\d+", params[key]):
             raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a non-negative integer")
+    if "pad_context" in params and params["pad_context"] != "off" and not re.fullmatch(r"\d+", params["pad_context"]):
+        raise BenchError(f"system {text!r}: pad_context={params['pad_context']!r} must be a non-negative integer or 'off'")
     if "seq_len" in params and params["seq_len"] != AUTO and not re.fullmatch(r"[1-9]\d*", params["seq_len"]):
         raise BenchError(f"system {text!r}: seq_len={params['seq_len']!r} must be a positive integer or 'auto'")
     normal = f"{kind}:{model}" + "".join(f",{k}={v}" for k, v in params.items())
@@ -378,6 +380,8 @@ class WhisfusionSystem:
         for key in ("selection", "strategy"):
             if key in p:
                 overrides[key] = p[key]
+        if "pad_context" in p:
+            overrides["pad_context"] = None if p["pad_context"] == "off" else int(p["pad_context"])
         if "seq_len" in p:
             overrides["seq_len"] = None if p["seq_len"] == AUTO else int(p["seq_len"])
         try:

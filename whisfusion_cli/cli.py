@@ -109,6 +109,9 @@ def transcribe(
                                          "confidence fill: re-predict the least sure tokens (model default if unset)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
                                             "each position's N best tokens (faster; 0: whole vocabulary, exact)."),
+    pad_context: Optional[str] = typer.Option(None, "--pad-context", metavar="N|off", help="Once a transcript's "
+                                              "end is predicted, decode only it and N positions after it "
+                                              "(faster); off: the whole canvas."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
@@ -153,6 +156,13 @@ def transcribe(
                 decoding[key] = value
         if schedule is not None:
             decoding["schedule"] = parse_schedule(schedule)
+        if pad_context is not None:
+            if pad_context.lower() == "off":
+                decoding["pad_context"] = None
+            elif pad_context.isdigit():
+                decoding["pad_context"] = int(pad_context)
+            else:
+                raise ValueError(f"--pad-context expects a number of positions (>= 0) or 'off', got {pad_context!r}")
         if seq_len is not None:
             if seq_len.lower() == "auto":
                 decoding["seq_len"] = None
@@ -431,7 +441,7 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, seed, encoder_mode, label\n"
+    "                  strategy, refine, shortlist, pad_context, seed, encoder_mode, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

@@ -49,6 +49,10 @@ REFINE_FRACTION = 0.3
 # position onto 50k tokens), so this cuts it several-fold; approximate, since confidences are then
 # normalised over the shortlist. 0 keeps the full vocabulary (exact).
 SHORTLIST_OFF = 0
+# Trailing end-of-text positions ("confidence" strategy, `pad_context` >= 0): once the end of a transcript is
+# committed, the decoder runs on the transcript and this many end-of-text positions after it, not the whole
+# audio-sized canvas, whose tail is mostly padding (None keeps the whole canvas: exact).
+PAD_CONTEXT_OFF = None
 # decode_windows: windows decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
 # Canvas positions past a window's length in a batch of windows of different lengths: no token (every
@@ -77,6 +81,7 @@ class DecodingOptions:
     refine: int = 0  # "confidence" strategy: mask-predict passes after the fill (re-predict the least sure)
     refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
     shortlist: int = SHORTLIST_OFF  # "confidence" strategy: after step 0, score only each position's top-N
+    pad_context: int | None = PAD_CONTEXT_OFF  # "confidence" strategy: end-of-text positions kept after a transcript
     selection: str = "confidence"
     seed: int | None = None
     cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
@@ -95,6 +100,9 @@ class DecodingOptions:
             raise ValueError(f"shortlist must be >= 0 (0: the full vocabulary), got {self.shortlist}")
         if self.shortlist and (self.strategy != "confidence" or not self.fast):
             raise ValueError("shortlist needs the confidence strategy in fast mode")
+        if self.pad_context is not None and (self.pad_context < 0 or self.strategy != "confidence" or not self.fast):
+            raise ValueError(f"pad_context must be >= 0 (or None: the whole canvas) and needs the confidence strategy "
+                             f"in fast mode, got {self.pad_context}")
         if any(not 0.0 <= r <= 1.0 for r in self.schedule):
             raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
 
@@ -206,6 +214,23 @@ def _active_hidden(decoder, x, kv, K, ragged: _Ragged, active: list[int], W: int
     index = torch.tensor(active, device=x.device) if per_window else rows
     kv = None if kv is None else [(k[index], v[index]) for k, v in kv]
     return (*_hidden(decoder, x[rows], kv, K, ragged.subset(active)), rows)
+
+
+def _trimmed(canvas, ragged: _Ragged, K: int, keep: int | None, pad_id):
+    """(columns, ragged, row lengths) the trunk runs on this step: with keep (options.pad_context), each
+    window's canvas ends `keep` positions after the start of its rows' trailing run of committed end-of-text
+    (every masked position lies before it); the batch runs on its longest such window."""
+    R, L = canvas.shape
+    W = R // K
+    row_len = ragged.row_lengths(K, R, L, canvas.device)
+    if keep is None:
+        return L, ragged, row_len
+    tail = (canvas == pad_id) | (canvas == FILL)
+    end = L - tail.flip(1).long().cumprod(1).sum(1)  # first position of the trailing run, per row
+    window = torch.minimum(row_len, end + keep).view(W, K).max(1).values
+    L_cur = int(window.max())
+    lengths = None if bool((window == L_cur).all()) else window
+    return L_cur, _Ragged(lengths, ragged.frames), window.repeat_interleave(K)
 
 
 def _window_hidden(hidden, shared, w, K, positions=None):
@@ -414,10 +439,15 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
     confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, :P] = 1.0
     shortlists = [None] * W  # per window, with options.shortlist: made from its first prediction
+    trim = options.pad_context is not None and options.fast
+    cols, ragged_step = L, ragged
     for s in range(options.steps):
         m = canvas == mask_id
         if not m.any():
             break
+        if trim:  # the schedule spreads over the transcript and the end-of-text positions kept after it
+            cols, ragged_step, active_len = _trimmed(canvas, ragged, K, options.pad_context, pad_id)
+            n_gen = active_len - P
         # ceil(n_gen * (s + 1) / steps) in integers; everything after the last step.
         target = n_gen if s == options.steps - 1 else (n_gen * (s + 1) + options.steps - 1) // options.steps
         committed = n_gen - m[:, P:].sum(1)
@@ -429,8 +459,8 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
             continue
         if options.fast:  # the trunk runs on the windows with something to commit only
             active = [w for w in range(W) if not done[w]]
-            hidden, shared, rows = _active_hidden(decoder, canvas, kv, K, ragged, active, W)
-            logits_active = _masked_logits(decoder, hidden, shared, K, m if rows is None else m[rows],
+            hidden, shared, rows = _active_hidden(decoder, canvas[:, :cols], kv, K, ragged_step, active, W)
+            logits_active = _masked_logits(decoder, hidden, shared, K, (m if rows is None else m[rows])[:, :cols],
                                            range(len(active)), [shortlists[w] for w in active])
             window_logits = {w: logits_active[j] for j, w in enumerate(active)}
         else:
@@ -489,6 +519,14 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
             drop_right = pair & ~drop_left
             commit[:, :-1] &= ~drop_left
             commit[:, 1:] &= ~drop_right
+        if trim and s == 0:
+            # The predicted end of each transcript (the trailing run of end-of-text predictions) is committed
+            # at once, but for its first pad_context positions (still free to become text, should the end
+            # be predicted too early), so the next steps run on the transcript and those positions.
+            end = (pred == pad_id) | (canvas == FILL)
+            tail = end.flip(1).long().cumprod(1).flip(1).bool()
+            start = L - tail.sum(1)  # first position of the predicted tail, per row
+            commit |= m & tail & (positions >= (start + options.pad_context)[:, None])
         canvas = torch.where(commit, pred, canvas)
         confidences = torch.where(commit, c.clamp(min=0), confidences)
     for r in range(options.refine):
@@ -536,11 +574,14 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
     dup[:, :P] = False
     m |= dup
     m &= real
+    cols, ragged_step, row_len = _trimmed(canvas, ragged or _Ragged(), K, options.pad_context if options.fast else None,
+                                          pad_id)
+    m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees
     x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
     if options.fast:
-        hidden, shared = _hidden(decoder, x, kv, K, ragged)
+        hidden, shared = _hidden(decoder, x[:, :cols], kv, K, ragged_step)
         shortlists = shortlists if shortlists is not None else [None] * W
-        window_logits = _masked_logits(decoder, hidden, shared, K, m, range(W), shortlists)
+        window_logits = _masked_logits(decoder, hidden, shared, K, m[:, :cols], range(W), shortlists)
         confs, picks = [], []
         for w in range(W):
             short = shortlists[w]
