@@ -21,6 +21,8 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l selection 
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l strategy -x -a 'remask confidence' -d 'Unmasking: remask (upstream) or confidence'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l refine -x -d 'Mask-predict passes after the confidence fill: re-predict the least...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l shortlist -x -d 'After the first step, score only each position\'s N best tokens (fas...'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l shortlist-int8 -d 'Pick the shortlist through an int8 output projection (CPU; faster)'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l shortlist-float -d 'Pick the shortlist through an int8 output projection (CPU; faster)'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l pad-context -x -d 'Once a transcript\'s end is predicted, decode only it and N position...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l seed -x -d 'Seed for reproducible decoding'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l seq-len -x -d 'Canvas length in tokens, or \'auto\' to size it to the audio'

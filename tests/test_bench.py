@@ -87,6 +87,7 @@ def test_parse_system_specs():
         ("whisfusion:default,seq_len=big", "'auto'"),
         ("whisfusion:default,shortlist=x", "shortlist='x' must be a non-negative integer"),
         ("whisfusion:default,pad_context=-2", "pad_context='-2' must be a non-negative integer or 'off'"),
+        ("whisfusion:default,shortlist_int8=yes", "shortlist_int8='yes' must be 0 or 1"),
         ("whisfusion:default,refine=-1", "refine='-1' must be a non-negative integer"),
         ("whisper:tiny.en,small", "key=value"),
     ]:

@@ -355,3 +355,36 @@ def test_pad_context_is_checked():
         DecodingOptions(strategy="confidence", pad_context=-1)
     with pytest.raises(ValueError, match="pad_context"):
         DecodingOptions(strategy="remask", pad_context=2)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_int8_shortlist_never_multiplies_by_the_whole_float_table(family, request, monkeypatch):
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    h = torch.randn(7, dec.config.n_embd)
+    coarse = dec.coarse_project(h)
+    assert coarse.shape == dec.project(h).shape
+    assert torch.corrcoef(torch.stack([coarse.flatten(), dec.project(h).flatten()]))[0, 1] > 0.99
+    assert not any("coarse" in k for k in dec.state_dict())  # a cache, not part of the model
+    options = dataclasses.replace(_options("shortlist"), shortlist_int8=True)
+    full, coarse_rows = [], []
+    inner_full, inner_coarse = dec.project, dec.coarse_project
+    monkeypatch.setattr(dec, "project", lambda x: full.append(x.shape) or inner_full(x))
+    monkeypatch.setattr(dec, "coarse_project", lambda x: coarse_rows.append(x.size(0)) or inner_coarse(x))
+    durations = [d for _, d in WINDOWS]
+    results = decode_windows(dec, conds, options, prefix, pad, durations)
+    assert not full and coarse_rows == [sum(options.canvas_length(d, len(prefix)) - len(prefix) for d in durations)]
+    vocab = set(range(dec.config.n_logits))
+    assert all(set(r.tokens[:, len(prefix):].flatten().tolist()) <= vocab for r in results)
+    with pytest.raises(ValueError, match="shortlist_int8"):
+        DecodingOptions(strategy="confidence", shortlist_int8=True)
+
+
+def test_int8_shortlist_follows_new_weights(whisper):
+    import copy
+
+    dec = copy.deepcopy(whisper[0])
+    h = torch.randn(3, dec.config.n_embd)
+    before = dec.coarse_project(h)
+    with torch.no_grad():
+        dec.embed_tokens.weight.mul_(2.0)
+    torch.testing.assert_close(dec.coarse_project(h), 2 * before, atol=0.05 * before.abs().max().item(), rtol=0.05)

@@ -61,7 +61,7 @@ DEFAULT_SYSTEMS = ("whisfusion:model=default", "whisper:tiny.en", "faster-whispe
 # Keys each kind of system spec accepts (the first bare value of a spec is its model).
 SPEC_KEYS = {
     "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "shortlist",
-                   "pad_context", "seed", "encoder_mode", "label"},
+                   "shortlist_int8", "pad_context", "seed", "encoder_mode", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
@@ -179,6 +179,8 @@ def parse_system(text: str) -> SystemSpec:
     for key in ("seed", "refine", "shortlist"):
         if key in params and not re.fullmatch(r"\d+", params[key]):
             raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a non-negative integer")
+    if "shortlist_int8" in params and params["shortlist_int8"] not in ("0", "1"):
+        raise BenchError(f"system {text!r}: shortlist_int8={params['shortlist_int8']!r} must be 0 or 1")
     if "pad_context" in params and params["pad_context"] != "off" and not re.fullmatch(r"\d+", params["pad_context"]):
         raise BenchError(f"system {text!r}: pad_context={params['pad_context']!r} must be a non-negative integer or 'off'")
     if "seq_len" in params and params["seq_len"] != AUTO and not re.fullmatch(r"[1-9]\d*", params["seq_len"]):
@@ -382,6 +384,8 @@ class WhisfusionSystem:
                 overrides[key] = p[key]
         if "pad_context" in p:
             overrides["pad_context"] = None if p["pad_context"] == "off" else int(p["pad_context"])
+        if "shortlist_int8" in p:
+            overrides["shortlist_int8"] = p["shortlist_int8"] == "1"
         if "seq_len" in p:
             overrides["seq_len"] = None if p["seq_len"] == AUTO else int(p["seq_len"])
         try:

@@ -109,6 +109,8 @@ def transcribe(
                                          "confidence fill: re-predict the least sure tokens (model default if unset)."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
                                             "each position's N best tokens (faster; 0: whole vocabulary, exact)."),
+    shortlist_int8: Optional[bool] = typer.Option(None, "--shortlist-int8/--shortlist-float", help="Pick the "
+                                                  "shortlist through an int8 output projection (CPU; faster)."),
     pad_context: Optional[str] = typer.Option(None, "--pad-context", metavar="N|off", help="Once a transcript's "
                                               "end is predicted, decode only it and N positions after it "
                                               "(faster); off: the whole canvas."),
@@ -151,6 +153,7 @@ def transcribe(
         decoding = {}
         for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
                            ("strategy", strategy), ("refine", refine), ("shortlist", shortlist),
+                           ("shortlist_int8", shortlist_int8),
                            ("seed", seed)):
             if value is not None:
                 decoding[key] = value
@@ -441,7 +444,7 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, pad_context, seed, encoder_mode, label\n"
+    "                  strategy, refine, shortlist, shortlist_int8, pad_context, seed, encoder_mode, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

@@ -49,6 +49,9 @@ REFINE_FRACTION = 0.3
 # position onto 50k tokens), so this cuts it several-fold; approximate, since confidences are then
 # normalised over the shortlist. 0 keeps the full vocabulary (exact).
 SHORTLIST_OFF = 0
+# `shortlist_int8`: the first prediction picks the shortlist through an int8 copy of the output projection
+# (DecoderBase.coarse_project, CPU) and scores it in float like the later steps, so no step multiplies by
+# the whole float token table.
 # Trailing end-of-text positions ("confidence" strategy, `pad_context` >= 0): once the end of a transcript is
 # committed, the decoder runs on the transcript and this many end-of-text positions after it, not the whole
 # audio-sized canvas, whose tail is mostly padding (None keeps the whole canvas: exact).
@@ -82,6 +85,7 @@ class DecodingOptions:
     refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
     shortlist: int = SHORTLIST_OFF  # "confidence" strategy: after step 0, score only each position's top-N
     pad_context: int | None = PAD_CONTEXT_OFF  # "confidence" strategy: end-of-text positions kept after a transcript
+    shortlist_int8: bool = False  # with shortlist: pick it through an int8 output projection (CPU only)
     selection: str = "confidence"
     seed: int | None = None
     cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
@@ -100,6 +104,8 @@ class DecodingOptions:
             raise ValueError(f"shortlist must be >= 0 (0: the full vocabulary), got {self.shortlist}")
         if self.shortlist and (self.strategy != "confidence" or not self.fast):
             raise ValueError("shortlist needs the confidence strategy in fast mode")
+        if self.shortlist_int8 and not self.shortlist:
+            raise ValueError("shortlist_int8 needs a shortlist (shortlist > 0)")
         if self.pad_context is not None and (self.pad_context < 0 or self.strategy != "confidence" or not self.fast):
             raise ValueError(f"pad_context must be >= 0 (or None: the whole canvas) and needs the confidence strategy "
                              f"in fast mode, got {self.pad_context}")
@@ -257,10 +263,12 @@ def _window_logits(decoder, hidden, shared, w, K, positions=None, rows=None):
     return logits.repeat(repeats, 1) if repeats > 1 else logits
 
 
-def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists):
+def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=None):
     """{w: logits [n_w, V or V_w]} of the masked positions m [W*K, L] of each window in `windows`: onto its
-    shortlist's rows where it has one, else onto the whole vocabulary, those in one product for the batch
-    (a bigger matrix product reads the 77 MB token table of a Whisper decoder once, not once per window)."""
+    shortlist's rows where it has one, else onto the whole vocabulary (through `project`, default the
+    decoder's), those in one product for the batch (a bigger matrix product reads the 77 MB token table of a
+    Whisper decoder once, not once per window)."""
+    project = project or decoder.project
     out, full = {}, []
     for w in windows:
         positions = m[w * K : (w + 1) * K]
@@ -276,7 +284,7 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists):
             rows += full[end][1].size(0)
             end += 1
         chunk = full[start:end]
-        logits = decoder.project(torch.cat([h for _, h, _ in chunk]) if len(chunk) > 1 else chunk[0][1])
+        logits = project(torch.cat([h for _, h, _ in chunk]) if len(chunk) > 1 else chunk[0][1])
         for (w, h, repeats), part in zip(chunk, logits.split([h.size(0) for _, h, _ in chunk])):
             out[w] = part.repeat(repeats, 1) if repeats > 1 else part
         start = end
@@ -460,8 +468,14 @@ def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generat
         if options.fast:  # the trunk runs on the windows with something to commit only
             active = [w for w in range(W) if not done[w]]
             hidden, shared, rows = _active_hidden(decoder, canvas[:, :cols], kv, K, ragged_step, active, W)
-            logits_active = _masked_logits(decoder, hidden, shared, K, (m if rows is None else m[rows])[:, :cols],
-                                           range(len(active)), [shortlists[w] for w in active])
+            m_active = (m if rows is None else m[rows])[:, :cols]
+            new = [j for j, w in enumerate(active) if shortlists[w] is None]
+            if options.shortlist_int8 and new and decoder.device.type == "cpu":
+                coarse = _masked_logits(decoder, hidden, shared, K, m_active, new, None, decoder.coarse_project)
+                for j in new:
+                    shortlists[active[j]] = _shortlist(decoder, coarse[j], options.shortlist, pad_id)
+            logits_active = _masked_logits(decoder, hidden, shared, K, m_active, range(len(active)),
+                                           [shortlists[w] for w in active])
             window_logits = {w: logits_active[j] for j, w in enumerate(active)}
         else:
             logits = full_logits(canvas)

@@ -311,6 +311,31 @@ class DecoderBase(nn.Module):
         logits of those tokens only (a decoding shortlist; an int8 head's rows are read as float)."""
         return self._output_weight()[ids]
 
+    def coarse_project(self, x: torch.Tensor) -> torch.Tensor:
+        """Approximate logits of x [n, n_embd] through an int8 copy of the output projection (CPU, dynamic
+        quantisation, built on first use and kept out of the state dict): good enough to pick a shortlist of
+        likely tokens, 3-4x cheaper than the float product on a CPU, where it is memory-bound."""
+        key = self._head_key()
+        head = self.__dict__.get("_coarse_head")
+        if head is None or head[0] != key:  # built on first use, rebuilt if the weights changed
+            import warnings
+
+            weight = self._output_weight().detach().float()
+            linear = nn.Linear(weight.size(1), weight.size(0), bias=False)
+            linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+            with warnings.catch_warnings():  # torch's eager quantisation API warns that it moves to torchao
+                for category in (UserWarning, DeprecationWarning, FutureWarning):
+                    warnings.simplefilter("ignore", category)
+                quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
+            head = (key, quantized)
+            self.__dict__["_coarse_head"] = head  # a plain attribute: not a submodule, not in the state dict
+        return head[1](x.float())
+
+    def _head_key(self) -> tuple:
+        """Identifies the output projection's current weights: its tensor and that tensor's in-place version."""
+        w = self._head_tensor()
+        return (id(self), w.data_ptr(), w._version) if isinstance(w, torch.Tensor) else (id(self), "int8")
+
     def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
         """idx int64 [B, T] -> logits [B, T, n_logits].
 
@@ -374,6 +399,9 @@ class DiffusionDecoder(DecoderBase):
     def _output_weight(self):
         w = self.lm_head.weight
         return w().dequantize() if callable(w) else w  # a dynamically quantised Linear stores int8
+
+    def _head_tensor(self):
+        return self.lm_head.weight
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,6 +494,9 @@ class WhisperDiffusionDecoder(DecoderBase):
 
     def _output_weight(self):
         return self.embed_tokens.weight[: self.config.n_logits]
+
+    def _head_tensor(self):
+        return self.embed_tokens.weight
 
 
 def build_decoder(config: ModelConfig) -> DecoderBase:
