@@ -49,12 +49,13 @@ REFINE_FRACTION = 0.3
 # position onto 50k tokens), so this cuts it several-fold; approximate, since confidences are then
 # normalised over the shortlist. 0 keeps the full vocabulary (exact).
 SHORTLIST_OFF = 0
-# `shortlist_int8`: the first prediction picks the shortlist through an int8 copy of the output projection
+# With `shortlist_int8` the first prediction picks the shortlist through an int8 copy of the output projection
 # (DecoderBase.coarse_project, CPU) and scores it in float like the later steps, so no step multiplies by
 # the whole float token table.
-# Trailing end-of-text positions ("confidence" strategy, `pad_context` >= 0): once the end of a transcript is
-# committed, the decoder runs on the transcript and this many end-of-text positions after it, not the whole
-# audio-sized canvas, whose tail is mostly padding (None keeps the whole canvas: exact).
+# Positions after a transcript's end ("confidence" strategy, `pad_context` >= 0): the first step commits the
+# predicted end (the trailing run of end-of-text predictions) but for its first pad_context positions; later
+# steps run on the transcript and pad_context positions after its committed end, not the whole audio-sized
+# canvas, whose tail is mostly padding. None keeps the whole canvas (exact).
 PAD_CONTEXT_OFF = None
 # decode_windows: windows decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
@@ -158,7 +159,7 @@ class DecodingResult:
 # a step run as one product for the batch (up to MAX_PROJECTION_ROWS rows), shortlists window by window.
 # Everything else is row-wise, so a window decodes to the same tokens alone or batched, up to float rounding
 # of the padded and bigger matrix products (tests/test_decoding_fast.py). On 2 CPU cores, batches of 8
-# windows decode about 1.5x faster than windows one at a time (scripts/bench_batch.py).
+# windows decode 1.5-2.4x faster than windows one at a time (scripts/bench_batch.py).
 
 
 def _generator(seed: int | None) -> torch.Generator:
