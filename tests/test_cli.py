@@ -81,7 +81,7 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", str(AUDIO), "--model", model_dir, "-o", str(out),
          "-f", "all", "--seed", "0", "--batch-size", "4", "--strategy", "confidence", "--refine", "2",
-         "--shortlist", "16"],
+         "--shortlist", "16", "--shortlist-int8", "--pad-context", "3", "--max-window", "8", "--split-silence", "0.7"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -101,7 +101,10 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
         assert doc["file"].endswith(clip) and abs(doc["duration"] - duration) < 0.001
         assert doc["segments"][0]["start"] == 0 and abs(doc["segments"][-1]["end"] - duration) < 0.001
         assert doc["decoding"]["seed"] == 0 and doc["decoding"]["refine"] == 2 and doc["model"] == model_dir
-        assert doc["decoding"]["shortlist"] == 16
+        assert doc["decoding"]["shortlist"] == 16 and doc["decoding"]["shortlist_int8"] is True
+        assert doc["decoding"]["pad_context"] == 3
+        assert doc["vad"]["max_window_s"] == 8.0 and doc["vad"]["split_silence_s"] == 0.7
+        assert all(s["end"] - s["start"] <= 8.0 + 1e-6 for s in doc["segments"])
         assert " ".join(s["text"] for s in doc["segments"] if s["text"]) == doc["text"]
         tsv = (out / f"{stem}.tsv").read_text().splitlines()
         assert tsv[0] == "start\tend\ttext" and all(len(r.split("\t")) == 3 for r in tsv)
