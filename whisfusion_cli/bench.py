@@ -368,7 +368,7 @@ class WhisfusionSystem:
 
     def __init__(self, spec: SystemSpec, options: BenchOptions):
         from .checkpoint import load_model
-        from .transcribe import Pipeline
+        from .transcribe import Pipeline, parse_pad_context
 
         device, dtype = _device_dtype(options)
         enc_opts = {"mode": spec.params["encoder_mode"]} if "encoder_mode" in spec.params else None
@@ -383,7 +383,7 @@ class WhisfusionSystem:
             if key in p:
                 overrides[key] = p[key]
         if "pad_context" in p:
-            overrides["pad_context"] = None if p["pad_context"] == "off" else int(p["pad_context"])
+            overrides["pad_context"] = parse_pad_context(p["pad_context"])
         if "shortlist_int8" in p:
             overrides["shortlist_int8"] = p["shortlist_int8"] == "1"
         if "seq_len" in p:

@@ -136,7 +136,8 @@ def transcribe(
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
     from .audio import AudioError
     from .transcribe import (
-        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_schedule, resolve_device,
+        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_pad_context, parse_schedule,
+        resolve_device,
         transcribe as run,
     )
     from .vad import vad_options
@@ -160,12 +161,7 @@ def transcribe(
         if schedule is not None:
             decoding["schedule"] = parse_schedule(schedule)
         if pad_context is not None:
-            if pad_context.lower() == "off":
-                decoding["pad_context"] = None
-            elif pad_context.isdigit():
-                decoding["pad_context"] = int(pad_context)
-            else:
-                raise ValueError(f"--pad-context expects a number of positions (>= 0) or 'off', got {pad_context!r}")
+            decoding["pad_context"] = parse_pad_context(pad_context)
         if seq_len is not None:
             if seq_len.lower() == "auto":
                 decoding["seq_len"] = None

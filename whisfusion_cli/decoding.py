@@ -588,7 +588,6 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
     dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
     dup[:, :P] = False
     m |= dup
-    m &= real
     cols, ragged_step, row_len = _trimmed(canvas, ragged or _Ragged(), K, options.pad_context if options.fast else None,
                                           pad_id)
     m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees

@@ -190,10 +190,9 @@ class Pipeline:
         audio = self.model.config.get("audio") or {}
         limit, split = audio.get("max_window_s"), audio.get("split_silence_s")
         if limit and limit < base.max_window_s:
-            base = dataclasses.replace(base, max_window_s=float(limit), min_cut_s=min(base.min_cut_s, limit / 2))
+            base = base.with_max_window(limit)
         if split and base.split_silence_s == VadOptions.split_silence_s:
-            base = dataclasses.replace(base, split_silence_s=float(split),
-                                       speech_pad_s=min(base.speech_pad_s, float(split) / 2))
+            base = base.with_split_silence(split)
         return base
 
     def encode(self, clips: list[np.ndarray]):
@@ -222,6 +221,16 @@ def _clean_overrides(overrides: dict) -> dict:
     if "schedule" in out and out["schedule"] is not None:
         out["schedule"] = tuple(float(x) for x in out["schedule"])
     return out
+
+
+def parse_pad_context(text: str) -> int | None:
+    """'off' -> None (the whole canvas), '5' -> 5: DecodingOptions.pad_context from the command line."""
+    text = str(text)
+    if text.lower() == "off":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"--pad-context expects a number of positions (>= 0) or 'off', got {text!r}")
+    return int(text)
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
@@ -381,16 +390,15 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
         pipeline = Pipeline(model, options.decoding)
     jobs: deque[_Job] = deque()
     batch: list[tuple[_Job, int, Window, np.ndarray]] = []
-    pooled_frames = 0  # encoder states the windows in `batch` will have
 
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(options.vad))}
 
     def flush_batch():
-        nonlocal batch, pooled_frames
+        nonlocal batch
         live = [b for b in batch if b[0].result.status != STATUS_ERROR]
-        batch, pooled_frames = [], 0
+        batch = []
         if not live:
             return
         conditions = pipeline.encode([b[3] for b in live])
@@ -439,7 +447,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
                 job.segments.append(None)
                 job.pending += 1
                 batch.append((job, idx, w, samples))
-                pooled_frames += pipeline.model.encoder.output_frames(len(samples))
+                pooled_frames = sum(pipeline.model.encoder.output_frames(len(b[3])) for b in batch)
                 if (len(batch) >= options.batch_size * POOL_BATCHES
                         or pooled_frames + MAX_ENCODER_FRAMES > options.batch_size * MAX_ENCODER_FRAMES):
                     flush_batch()
@@ -492,5 +500,5 @@ def transcribe_file(path, options: TranscribeOptions | None = None, model=None) 
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Reporter", "RichReporter", "Segment", "TranscribeOptions",
-    "TranscriptionResult", "parse_schedule", "resolve_device", "transcribe", "transcribe_file",
+    "TranscriptionResult", "parse_pad_context", "parse_schedule", "resolve_device", "transcribe", "transcribe_file",
 ]

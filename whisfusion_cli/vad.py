@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,21 +73,30 @@ class VadOptions:
     def negative_threshold(self) -> float:
         return self.neg_threshold if self.neg_threshold is not None else max(self.threshold - 0.15, 0.01)
 
+    def with_max_window(self, seconds: float) -> "VadOptions":
+        """These options with windows of at most `seconds`; a window cut for length stays at least half that."""
+        return replace(self, max_window_s=float(seconds), min_cut_s=min(self.min_cut_s, seconds / 2))
+
+    def with_split_silence(self, seconds: float) -> "VadOptions":
+        """These options with windows ended by pauses of `seconds`; the audio kept around speech stays at most
+        half that."""
+        return replace(self, split_silence_s=float(seconds), speech_pad_s=min(self.speech_pad_s, seconds / 2))
+
 
 def vad_options(enabled: bool = True, max_window_s: float | None = None, split_silence_s: float | None = None) -> VadOptions:
     """VadOptions from the two numbers a user sets (the CLI's --max-window and --split-silence); the values
     that depend on them follow: a window cut for length is at least half the longest, and the audio kept
     around speech is at most half the splitting pause. A one-line ValueError for values out of range."""
-    options = {"enabled": enabled}
+    options = VadOptions(enabled=enabled)
     if max_window_s is not None:
         if not FRAME_SECONDS * 2 <= max_window_s <= CHUNK_LENGTH:
             raise ValueError(f"max window {max_window_s:g} s: must lie in [{FRAME_SECONDS * 2:g}, {CHUNK_LENGTH}] s")
-        options.update(max_window_s=max_window_s, min_cut_s=min(VadOptions.min_cut_s, max_window_s / 2))
+        options = options.with_max_window(max_window_s)
     if split_silence_s is not None:
         if not 0 < split_silence_s <= 3600:
             raise ValueError(f"split silence {split_silence_s:g} s: must be a positive number of seconds")
-        options.update(split_silence_s=split_silence_s, speech_pad_s=min(VadOptions.speech_pad_s, split_silence_s / 2))
-    return VadOptions(**options)
+        options = options.with_split_silence(split_silence_s)
+    return options
 
 
 @dataclass(frozen=True)
