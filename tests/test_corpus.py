@@ -151,3 +151,29 @@ def test_piper_voice(tmp_path):
         assert r["voice"] == "piper:joe" and r["text"]
         info = sf.info(str(out / r["audio"]))
         assert (info.samplerate, info.channels) == (16000, 1) and info.duration > 0.5
+
+
+def test_missing_text_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # No fortunes installed: the first run refuses (naming the packages) instead of silently changing the mix.
+    monkeypatch.setattr(corpus, "load_text_pool",
+                        lambda: {"fortunes": [], "bible": SMALL_POOL["bible"], "wordnet": SMALL_POOL["wordnet"]})
+    out = tmp_path / "c"
+    with pytest.raises(CorpusError, match=r"fortunes: install them \(apt-get install fortunes fortunes-min\)"):
+        build_corpus(CorpusOptions(out_dir=out, n_utterances=1), log=lambda m: None)
+    assert not (out / corpus.TEXT_POOL_NAME).exists()
+    with pytest.raises(SystemExit):
+        corpus.main(["--out", str(out), "--n", "1", "--text-weights", "nonsense=1"])
+    assert "unknown source nonsense" in capsys.readouterr().err
+
+
+@needs_tts
+def test_text_weights_leave_a_source_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "load_text_pool",
+                        lambda: {"fortunes": [], "bible": SMALL_POOL["bible"], "wordnet": SMALL_POOL["wordnet"]})
+    out = tmp_path / "c"
+    assert corpus.main(["--out", str(out), "--n", "6", "--seed", "3", "--text-weights",
+                        "fortunes=0,bible=1,wordnet=1"]) == 0
+    records = _records(out)
+    assert len(records) == 6
+    sources = {part for r in records if r["text"] for part in r["source"].split("+")}
+    assert "fortunes" not in sources and sources & {"bible", "wordnet"}

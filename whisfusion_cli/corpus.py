@@ -69,6 +69,9 @@ DEFAULT_ENGINE_WEIGHTS = {"espeak-ng": 0.24, "mbrola": 0.16, "flite": 0.20, "pic
 DEFAULT_TEXT_WEIGHTS = {"fortunes": 0.24, "bible": 0.20, "wordnet": 0.12, "numbers": 0.14,
                         "commands": 0.10, "conversation": 0.12, "vocabulary": 0.08}
 FILE_SOURCES = ("fortunes", "bible", "wordnet")
+# The Debian packages each file source reads (Components: main contrib non-free for diatheke's text).
+TEXT_PACKAGES = {"fortunes": "fortunes fortunes-min", "bible": "diatheke sword-text-web",
+                 "wordnet": "wordnet-base"}
 
 ESPEAK_DIALECTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp",
                    "en-029", "en-us-nyc")
@@ -942,6 +945,12 @@ def _prepare(options: CorpusOptions) -> tuple[dict[str, list[str]], int]:
             raise CorpusError(f"{pool_path}: unreadable text pool ({exc})") from exc
     else:
         pool = load_text_pool()
+        # A missing package would silently change the text mix (and the corpus a seed stands for).
+        missing = [name for name in FILE_SOURCES if options.text_weights.get(name, 0) > 0 and not pool.get(name)]
+        if missing:
+            packages = " ".join(TEXT_PACKAGES[name] for name in missing)
+            raise CorpusError(f"no sentences from {', '.join(missing)}: install them (apt-get install {packages}) "
+                              f"or leave them out with --text-weights {','.join(n + '=0' for n in missing)}")
         _write_json_atomic(pool_path, pool)
     if not options_path.exists():
         _write_json_atomic(options_path, {"options": fingerprint, "text_pool": _pool_digest(pool),
@@ -1004,6 +1013,20 @@ def build_corpus(options: CorpusOptions, log=print) -> Path:
     return manifest
 
 
+def _parse_weights(spec: str | None, defaults: dict, option: str, kind: str) -> dict:
+    """"a=1,b=0.5" -> every key of defaults (unnamed ones 0); None -> defaults."""
+    if not spec:
+        return dict(defaults)
+    try:
+        given = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        raise ValueError(f"{option}: expected {kind.upper()}=WEIGHT,..., got {spec!r}") from None
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(f"{option}: unknown {kind} {', '.join(sorted(unknown))} (known: {', '.join(defaults)})")
+    return {k: given.get(k, 0.0) for k in defaults}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m whisfusion_cli.corpus",
                                      description="Generate a synthetic English speech corpus with offline TTS.")
@@ -1016,24 +1039,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-weights", default=None, metavar="ENGINE=W,...",
                         help=f"engine mix, e.g. piper=1 (default: "
                              f"{','.join(f'{k}={v:g}' for k, v in DEFAULT_ENGINE_WEIGHTS.items())})")
+    parser.add_argument("--text-weights", default=None, metavar="SOURCE=W,...",
+                        help=f"text mix, e.g. bible=0 (default: "
+                             f"{','.join(f'{k}={v:g}' for k, v in DEFAULT_TEXT_WEIGHTS.items())})")
     args = parser.parse_args(argv)
-    weights = dict(DEFAULT_ENGINE_WEIGHTS)
-    if args.engine_weights:
-        try:
-            given = {k.strip(): float(v) for k, v in (item.split("=") for item in args.engine_weights.split(","))}
-        except ValueError:
-            parser.error(f"--engine-weights: expected ENGINE=WEIGHT,..., got {args.engine_weights!r}")
-        unknown = set(given) - set(DEFAULT_ENGINE_WEIGHTS)
-        if unknown:
-            parser.error(f"--engine-weights: unknown engine {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(DEFAULT_ENGINE_WEIGHTS)})")
-        weights = {k: given.get(k, 0.0) for k in DEFAULT_ENGINE_WEIGHTS}
+    try:
+        weights = _parse_weights(args.engine_weights, DEFAULT_ENGINE_WEIGHTS, "--engine-weights", "engine")
+        text_weights = _parse_weights(args.text_weights, DEFAULT_TEXT_WEIGHTS, "--text-weights", "source")
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.split == "test":
         options = CorpusOptions.test_split(args.out, args.n, args.seed, args.workers)
         options.engine_weights = weights
+        options.text_weights = text_weights
     else:
         options = CorpusOptions(out_dir=args.out, n_utterances=args.n, seed=args.seed, workers=args.workers,
-                                engine_weights=weights)
+                                engine_weights=weights, text_weights=text_weights)
     try:
         build_corpus(options, log=lambda msg: print(msg, flush=True))
     except CorpusError as exc:
