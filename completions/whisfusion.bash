@@ -25,10 +25,11 @@ _whisfusion() {
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --threads) COMPREPLY=(); return ;;
+        --encoder-backend) COMPREPLY=($(compgen -W "torch ctranslate2 auto" -- "$cur")); return ;;
         --max-window) COMPREPLY=(); return ;;
         --split-silence) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --seq-len --device --dtype --threads --int8 --vad --no-vad --max-window --split-silence --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --seq-len --device --dtype --threads --int8 --encoder-backend --vad --no-vad --max-window --split-silence --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in

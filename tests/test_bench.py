@@ -80,6 +80,7 @@ def test_parse_system_specs():
     assert parse_system("whisfusion:models/x,canvas=64").params == {"seq_len": "64"}
     assert parse_system("whisper").model == "tiny.en"
     assert parse_system("whisfusion:default,refine=0,shortlist=16").params == {"refine": "0", "shortlist": "16"}
+    assert parse_system("whisfusion:default,encoder_backend=ctranslate2").params == {"encoder_backend": "ctranslate2"}
     for bad, words in [
         ("foo:bar", "unknown kind"),
         ("whisper:tiny.en,steps=4", "unknown option 'steps'"),
@@ -89,6 +90,7 @@ def test_parse_system_specs():
         ("whisfusion:default,pad_context=-2", "pad_context='-2' must be a non-negative integer or 'off'"),
         ("whisfusion:default,shortlist_int8=yes", "shortlist_int8='yes' must be 0 or 1"),
         ("whisfusion:default,refine=-1", "refine='-1' must be a non-negative integer"),
+        ("whisfusion:default,encoder_backend=onnx", "encoder_backend='onnx' must be one of torch, ctranslate2, auto"),
         ("whisper:tiny.en,small", "key=value"),
     ]:
         with pytest.raises(BenchError, match=words):

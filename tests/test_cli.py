@@ -81,7 +81,8 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", str(AUDIO), "--model", model_dir, "-o", str(out),
          "-f", "all", "--seed", "0", "--batch-size", "4", "--strategy", "confidence", "--refine", "2",
-         "--shortlist", "16", "--shortlist-int8", "--pad-context", "3", "--max-window", "8", "--split-silence", "0.7"],
+         "--shortlist", "16", "--shortlist-int8", "--pad-context", "3", "--max-window", "8", "--split-silence", "0.7",
+         "--encoder-backend", "auto"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -104,6 +105,7 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
         assert doc["decoding"]["shortlist"] == 16 and doc["decoding"]["shortlist_int8"] is True
         assert doc["decoding"]["pad_context"] == 3
         assert doc["vad"]["max_window_s"] == 8.0 and doc["vad"]["split_silence_s"] == 0.7
+        assert doc["encoder"]["backend"] == "torch"  # auto: this test model's encoder is a transformers dir
         assert all(s["end"] - s["start"] <= 8.0 + 1e-6 for s in doc["segments"])
         assert " ".join(s["text"] for s in doc["segments"] if s["text"]) == doc["text"]
         tsv = (out / f"{stem}.tsv").read_text().splitlines()
@@ -175,6 +177,20 @@ def test_folder_with_good_and_bad_files(model_dir, tmp_path):
     assert len([l for l in again.stderr.splitlines() if l.startswith("error: ")]) == len(bad)
 
 
+def test_default_model_with_the_ctranslate2_encoder(tmp_path):
+    pytest.importorskip("ctranslate2")
+    texts = {}
+    for backend in ("torch", "ctranslate2"):
+        out = tmp_path / backend
+        result = cli("transcribe", AUDIO / "jfk.wav", "-o", out, "-f", "json", "--encoder-backend", backend, "-q")
+        assert result.exit_code == 0, result.output
+        doc = json.loads((out / "jfk.json").read_text())
+        assert doc["encoder"]["backend"] == backend and doc["encoder"]["source"] == "tiny.en"
+        texts[backend] = doc["text"]
+    # The two encoders' states differ by ~1e-4: the same transcript.
+    assert texts["torch"] == texts["ctranslate2"] and "country" in texts["torch"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["-f", "all"], "give --output-dir"),
     (["-f", "docx"], "unknown output format"),
@@ -185,6 +201,7 @@ def test_folder_with_good_and_bad_files(model_dir, tmp_path):
     (["--max-window", "45"], "max window 45 s"),
     (["--split-silence", "0"], "split silence 0 s"),
     (["--pad-context", "some"], "--pad-context"),
+    (["--encoder-backend", "onnx"], "--encoder-backend"),
 ])
 def test_bad_options_exit_2_with_one_line(args, message):
     result = cli("transcribe", AUDIO / "jfk.wav", *args)

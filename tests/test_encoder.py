@@ -183,3 +183,45 @@ def test_load_encoder_from_spec(jfk, encoders):
         load_encoder({"source": "tiny.en", "trim": True})
     with pytest.raises(ValueError, match="'source'"):
         load_encoder({"mode": "short"})
+
+
+@pytest.mark.parametrize("mode", ["short", "full"])
+def test_ctranslate2_backend_matches_torch(encoders, clips, mode):
+    pytest.importorskip("ctranslate2")
+    ct2 = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode, backend="ctranslate2"))
+    assert ct2.backend == "ctranslate2"
+    got, want = ct2.encode(clips), encoders[mode].encode(clips)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+
+
+def test_ctranslate2_backend_needs_a_ctranslate2_directory(whisper, tmp_path, monkeypatch):
+    # A transformers model object (or a transformers directory) has no CTranslate2 weights to run.
+    with pytest.raises(ValueError, match="needs a CTranslate2 model directory.*use backend torch"):
+        WhisperAudioEncoder(whisper, EncoderOptions(backend="ctranslate2"))
+    # "auto" falls back to torch where CTranslate2 cannot run it, and where ctranslate2 is not installed.
+    assert WhisperAudioEncoder(whisper, EncoderOptions(backend="auto")).backend == "torch"
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ctranslate2(name, *args, **kwargs):
+        if name == "ctranslate2":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ctranslate2)
+    assert WhisperAudioEncoder("tiny.en", EncoderOptions(backend="auto")).backend == "torch"
+    with pytest.raises(ValueError, match="pip install ctranslate2"):
+        WhisperAudioEncoder("tiny.en", EncoderOptions(backend="ctranslate2"))
+    with pytest.raises(ValueError, match="backend 'onnx' is not one of"):
+        EncoderOptions(backend="onnx")
+
+
+def test_backend_names_agree_with_the_cli_and_bench():
+    # cli.py and bench.py spell the names out so that `whisfusion --help` does not import this module.
+    from whisfusion_cli import bench, cli
+    from whisfusion_cli.encoder import BACKENDS
+
+    assert cli.ENCODER_BACKEND_NAMES == bench.ENCODER_BACKENDS == BACKENDS

@@ -61,11 +61,12 @@ DEFAULT_SYSTEMS = ("whisfusion:model=default", "whisper:tiny.en", "faster-whispe
 # Keys each kind of system spec accepts (the first bare value of a spec is its model).
 SPEC_KEYS = {
     "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "shortlist",
-                   "shortlist_int8", "pad_context", "seed", "encoder_mode", "label"},
+                   "shortlist_int8", "pad_context", "seed", "encoder_mode", "encoder_backend", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
 DEFAULT_WHISPER_MODEL = "tiny.en"
+ENCODER_BACKENDS = ("torch", "ctranslate2", "auto")  # encoder.BACKENDS (bench.py imports no torch at the top)
 AUTO = "auto"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -181,6 +182,9 @@ def parse_system(text: str) -> SystemSpec:
             raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a non-negative integer")
     if "shortlist_int8" in params and params["shortlist_int8"] not in ("0", "1"):
         raise BenchError(f"system {text!r}: shortlist_int8={params['shortlist_int8']!r} must be 0 or 1")
+    if "encoder_backend" in params and params["encoder_backend"] not in ENCODER_BACKENDS:
+        raise BenchError(f"system {text!r}: encoder_backend={params['encoder_backend']!r} must be one of "
+                         f"{', '.join(ENCODER_BACKENDS)}")
     if "pad_context" in params and params["pad_context"] != "off" and not re.fullmatch(r"\d+", params["pad_context"]):
         raise BenchError(f"system {text!r}: pad_context={params['pad_context']!r} must be a non-negative integer or 'off'")
     if "seq_len" in params and params["seq_len"] != AUTO and not re.fullmatch(r"[1-9]\d*", params["seq_len"]):
@@ -371,7 +375,7 @@ class WhisfusionSystem:
         from .transcribe import Pipeline, parse_pad_context
 
         device, dtype = _device_dtype(options)
-        enc_opts = {"mode": spec.params["encoder_mode"]} if "encoder_mode" in spec.params else None
+        enc_opts = {key: spec.params["encoder_" + key] for key in ("mode", "backend") if "encoder_" + key in spec.params}
         model = load_model(None if spec.model == "default" else spec.model, device=str(device), dtype=dtype,
                            encoder_options=enc_opts)
         p = spec.params
@@ -394,7 +398,7 @@ class WhisfusionSystem:
             raise BenchError(f"system {spec.text!r}: {e}") from None
         self.device = str(device)
         self.info = {"decoding": self.pipeline.decoding.to_dict(), "model_name": model.name,
-                     "encoder": dict(model.config.get("encoder", {}))}
+                     "encoder": {**model.encoder.spec(), "backend": model.encoder.backend}}
 
     def transcribe(self, audio: np.ndarray) -> Hypothesis:
         from .vad import VadOptions, iter_windows

@@ -20,6 +20,7 @@ SELECTION_NAMES = ("confidence", "mbr", "rover")
 STRATEGY_NAMES = ("remask", "confidence")
 DEVICE_NAMES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+ENCODER_BACKEND_NAMES = ("torch", "ctranslate2", "auto")  # encoder.BACKENDS, without importing it for --help
 EXIT_FAILED = 1  # some input failed, or the run could not start
 EXIT_USAGE = 2  # bad options (click's own convention)
 EXIT_INTERRUPTED = 130
@@ -124,6 +125,10 @@ def transcribe(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
     int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the decoder and encoder "
                               "(CPU only; faster, tokens may differ slightly)."),
+    encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
+                                                  autocompletion=_complete(ENCODER_BACKEND_NAMES),
+                                                  help="torch, ctranslate2 (faster on CPU) or auto "
+                                                  "(model default if unset)."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
                              help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
     max_window: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
@@ -151,6 +156,8 @@ def transcribe(
             raise ValueError(f"--selection must be one of {', '.join(SELECTION_NAMES)}")
         if strategy is not None and strategy not in STRATEGY_NAMES:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}")
+        if encoder_backend is not None and encoder_backend not in ENCODER_BACKEND_NAMES:
+            raise ValueError(f"--encoder-backend must be one of {', '.join(ENCODER_BACKEND_NAMES)}")
         decoding = {}
         for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
                            ("strategy", strategy), ("refine", refine), ("shortlist", shortlist),
@@ -174,7 +181,7 @@ def transcribe(
             raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
         options = TranscribeOptions(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
-            decoding=decoding, vad=vad_options(vad, max_window, split_silence), output_dir=output_dir,
+            encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence), output_dir=output_dir,
             output_format=output_format, overwrite=overwrite,
         )
     except ValueError as e:
@@ -440,7 +447,8 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, shortlist_int8, pad_context, seed, encoder_mode, label\n"
+    "                  strategy, refine, shortlist, shortlist_int8, pad_context, seed, encoder_mode,\n"
+    "                  encoder_backend, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

@@ -7,6 +7,11 @@ Three modes trade fidelity to upstream Whisper against speed:
 - "short": cut the log-mel to the audio length and run the encoder on that alone with the first F rows
   of the position table. Cost is proportional to audio length; states differ slightly from "full"
   because attention no longer sees the 30 s of padding.
+
+Two backends run the same weights: "torch" (the reference, used for preprocessing and training) and
+"ctranslate2" (CTranslate2's Whisper encoder on a CTranslate2 model directory such as the bundled tiny.en:
+states within ~2e-4 of torch's, faster on CPU). "auto" picks ctranslate2 where it is installed and the source
+is a CTranslate2 directory, torch otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import copy
 import math
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -36,6 +42,7 @@ SHORT_MIN_SECONDS = 1.0
 SHORT_MIN_MEL_FRAMES = int(SHORT_MIN_SECONDS * SAMPLE_RATE / HOP_LENGTH)
 
 MODES = ("full", "pad_trim", "short")
+BACKENDS = ("torch", "ctranslate2", "auto")
 DEFAULT_SOURCE = "tiny.en"
 DEFAULT_BATCH_SIZE = 8
 
@@ -60,10 +67,13 @@ class EncoderOptions:
     int8: bool = False  # torch dynamic int8 quantisation of the encoder's Linear layers (CPU only)
     threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder call
+    backend: str = "torch"  # one of BACKENDS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"encoder backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.batch_size < 1:
             raise ValueError(f"encoder batch_size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
@@ -125,6 +135,12 @@ class WhisperAudioEncoder:
                 f"{self.source}: encoder has {self.config.max_source_positions} positions, expected "
                 f"{MAX_ENCODER_FRAMES} (30 s windows)"
             )
+        # The torch encoder above also gives the configuration (and the fallback of "auto").
+        self.backend = "torch"
+        self._ct2 = None
+        if self.options.backend != "torch":
+            self._ct2 = _ctranslate2_encoder(model, self.options, self.device, self.dtype)
+            self.backend = "torch" if self._ct2 is None else "ctranslate2"
         self.feature_extractor = WhisperFeatureExtractor(
             feature_size=self.num_mel_bins,
             sampling_rate=SAMPLE_RATE,
@@ -202,6 +218,8 @@ class WhisperAudioEncoder:
         """
         import torch.nn.functional as F
 
+        if self._ct2 is not None:
+            return self._run_ctranslate2(feats)
         enc = self.encoder
         x = F.gelu(enc.conv1(feats))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
@@ -209,6 +227,49 @@ class WhisperAudioEncoder:
         for layer in enc.layers:
             x = layer(x, None)
         return enc.layer_norm(x)
+
+    def _run_ctranslate2(self, feats: "torch.Tensor") -> "torch.Tensor":
+        import ctranslate2
+        import torch
+
+        # CTranslate2 takes features of any even length <= 3000 and uses the first M/2 position rows, as _run.
+        array = np.ascontiguousarray(feats.detach().float().cpu().numpy())
+        states = self._ct2.encode(ctranslate2.StorageView.from_array(array), to_cpu=True)
+        return torch.from_numpy(np.array(states)).to(self.device, self.dtype)
+
+
+def _ctranslate2_encoder(model: Any, options: EncoderOptions, device: "torch.device", dtype: "torch.dtype"):
+    """CTranslate2's Whisper model for `model` (None where "auto" falls back to torch)."""
+    import torch
+
+    from .ct2_import import CT2_MODEL_FILE, TINY_EN_NAME, tiny_en_dir
+
+    required = options.backend == "ctranslate2"
+    name = str(model) if isinstance(model, (str, os.PathLike)) else None
+    if name == TINY_EN_NAME:
+        directory = tiny_en_dir()
+    elif name is not None and (Path(name).expanduser() / CT2_MODEL_FILE).is_file():
+        directory = Path(name).expanduser()
+    elif required:
+        raise ValueError(f"the ctranslate2 encoder backend needs a CTranslate2 model directory (tiny.en or a "
+                         f"directory with {CT2_MODEL_FILE}); {name or type(model).__name__} is not one: use "
+                         "backend torch")
+    else:
+        return None
+    try:
+        import ctranslate2
+    except ImportError:
+        if required:
+            raise ValueError("the ctranslate2 encoder backend needs the ctranslate2 package: "
+                             "pip install ctranslate2 (or use backend torch)") from None
+        return None
+    if device.type == "cuda":
+        compute_type = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+        place = {"device": "cuda", "device_index": device.index or 0}
+    else:
+        compute_type = "int8" if options.int8 else "float32"
+        place = {"device": "cpu", "intra_threads": options.threads or torch.get_num_threads()}
+    return ctranslate2.models.Whisper(str(directory), compute_type=compute_type, **place)
 
 
 def _check_clip(audio: Any, index: int) -> np.ndarray:
@@ -250,6 +311,7 @@ def load_encoder(
 
 
 __all__ = [
+    "BACKENDS",
     "EncoderOptions",
     "FRAME_MARGIN",
     "MODES",

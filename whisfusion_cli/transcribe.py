@@ -56,6 +56,7 @@ class TranscribeOptions:
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder/decoder batch, across files
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     int8: bool = False  # int8 dynamic quantisation of the decoder's and the encoder's Linear layers (CPU only)
+    encoder_backend: str | None = None  # "torch", "ctranslate2" or "auto"; None: the model's own setting
     decoding: dict = field(default_factory=dict)  # DecodingOptions fields overriding the model's defaults
     vad: VadOptions = field(default_factory=VadOptions)
     output_dir: Path | None = None  # None: nothing is written (the CLI prints to stdout)
@@ -99,6 +100,7 @@ class TranscriptionResult:
     model: str = ""
     decoding: dict = field(default_factory=dict)
     vad: dict = field(default_factory=dict)
+    encoder: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     elapsed: float = 0.0  # seconds from the first window read to the result
 
@@ -114,7 +116,7 @@ class TranscriptionResult:
         return {
             "file": self.path, "text": self.text, "duration": round(self.duration, 3), "model": self.model,
             "language": "en", "segments": [s.to_dict() for s in self.segments], "decoding": self.decoding,
-            "vad": self.vad,
+            "vad": self.vad, "encoder": self.encoder,
         }
 
 
@@ -174,8 +176,10 @@ class Pipeline:
             raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
         if options.threads:
             torch.set_num_threads(options.threads)
-        model = load_model(options.model, device=str(device), dtype=dtype,
-                           encoder_options={"int8": True} if options.int8 else None)
+        encoder_options = {"int8": True} if options.int8 else {}
+        if options.encoder_backend is not None:
+            encoder_options["backend"] = options.encoder_backend
+        model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options)
         if options.int8:
             from .model import quantize_decoder
 
@@ -393,7 +397,8 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
 
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
-                "vad": dataclasses.asdict(pipeline.vad_options(options.vad))}
+                "vad": dataclasses.asdict(pipeline.vad_options(options.vad)),
+                "encoder": {**pipeline.model.encoder.spec(), "backend": pipeline.model.encoder.backend}}
 
     def flush_batch():
         nonlocal batch
