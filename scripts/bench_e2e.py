@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between clips")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per system (best is kept)")
     ap.add_argument("--int8", action="store_true", help="Whisfusion with the int8 decoder and encoder")
+    ap.add_argument("--encoder-backend", default=None, choices=("torch", "ctranslate2", "auto"),
+                    help="Whisfusion's encoder backend (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=8, help="Whisfusion windows per batch")
     ap.add_argument("--candidates", "-k", type=int, default=None, help="override the model's K")
     ap.add_argument("--steps", type=int, default=None, help="override the model's steps")
@@ -128,10 +130,10 @@ def main(argv=None) -> int:
     if args.seq_len is not None:
         decoding["seq_len"] = None if args.seq_len == "auto" else int(args.seq_len)
     options = TranscribeOptions(model=args.model, device="cpu", threads=args.threads, int8=args.int8,
-                                batch_size=args.batch_size, decoding=decoding,
+                                encoder_backend=args.encoder_backend, batch_size=args.batch_size, decoding=decoding,
                                 vad=VadOptions(max_window_s=args.max_window, min_cut_s=args.max_window / 2)
                                 if args.max_window else VadOptions())
-    report: dict = {"threads": args.threads, "int8": args.int8}
+    report: dict = {"threads": args.threads, "int8": args.int8, "encoder_backend": args.encoder_backend}
     with tempfile.TemporaryDirectory() as tmp:
         path, reference, seconds = build_recording(Path(tmp), args.repeats, args.gap)
         report["audio_s"] = seconds
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
         per_run = {k: v / args.runs for k, v in stage_s.items()}
         wer_wf = corpus_error_rates([reference], [text_wf])["wer"]
         d = pipeline.decoding
-        label = (f"Whisfusion ({pipeline.model.name}{', int8' if args.int8 else ''}; K={d.candidates}, "
+        label = (f"Whisfusion ({pipeline.model.name}{', int8' if args.int8 else ''}, "
+                 f"{pipeline.model.encoder.backend} encoder; K={d.candidates}, "
                  f"{d.steps} steps, {d.strategy}, canvas {d.seq_len or 'audio-sized'})")
         report["whisfusion"] = {"label": label, "s": t_wf, "rtfx": seconds / t_wf, "wer": wer_wf,
                                 "decoding": d.to_dict(), "stages_s": per_run, "text": text_wf}
