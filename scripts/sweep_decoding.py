@@ -79,8 +79,10 @@ def main(argv=None):
             hyps = [tok.decode(r.text_tokens) for r in results]
             row[f"{name}_wer"] = corpus_error_rates(refs, hyps)["wer"]
             row[f"{name}_example"] = hyps[0]
+            row[f"{name}_hypotheses"] = hyps
         rows.append(row)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                          if not k.endswith("_hypotheses")}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
