@@ -1,5 +1,6 @@
-"""Time the encoder modes (full / pad_trim / short, fp32 and int8) per clip length, and compare the states
-of "short" against "pad_trim" on the JFK clip.
+"""Time the encoder modes (full / pad_trim / short, fp32 and int8) and backends (torch, and CTranslate2 where
+it is installed and the source is a CTranslate2 directory such as tiny.en) per clip length, and compare the
+states of "short" against "pad_trim" on the JFK clip.
 
     python scripts/bench_encoder.py [--source tiny.en] [--threads 2] [--repeats 5]
 
@@ -45,17 +46,17 @@ def time_all(encoders: dict, clips: list[np.ndarray], repeats: int) -> tuple[dic
 
 def print_table(title: str, table: dict) -> None:
     print(title)
-    print(f"{'mode':<16}" + "".join(f"{d:>9.0f} s" for d in DURATIONS))
+    print(f"{'mode':<20}" + "".join(f"{d:>9.0f} s" for d in DURATIONS))
     for config, times in table.items():
-        print(f"{_name(config):<16}" + "".join(f"{t:>11.3f}" for t in times))
-    base = table[("full", False)]
+        print(f"{_name(config):<20}" + "".join(f"{t:>11.3f}" for t in times))
+    base = table[("full", False, "torch")]
     print("speed-up vs full fp32:")
     for config, times in table.items():
-        print(f"{_name(config):<16}" + "".join(f"{b / t:>10.1f}x" for b, t in zip(base, times)))
+        print(f"{_name(config):<20}" + "".join(f"{b / t:>10.2f}x" for b, t in zip(base, times)))
 
 
-def _name(config: tuple[str, bool]) -> str:
-    return f"{config[0]} {'int8' if config[1] else 'fp32'}"
+def _name(config: tuple[str, bool, str]) -> str:
+    return f"{config[0]} {'int8' if config[1] else 'fp32'}" + (" ct2" if config[2] == "ctranslate2" else "")
 
 
 def main() -> None:
@@ -75,8 +76,12 @@ def main() -> None:
     jfk, sr = sf.read(JFK, dtype="float32")
     assert sr == SAMPLE_RATE
     whisper = load_whisper(args.source)
-    configs = [(mode, int8) for int8 in (False, True) for mode in ("full", "pad_trim", "short")]
+    configs = [(mode, int8, "torch") for int8 in (False, True) for mode in ("full", "pad_trim", "short")]
     encoders = {c: WhisperAudioEncoder(whisper, EncoderOptions(mode=c[0], int8=c[1])) for c in configs}
+    for mode, int8 in (("full", False), ("short", False), ("short", True)):
+        ct2 = WhisperAudioEncoder(args.source, EncoderOptions(mode=mode, int8=int8, backend="auto"))
+        if ct2.backend == "ctranslate2":
+            encoders[mode, int8, "ctranslate2"] = ct2
 
     clips = [clip_of(jfk, d, sr) for d in DURATIONS]
     wall, cpu = time_all(encoders, clips, args.repeats)
@@ -86,8 +91,8 @@ def main() -> None:
                     f"{args.repeats}", table)
 
     print(f"\nJFK clip ({len(jfk) / sr:.1f} s): short vs pad_trim states")
-    reference = encoders[("pad_trim", False)].encode([jfk])[0]
-    for config in (("short", False), ("short", True), ("pad_trim", True)):
+    reference = encoders[("pad_trim", False, "torch")].encode([jfk])[0]
+    for config in [c for c in encoders if c[0] != "full" and c != ("pad_trim", False, "torch")]:
         states = encoders[config].encode([jfk])[0]
         cosine = torch.nn.functional.cosine_similarity(states, reference, dim=-1)
         print(
