@@ -127,8 +127,8 @@ def transcribe(
                               "(CPU only; faster, tokens may differ slightly)."),
     encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
                                                   autocompletion=_complete(ENCODER_BACKEND_NAMES),
-                                                  help="torch, ctranslate2 (faster on CPU) or auto "
-                                                  "(model default if unset)."),
+                                                  help="torch, ctranslate2 (CTranslate2's Whisper "
+                                                  "encoder) or auto (model default if unset)."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
                              help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
     max_window: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
