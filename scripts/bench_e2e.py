@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from whisfusion_cli.encoder import BACKENDS
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / "tests" / "data" / "audio"
 MANIFEST = CLIPS / "realspeech.jsonl"
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between clips")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per system (best is kept)")
     ap.add_argument("--int8", action="store_true", help="Whisfusion with the int8 decoder and encoder")
-    ap.add_argument("--encoder-backend", default=None, choices=("torch", "ctranslate2", "auto"),
+    ap.add_argument("--encoder-backend", default=None, choices=BACKENDS,
                     help="Whisfusion's encoder backend (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=8, help="Whisfusion windows per batch")
     ap.add_argument("--candidates", "-k", type=int, default=None, help="override the model's K")

@@ -398,7 +398,7 @@ class WhisfusionSystem:
             raise BenchError(f"system {spec.text!r}: {e}") from None
         self.device = str(device)
         self.info = {"decoding": self.pipeline.decoding.to_dict(), "model_name": model.name,
-                     "encoder": {**model.encoder.spec(), "backend": model.encoder.backend}}
+                     "encoder": model.encoder.describe()}
 
     def transcribe(self, audio: np.ndarray) -> Hypothesis:
         from .vad import VadOptions, iter_windows

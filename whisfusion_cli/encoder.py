@@ -109,11 +109,17 @@ class WhisperAudioEncoder:
         encoder = whisper.get_encoder() if hasattr(whisper, "get_encoder") else whisper
         if not hasattr(encoder, "conv1") or not hasattr(encoder, "embed_positions"):
             raise TypeError(f"{type(model).__name__} is not a transformers Whisper model or encoder")
-        if self.options.int8:
-            if self.device.type != "cpu":
-                raise ValueError("int8 encoder quantisation is CPU only; use a float dtype on GPU")
-            if self.dtype != torch.float32:
-                raise ValueError("int8 encoder quantisation needs dtype float32")
+        if self.options.int8 and self.device.type != "cpu":
+            raise ValueError("int8 encoder quantisation is CPU only; use a float dtype on GPU")
+        if self.options.int8 and self.dtype != torch.float32:
+            raise ValueError("int8 encoder quantisation needs dtype float32")
+        # The torch encoder also gives the configuration (and is the fallback of "auto"); where CTranslate2
+        # runs the encoder, the torch copy is never run, so it is not quantised.
+        self._ct2 = None
+        if self.options.backend != "torch":
+            self._ct2 = _ctranslate2_encoder(model, self.options, self.device, self.dtype)
+        self.backend = "torch" if self._ct2 is None else "ctranslate2"
+        if self.options.int8 and self._ct2 is None:
             import warnings
 
             # A copy, so a model passed in by the caller keeps its float weights. torch warns that its
@@ -135,12 +141,6 @@ class WhisperAudioEncoder:
                 f"{self.source}: encoder has {self.config.max_source_positions} positions, expected "
                 f"{MAX_ENCODER_FRAMES} (30 s windows)"
             )
-        # The torch encoder above also gives the configuration (and the fallback of "auto").
-        self.backend = "torch"
-        self._ct2 = None
-        if self.options.backend != "torch":
-            self._ct2 = _ctranslate2_encoder(model, self.options, self.device, self.dtype)
-            self.backend = "torch" if self._ct2 is None else "ctranslate2"
         self.feature_extractor = WhisperFeatureExtractor(
             feature_size=self.num_mel_bins,
             sampling_rate=SAMPLE_RATE,
@@ -154,6 +154,10 @@ class WhisperAudioEncoder:
     def spec(self) -> dict[str, Any]:
         """What a model directory stores to rebuild this encoder with `load_encoder`."""
         return {"source": self.source, "mode": self.options.mode, "dim": self.dim}
+
+    def describe(self) -> dict[str, Any]:
+        """What ran: `spec()` and the backend in use (recorded in transcripts' JSON and bench results)."""
+        return {**self.spec(), "backend": self.backend}
 
     def output_frames(self, num_samples: int) -> int:
         """Number of state rows `encode` returns for a clip of `num_samples` samples."""

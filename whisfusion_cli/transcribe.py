@@ -398,7 +398,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(options.vad)),
-                "encoder": {**pipeline.model.encoder.spec(), "backend": pipeline.model.encoder.backend}}
+                "encoder": pipeline.model.encoder.describe()}
 
     def flush_batch():
         nonlocal batch
