@@ -29,7 +29,7 @@ _whisfusion() {
         --max-window) COMPREPLY=(); return ;;
         --split-silence) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --seq-len --device --dtype --threads --int8 --encoder-backend --vad --no-vad --max-window --split-silence --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --seq-len --device --dtype --threads --int8 --no-int8 --encoder-backend --vad --no-vad --max-window --split-silence --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in

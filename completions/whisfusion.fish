@@ -30,6 +30,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l device -x 
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, ...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l threads -x -d 'CPU threads for torch'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l int8 -d 'int8 dynamic quantisation of the decoder and encoder (CPU only; fas...'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l no-int8 -d 'int8 dynamic quantisation of the decoder and encoder (CPU only; fas...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l encoder-backend -x -a 'torch ctranslate2 auto' -d 'torch, ctranslate2 (CTranslate2\'s Whisper encoder) or auto (model d...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l vad -d 'Cut long audio at pauses and skip silence (--no-vad: fixed 30 s win...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l no-vad -d 'Cut long audio at pauses and skip silence (--no-vad: fixed 30 s win...'

@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=4, help="times the 13 clips are joined (4: ~4.3 min)")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of silence between clips")
     ap.add_argument("--runs", type=int, default=1, help="timed runs per system (best is kept)")
-    ap.add_argument("--int8", action="store_true", help="Whisfusion with the int8 decoder and encoder")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                    help="Whisfusion with (--no-int8: without) the int8 decoder and encoder (default: the model's "
+                         "choice, as `whisfusion transcribe`)")
     ap.add_argument("--encoder-backend", default=None, choices=BACKENDS,
                     help="Whisfusion's encoder backend (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=8, help="Whisfusion windows per batch")
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
                                 encoder_backend=args.encoder_backend, batch_size=args.batch_size, decoding=decoding,
                                 vad=VadOptions(max_window_s=args.max_window, min_cut_s=args.max_window / 2)
                                 if args.max_window else VadOptions())
-    report: dict = {"threads": args.threads, "int8": args.int8, "encoder_backend": args.encoder_backend}
+    report: dict = {"threads": args.threads, "encoder_backend": args.encoder_backend}
     with tempfile.TemporaryDirectory() as tmp:
         path, reference, seconds = build_recording(Path(tmp), args.repeats, args.gap)
         report["audio_s"] = seconds
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
               f"{len(reference.split())} reference words, {args.threads} threads", flush=True)
 
         pipeline = Pipeline.load(options)
+        report["int8"] = pipeline.model.int8
         stage_s = timed_stages(pipeline)
         warm = CLIPS / "goforward.flac"
         list(transcribe([warm], options, model=pipeline))
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         per_run = {k: v / args.runs for k, v in stage_s.items()}
         wer_wf = corpus_error_rates([reference], [text_wf])["wer"]
         d = pipeline.decoding
-        label = (f"Whisfusion ({pipeline.model.name}{', int8' if args.int8 else ''}, "
+        label = (f"Whisfusion ({pipeline.model.name}{', int8' if pipeline.model.int8 else ''}, "
                  f"{pipeline.model.encoder.backend} encoder; K={d.candidates}, "
                  f"{d.steps} steps, {d.strategy}, canvas {d.seq_len or 'audio-sized'})")
         report["whisfusion"] = {"label": label, "s": t_wf, "rtfx": seconds / t_wf, "wer": wer_wf,

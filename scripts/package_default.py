@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from whisfusion_cli.checkpoint import load_model_dir, save_model_dir
+from whisfusion_cli.checkpoint import INT8_ON_CPU, load_model_dir, save_model_dir
 from whisfusion_cli.ct2_import import load_whisper
 
 TOKEN_TABLE = "embed_tokens.weight"
@@ -45,6 +45,8 @@ def main(argv=None):
                     help="longest VAD window for this model, seconds (audio.max_window_s)")
     ap.add_argument("--split-silence", type=float, default=None,
                     help="pause that ends a VAD window for this model, seconds (audio.split_silence_s)")
+    ap.add_argument("--int8-on-cpu", action="store_true",
+                    help=f"run the model int8-quantised by default on the CPU (runtime.{INT8_ON_CPU})")
     args = ap.parse_args(argv)
 
     decoder, config = load_model_dir(args.model_dir)
@@ -63,7 +65,8 @@ def main(argv=None):
         tmp, decoder, Path(args.model_dir) / "tokenizer.json", config["tokenizer"], config["encoder"], decoding,
         external={TOKEN_TABLE: {"source": "tiny.en", "key": TINY_EN_TOKEN_TABLE}},
         storage_dtype=torch.float16,
-        extra={**{k: v for k, v in config.items() if k in ("training", "audio")}, **audio_extra(config, args)},
+        extra={**{k: v for k, v in config.items() if k in ("training", "audio")}, **audio_extra(config, args),
+               **({"runtime": {INT8_ON_CPU: True}} if args.int8_on_cpu else {})},
     )
     # Check the packaged copy loads and matches (fp16 storage: small rounding only).
     packaged, _ = load_model_dir(tmp)

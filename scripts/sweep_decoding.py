@@ -1,6 +1,8 @@
 """Decoding settings against WER, with the encoder run once: a model directory, a manifest of real speech
 and (optionally) preprocessed shards of a held-out synthetic set. Each row of the table is one
 DecodingOptions variant; WER is corpus WER after the Whisper English normaliser (bench.corpus_error_rates).
+A variant may also name the decoder: `int8=1` (model.quantize_decoder: Linear layers and the output
+projection int8) or `int8=trunk` (the output projection left float); the encoder states stay float.
 
     python scripts/sweep_decoding.py RUN/model --real tests/data/audio/realspeech.jsonl --shards SHARDS \\
         --variant steps=8 --variant steps=16,repeat_penalty=0.5 --variant candidates=4,temperature=0.5,selection=rover
@@ -19,6 +21,9 @@ from whisfusion_cli.bench import corpus_error_rates
 from whisfusion_cli.checkpoint import load_model
 from whisfusion_cli.data import ShardDataset, read_dataset
 from whisfusion_cli.decoding import decode_windows, words_from_tokens
+from whisfusion_cli.model import quantize_decoder
+
+INT8_DECODERS = {0: None, 1: {"head": True}, "trunk": {"head": False}}
 
 
 def parse_variant(text: str) -> dict:
@@ -69,11 +74,14 @@ def main(argv=None):
     to_words = words_from_tokens(tok)
     rows = []
     for variant in args.variant or [""]:
-        options = dataclasses.replace(model.decoding, **parse_variant(variant))
+        fields = parse_variant(variant)
+        int8 = INT8_DECODERS[fields.pop("int8", 0)]
+        decoder = model.decoder if int8 is None else quantize_decoder(model.decoder, **int8)
+        options = dataclasses.replace(model.decoding, **fields)
         row = {"variant": variant or "model defaults"}
         for name, (conds, durs, refs) in sets.items():
             t0 = time.perf_counter()
-            results = decode_windows(model.decoder, conds, options, tok.prefix_ids, tok.pad_id, durs,
+            results = decode_windows(decoder, conds, options, tok.prefix_ids, tok.pad_id, durs,
                                      to_words=to_words if options.selection != "confidence" else None)
             row[f"{name}_decode_s"] = time.perf_counter() - t0
             hyps = [tok.decode(r.text_tokens) for r in results]

@@ -89,6 +89,7 @@ def test_parse_system_specs():
         ("whisfusion:default,shortlist=x", "shortlist='x' must be a non-negative integer"),
         ("whisfusion:default,pad_context=-2", "pad_context='-2' must be a non-negative integer or 'off'"),
         ("whisfusion:default,shortlist_int8=yes", "shortlist_int8='yes' must be 0 or 1"),
+        ("whisfusion:default,int8=2", "int8='2' must be 0 or 1"),
         ("whisfusion:default,refine=-1", "refine='-1' must be a non-negative integer"),
         ("whisfusion:default,encoder_backend=onnx", "encoder_backend='onnx' must be one of torch, ctranslate2, auto"),
         ("whisper:tiny.en,small", "key=value"),

@@ -185,6 +185,46 @@ def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
     assert any(s.tokens for s in result.segments)
 
 
+def _is_quantised(module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules())
+
+
+def test_int8_on_cpu_is_the_models_choice_unless_asked(tmp_path):
+    """A model whose config says runtime.int8_on_cpu loads int8 on the CPU when nothing is asked (int8=None),
+    float when --no-int8 (False) is asked; a model without the key loads float; the choice is recorded."""
+    import json
+
+    from tiny_model import make_model_dir
+
+    from whisfusion_cli.checkpoint import CONFIG_FILE, INT8_ON_CPU, load_model
+    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions
+
+    model_dir = make_model_dir(tmp_path)
+    plain = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu"))
+    assert plain.model.int8 is False and not _is_quantised(plain.model.decoder)
+    assert plain.model.encoder.describe()["int8"] is False
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    (model_dir / CONFIG_FILE).write_text(json.dumps({**config, "runtime": {INT8_ON_CPU: True}}))
+    auto = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu"))
+    assert auto.model.int8 is True and _is_quantised(auto.model.decoder) and _is_quantised(auto.model.encoder.encoder)
+    assert auto.model.encoder.describe()["int8"] is True
+    forced_off = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu", int8=False))
+    assert forced_off.model.int8 is False and not _is_quantised(forced_off.model.decoder)
+    assert load_model(str(model_dir)).int8 is False  # the library loader quantises only when asked
+    # The model's choice is for float32 on the CPU: a bfloat16 load stays bfloat16 rather than failing.
+    import torch
+
+    assert load_model(str(model_dir), dtype=torch.bfloat16, int8=None).int8 is False
+
+
+def test_embedded_default_runs_int8_on_cpu():
+    """The shipped model was measured as accurate int8 as float32 (docs/MODEL_CARD.md), so the CPU default is
+    int8; the flag is in its config, not in code."""
+    from whisfusion_cli.checkpoint import DEFAULT_MODEL_DIR, INT8_ON_CPU, read_model_config
+
+    assert read_model_config(DEFAULT_MODEL_DIR)["runtime"][INT8_ON_CPU] is True
+
+
 def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper, monkeypatch):
     """A window that is ahead of the schedule (its rows committed more than this step asks) skips the step
     alone; batched with one that is not, it must neither be projected nor draw noise, and it leaves the

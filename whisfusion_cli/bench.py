@@ -61,7 +61,7 @@ DEFAULT_SYSTEMS = ("whisfusion:model=default", "whisper:tiny.en", "faster-whispe
 # Keys each kind of system spec accepts (the first bare value of a spec is its model).
 SPEC_KEYS = {
     "whisfusion": {"model", "steps", "candidates", "selection", "seq_len", "canvas", "strategy", "refine", "shortlist",
-                   "shortlist_int8", "pad_context", "seed", "encoder_mode", "encoder_backend", "label"},
+                   "shortlist_int8", "int8", "pad_context", "seed", "encoder_mode", "encoder_backend", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
@@ -180,8 +180,9 @@ def parse_system(text: str) -> SystemSpec:
     for key in ("seed", "refine", "shortlist"):
         if key in params and not re.fullmatch(r"\d+", params[key]):
             raise BenchError(f"system {text!r}: {key}={params[key]!r} must be a non-negative integer")
-    if "shortlist_int8" in params and params["shortlist_int8"] not in ("0", "1"):
-        raise BenchError(f"system {text!r}: shortlist_int8={params['shortlist_int8']!r} must be 0 or 1")
+    for key in ("shortlist_int8", "int8"):
+        if key in params and params[key] not in ("0", "1"):
+            raise BenchError(f"system {text!r}: {key}={params[key]!r} must be 0 or 1")
     if "encoder_backend" in params and params["encoder_backend"] not in ENCODER_BACKENDS:
         raise BenchError(f"system {text!r}: encoder_backend={params['encoder_backend']!r} must be one of "
                          f"{', '.join(ENCODER_BACKENDS)}")
@@ -376,8 +377,14 @@ class WhisfusionSystem:
 
         device, dtype = _device_dtype(options)
         enc_opts = {key: spec.params["encoder_" + key] for key in ("mode", "backend") if "encoder_" + key in spec.params}
-        model = load_model(None if spec.model == "default" else spec.model, device=str(device), dtype=dtype,
-                           encoder_options=enc_opts)
+        int8 = {"1": True, "0": False}.get(spec.params.get("int8"))  # absent: the model's choice, as transcribe
+        if int8 and device.type != "cpu":
+            raise BenchError(f"system {spec.text!r}: int8=1 runs on the CPU only (use --device cpu)")
+        try:
+            model = load_model(None if spec.model == "default" else spec.model, device=str(device), dtype=dtype,
+                               encoder_options=enc_opts, int8=int8)
+        except ValueError as e:
+            raise BenchError(f"system {spec.text!r}: {e}") from None
         p = spec.params
         overrides: dict[str, Any] = {"seed": int(p.get("seed", DEFAULT_SEED))}
         for key in ("steps", "candidates", "refine", "shortlist"):
@@ -398,7 +405,7 @@ class WhisfusionSystem:
             raise BenchError(f"system {spec.text!r}: {e}") from None
         self.device = str(device)
         self.info = {"decoding": self.pipeline.decoding.to_dict(), "model_name": model.name,
-                     "encoder": model.encoder.describe()}
+                     "encoder": model.encoder.describe(), "int8": model.int8}
 
     def transcribe(self, audio: np.ndarray) -> Hypothesis:
         from .vad import VadOptions, iter_windows

@@ -25,6 +25,9 @@ MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
+# Config key (section "runtime"): run this model int8-quantised by default on the CPU. A model sets it when
+# int8 was measured as accurate as float32 for it (docs/MODEL_CARD.md for the embedded one).
+INT8_ON_CPU = "int8_on_cpu"
 # Wrappers that training scripts put around a state dict (upstream unwraps "state_dict").
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
@@ -275,6 +278,7 @@ class LoadedModel:
     encoder: object
     decoding: object
     config: dict = field(default_factory=dict)
+    int8: bool = False  # decoder and encoder Linear layers dynamically quantised to int8
 
 
 def resolve_model(name_or_path=None) -> Path:
@@ -293,7 +297,11 @@ def resolve_model(name_or_path=None) -> Path:
     return Path(hub.cached_path(str(name_or_path)))
 
 
-def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dict | None = None) -> LoadedModel:
+def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dict | None = None,
+               int8: bool | None = False) -> LoadedModel:
+    """The model `name_or_path` (None: the embedded default) on device. int8: dynamic int8 quantisation of the
+    decoder's and the encoder's Linear layers (CPU, float32 only); None: the model's own choice
+    (`runtime.int8_on_cpu` in its config) where it runs in float32 on the CPU, float elsewhere."""
     from dataclasses import fields as dc_fields
 
     from .decoding import DecodingOptions
@@ -308,6 +316,14 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     dec_cfg = {k: (tuple(v) if k == "schedule" else v) for k, v in config.get("decoding", {}).items() if k in known}
     enc_spec = dict(config.get("encoder", {}))
     enc_spec.update(encoder_options or {})
+    if int8 is None:
+        int8 = bool((config.get("runtime") or {}).get(INT8_ON_CPU)) and decoder.device.type == "cpu" \
+            and decoder.dtype == torch.float32
+    if int8:
+        from .model import quantize_decoder
+
+        enc_spec["int8"] = True
+        decoder = quantize_decoder(decoder)  # raises ValueError off the CPU or for a non-float32 decoder
     encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32)
     name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
-    return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config)
+    return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config, int8)

@@ -123,8 +123,9 @@ def transcribe(
     dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
-    int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the decoder and encoder "
-                              "(CPU only; faster, tokens may differ slightly)."),
+    int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder "
+                                        "and encoder (CPU only; faster, tokens may differ slightly). Default: the "
+                                        "model's choice (the embedded model: int8 on the CPU)."),
     encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
                                                   autocompletion=_complete(ENCODER_BACKEND_NAMES),
                                                   help="torch, ctranslate2 (CTranslate2's Whisper "
@@ -177,7 +178,7 @@ def transcribe(
             else:
                 raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {seq_len!r}")
         dev, _ = resolve_device(device, dtype)  # a CPU run asked for bf16, or a GPU that is not there: fail early
-        if int8 and dev.type != "cpu":
+        if int8 is True and dev.type != "cpu":
             raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
         options = TranscribeOptions(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
@@ -447,8 +448,8 @@ def train(
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
     "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, shortlist_int8, pad_context, seed, encoder_mode,\n"
-    "                  encoder_backend, label\n"
+    "                  strategy, refine, shortlist, shortlist_int8, int8 (0|1), pad_context, seed,\n"
+    "                  encoder_mode, encoder_backend, label\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

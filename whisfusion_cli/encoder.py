@@ -157,7 +157,7 @@ class WhisperAudioEncoder:
 
     def describe(self) -> dict[str, Any]:
         """What ran: `spec()` and the backend in use (recorded in transcripts' JSON and bench results)."""
-        return {**self.spec(), "backend": self.backend}
+        return {**self.spec(), "backend": self.backend, "int8": self.options.int8}
 
     def output_frames(self, num_samples: int) -> int:
         """Number of state rows `encode` returns for a clip of `num_samples` samples."""

@@ -55,7 +55,9 @@ class TranscribeOptions:
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16/float16 on GPU), "float32", "bfloat16", "float16"
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder/decoder batch, across files
     threads: int | None = None  # torch CPU threads; None leaves torch's default
-    int8: bool = False  # int8 dynamic quantisation of the decoder's and the encoder's Linear layers (CPU only)
+    # int8 dynamic quantisation of the decoder's and the encoder's Linear layers (CPU only). None: the model's
+    # choice (the embedded default model runs int8 on the CPU, float32 weights elsewhere).
+    int8: bool | None = None
     encoder_backend: str | None = None  # "torch", "ctranslate2" or "auto"; None: the model's own setting
     decoding: dict = field(default_factory=dict)  # DecodingOptions fields overriding the model's defaults
     vad: VadOptions = field(default_factory=VadOptions)
@@ -101,6 +103,7 @@ class TranscriptionResult:
     decoding: dict = field(default_factory=dict)
     vad: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
+    int8: bool = False  # the decoder ran int8-quantised
     outputs: list[str] = field(default_factory=list)
     elapsed: float = 0.0  # seconds from the first window read to the result
 
@@ -116,7 +119,7 @@ class TranscriptionResult:
         return {
             "file": self.path, "text": self.text, "duration": round(self.duration, 3), "model": self.model,
             "language": "en", "segments": [s.to_dict() for s in self.segments], "decoding": self.decoding,
-            "vad": self.vad, "encoder": self.encoder,
+            "vad": self.vad, "encoder": self.encoder, "int8": self.int8,
         }
 
 
@@ -172,18 +175,13 @@ class Pipeline:
         from .checkpoint import load_model
 
         device, dtype = resolve_device(options.device, options.dtype)
-        if options.int8 and device.type != "cpu":
+        if options.int8 is True and device.type != "cpu":
             raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
         if options.threads:
             torch.set_num_threads(options.threads)
-        encoder_options = {"int8": True} if options.int8 else {}
-        if options.encoder_backend is not None:
-            encoder_options["backend"] = options.encoder_backend
-        model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options)
-        if options.int8:
-            from .model import quantize_decoder
-
-            model.decoder = quantize_decoder(model.decoder)
+        encoder_options = {} if options.encoder_backend is None else {"backend": options.encoder_backend}
+        model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options,
+                           int8=options.int8)
         return cls(model, options.decoding)
 
     def vad_options(self, base: VadOptions) -> VadOptions:
@@ -398,7 +396,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(options.vad)),
-                "encoder": pipeline.model.encoder.describe()}
+                "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8}
 
     def flush_batch():
         nonlocal batch

@@ -53,7 +53,10 @@ class VadOptions:
     max_window_s: float = float(CHUNK_LENGTH)  # the encoder's window
     min_cut_s: float = 10.0  # a window cut for length is at least this long (unless the audio ends)
     split_silence_s: float = 2.0  # silence at least this long becomes its own (silent) window
-    speech_pad_s: float = 0.2  # audio kept around speech when cutting into silence
+    # Audio kept around speech when cutting into silence. 0.3 s rather than 0.2: windows that began 0.2 s
+    # before the detected onset clipped soft onsets ("Ask not" came out as "S, not"); the default model's
+    # training clips carry 0.05-0.6 s of silence, faster-whisper keeps 0.4 s (docs/MODEL_CARD.md, VAD pad).
+    speech_pad_s: float = 0.3
     good_pause_s: float = 0.3  # a pause this long is a safe cut; the latest one is taken
     min_speech_s: float = 0.25  # a window with less detected speech is silent
 
