@@ -89,6 +89,24 @@ def test_long_silence_becomes_a_silent_window():
     assert silent[0].duration >= 6.5
 
 
+def test_speech_window_starts_a_pad_before_the_onset():
+    """After a long silence the speech window begins speech_pad_s before the detected onset: 0.3 s by default
+    (0.2 s clipped soft onsets such as JFK's "Ask"), so 0.2 s earlier than with a 0.1 s pad."""
+    x = load_audio(os.path.join(AUDIO, "librivox_0890.flac"))
+    silence = np.zeros(3 * SR, dtype=np.float32)
+    audio = np.concatenate([silence, x, silence])
+    default = VadOptions().speech_pad_s
+    assert default == 0.3
+    starts = {}
+    for pad in (0.1, default):
+        windows = plan_windows(audio, VadOptions(speech_pad_s=pad))
+        check_tiling(windows, len(audio))
+        assert windows[0].silent and not windows[1].silent
+        starts[pad] = windows[1].start
+    assert abs((starts[0.1] - starts[default]) - 0.2) <= FRAME_SAMPLES / SR + 1e-9
+    assert starts[default] >= 3.0 - default - FRAME_SAMPLES / SR  # the clip's own leading silence counts too
+
+
 @pytest.mark.parametrize("backend", ["silero", "energy"])
 def test_quiet_noise_and_zeros_are_silent(backend):
     rng = np.random.default_rng(1)
