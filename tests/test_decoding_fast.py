@@ -211,6 +211,8 @@ def test_int8_on_cpu_is_the_models_choice_unless_asked(tmp_path):
     forced_off = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu", int8=False))
     assert forced_off.model.int8 is False and not _is_quantised(forced_off.model.decoder)
     assert load_model(str(model_dir)).int8 is False  # the library loader quantises only when asked
+    with pytest.raises(ValueError, match="CPU only"):  # refused before anything is loaded (no GPU needed)
+        load_model(str(model_dir), device="cuda", int8=True)
     # The model's choice is for float32 on the CPU: a bfloat16 load stays bfloat16 rather than failing.
     import torch
 

@@ -378,8 +378,6 @@ class WhisfusionSystem:
         device, dtype = _device_dtype(options)
         enc_opts = {key: spec.params["encoder_" + key] for key in ("mode", "backend") if "encoder_" + key in spec.params}
         int8 = {"1": True, "0": False}.get(spec.params.get("int8"))  # absent: the model's choice, as transcribe
-        if int8 and device.type != "cpu":
-            raise BenchError(f"system {spec.text!r}: int8=1 runs on the CPU only (use --device cpu)")
         try:
             model = load_model(None if spec.model == "default" else spec.model, device=str(device), dtype=dtype,
                                encoder_options=enc_opts, int8=int8)

@@ -308,6 +308,8 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     from .encoder import load_encoder
     from .tokenizer import Tokenizer, TokenizerConfig
 
+    if int8 and torch.device(device).type != "cpu":
+        raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
     path = resolve_model(name_or_path)
     decoder, config = load_model_dir(path, device=device, dtype=dtype)
     tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))

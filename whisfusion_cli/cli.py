@@ -182,8 +182,8 @@ def transcribe(
             raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
         options = TranscribeOptions(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
-            encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence), output_dir=output_dir,
-            output_format=output_format, overwrite=overwrite,
+            encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence),
+            output_dir=output_dir, output_format=output_format, overwrite=overwrite,
         )
     except ValueError as e:
         _err(f"error: {e}")

@@ -10,8 +10,8 @@ Three modes trade fidelity to upstream Whisper against speed:
 
 Two backends run the same weights: "torch" (the reference, used for preprocessing and training) and
 "ctranslate2" (CTranslate2's Whisper encoder on a CTranslate2 model directory such as the bundled tiny.en:
-states within ~2e-4 of torch's; about as fast per window on CPU, see scripts/bench_encoder.py). "auto" picks ctranslate2 where it is installed and the source
-is a CTranslate2 directory, torch otherwise.
+states within ~2e-4 of torch's; about as fast per window on CPU, see scripts/bench_encoder.py). "auto"
+picks ctranslate2 where it is installed and the source is a CTranslate2 directory, torch otherwise.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class TranscriptionResult:
     decoding: dict = field(default_factory=dict)
     vad: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
-    int8: bool = False  # the decoder ran int8-quantised
+    int8: bool = False  # the decoder and the encoder ran int8-quantised
     outputs: list[str] = field(default_factory=list)
     elapsed: float = 0.0  # seconds from the first window read to the result
 
@@ -175,8 +175,6 @@ class Pipeline:
         from .checkpoint import load_model
 
         device, dtype = resolve_device(options.device, options.dtype)
-        if options.int8 is True and device.type != "cpu":
-            raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
         if options.threads:
             torch.set_num_threads(options.threads)
         encoder_options = {} if options.encoder_backend is None else {"backend": options.encoder_backend}
