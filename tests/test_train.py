@@ -146,7 +146,7 @@ def summary_seq_len(run):
 def test_resume_is_exact(tmp_path, tmp_path_factory):
     shards, tok, cfg, _ = _smdm_setup(tmp_path, tmp_path_factory)
     opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, grad_accum=2, seq_len=32, canvas="audio",
-                max_steps=12, lr=3e-3, warmup=3, ema_decay=0.99, layer_decay=0.9, eval_every=4, val_items=6, log_every=1,
+                state_time_mask=0.1, state_noise=0.05, max_steps=12, lr=3e-3, warmup=3, ema_decay=0.99, layer_decay=0.9, eval_every=4, val_items=6, log_every=1,
                 wer_items=0, progress=False)
     T.train(T.TrainOptions(output=str(tmp_path / "a"), stop_at=6, **opts))
     first_half = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
@@ -248,6 +248,32 @@ def test_schedule_and_groups_follow_upstream():
     assert scale["transformer.h.0.attn.attn.weight"] == pytest.approx(0.81)
     assert scale["lm_head.weight"] == scale["transformer.ln_f.weight"] == pytest.approx(0.729)
     assert decay["transformer.h.0.norm_1.weight"] == 0.0 and decay["lm_head.weight"] == 0.005
+
+
+def test_state_augmentation_masks_spans_adds_noise_and_leaves_padding():
+    torch.manual_seed(0)
+    cond = torch.randn(3, 50, 8)
+    cond[1, 30:] = 0.0  # item 1 has 30 real frames, then padding
+    frames = [50, 30, 50]
+    masked = T.augment_states(cond, frames, time_mask=0.2, noise=0.0, seed=7, step=3, micro=0)
+    assert not torch.equal(masked, cond) and torch.equal(cond[1, 30:], torch.zeros(20, 8))  # input untouched
+    for b, n in enumerate(frames):
+        changed = (masked[b, :n] != cond[b, :n]).any(-1)
+        # Changed frames hold the item's mean state; at most 2 spans of 20% of the frames each.
+        assert torch.allclose(masked[b, :n][changed], cond[b, :n].mean(0).expand(int(changed.sum()), 8))
+        assert int(changed.sum()) <= 2 * int(0.2 * n)
+    assert torch.equal(masked[1, 30:], cond[1, 30:])  # padding stays zero
+    noisy = T.augment_states(cond, frames, time_mask=0.0, noise=0.1, seed=7, step=3, micro=0)
+    assert torch.equal(noisy[1, 30:], cond[1, 30:])
+    rel = (noisy[0] - cond[0]).std() / cond[0].std()
+    assert 0.07 < float(rel) < 0.13
+    # The draws are a function of (seed, step, micro-batch): reproducible, and different across steps.
+    assert torch.equal(noisy, T.augment_states(cond, frames, 0.0, 0.1, seed=7, step=3, micro=0))
+    assert not torch.equal(noisy, T.augment_states(cond, frames, 0.0, 0.1, seed=7, step=4, micro=0))
+    with pytest.raises(ValueError, match="state_time_mask"):
+        T.TrainOptions(data="d", output="o", state_time_mask=0.6)
+    with pytest.raises(ValueError, match="state_noise"):
+        T.TrainOptions(data="d", output="o", state_noise=-1.0)
 
 
 def test_length_grouped_batches_cover_the_epoch_once():

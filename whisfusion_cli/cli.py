@@ -414,6 +414,11 @@ def train(
                                                     help="Candidates for the validation WER (SMDM 15, Whisper 1)."),
     canvas: str = typer.Option("fixed", "--canvas", help="fixed (every canvas --seq-len long, upstream) or audio "
                                "(sized to each batch's audio as decoding sizes it)."),
+    state_time_mask: float = typer.Option(0.0, "--state-time-mask", min=0.0, max=0.49,
+                                          help="Augmentation: mask up to 2 spans of this fraction of each item's "
+                                          "encoder frames (0 = off)."),
+    state_noise: float = typer.Option(0.0, "--state-noise", min=0.0,
+                                      help="Augmentation: Gaussian noise on the encoder states, relative std (0 = off)."),
     seed: int = typer.Option(1234, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16."),
@@ -434,7 +439,8 @@ def train(
         grad_clip=grad_clip, mask_range=_pair(mask_range, "--mask-range"), ema_decay=ema_decay,
         layer_decay=layer_decay, freeze_embeddings=freeze_embeddings, eval_every=eval_every, save_every=save_every,
         log_every=log_every, patience=patience or None, decode_steps=decode_steps,
-        decode_candidates=decode_candidates, canvas=canvas, seed=seed, device=device, precision=precision, resume=resume,
+        decode_candidates=decode_candidates, canvas=canvas, state_time_mask=state_time_mask, state_noise=state_noise,
+        seed=seed, device=device, precision=precision, resume=resume,
         name=name, progress=not quiet,
     )
     _run_training_job(train_main, kwargs, f"continue with the same command plus --resume (from {output}/last.pt)")

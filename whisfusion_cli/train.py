@@ -37,6 +37,7 @@ EMA_DECAY = 0.995
 LAYER_DECAY = 0.9
 UPSTREAM_CANVAS = 256
 MAX_AUTO_CANVAS = 448  # Whisper's decoder position table
+STATE_MASK_SPANS = 2  # spans of encoder frames masked per item by --state-time-mask
 LENGTH_GROUP = 32  # global batches per length-sorted chunk (bucketing of variable-length encoder states)
 LAST_CHECKPOINT = "last.pt"
 MODEL_SUBDIR = "model"
@@ -45,7 +46,7 @@ METRICS_FILE = "metrics.jsonl"
 RESUME_FIXED = (
     "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
     "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
-    "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas",
+    "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask", "state_noise",
 )
 
 
@@ -84,6 +85,12 @@ class TrainOptions:
     adam_eps: float = 1e-8
     grad_clip: float | None = None
     mask_range: tuple[float, float] | None = None  # t ~ U(lo, hi)
+    # Augmentation of the encoder states (training batches only; the shards hold them precomputed, so this is
+    # where SpecAugment-style regularisation can act): up to STATE_MASK_SPANS spans per item, each up to this
+    # fraction of its frames, replaced by the item's mean state; and Gaussian noise of this std relative to
+    # the item's own std. 0 turns either off.
+    state_time_mask: float = 0.0
+    state_noise: float = 0.0
     mask_prefix: bool | None = None  # None: SMDM masks BOS like upstream; the Whisper family never masks its prefix
     ema_decay: float | None = None  # None: 0.995 in stage 2, off otherwise; 0 turns it off
     layer_decay: float | None = None  # e.g. 0.9 (stage 2 option)
@@ -115,6 +122,8 @@ class TrainOptions:
             lo, hi = self.mask_range
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"mask_range {self.mask_range}: need 0 <= lo <= hi <= 1")
+        if not 0.0 <= self.state_time_mask < 0.5 or self.state_noise < 0.0:
+            raise ValueError("state_time_mask must lie in [0, 0.5) and state_noise must be >= 0")
         if self.canvas not in ("fixed", "audio"):
             raise ValueError(f"canvas {self.canvas!r}: expected 'fixed' or 'audio'")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -187,6 +196,28 @@ def draw_masks(seed: int, step: int, global_batch: int, seq_len: int, mask_range
     mask = u < p[:, None]
     mask[:, :n_prefix_fixed] = False
     return mask
+
+
+def augment_states(cond, frames: list[int], time_mask: float, noise: float, seed: int, step: int, micro: int):
+    """Encoder states [B, F, d] (item b's first frames[b] are real, the rest zero padding) with up to
+    STATE_MASK_SPANS spans of at most time_mask * frames[b] frames set to the item's mean state, then
+    Gaussian noise of noise x the item's std added to its real frames. Draws depend on (seed, step, micro)
+    only, so a resumed run augments exactly as an uninterrupted one. Returns a new tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)
+    out = cond.clone()
+    for b, n in enumerate(frames):
+        real = out[b, :n]
+        mean, std = real.mean(0), real.std()
+        if time_mask > 0 and n > 1:
+            for _ in range(STATE_MASK_SPANS):
+                width = int(torch.randint(0, max(1, int(time_mask * n)) + 1, (1,), generator=g))
+                start = int(torch.randint(0, n - width + 1, (1,), generator=g))
+                real[start : start + width] = mean
+        if noise > 0:
+            real += noise * std * torch.randn(real.shape, generator=g, dtype=real.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -762,7 +793,11 @@ def train(options: TrainOptions, console=None) -> dict:
                     target = train_batches.targets[rows].to(device, torch.long)
                     mask = masks[sl].to(device)
                     target = target[:, : mask.size(1)]
-                    cond = train_batches.conditions(rows, torch.float32).to(device)
+                    cond = train_batches.conditions(rows, torch.float32)
+                    if o.state_time_mask or o.state_noise:
+                        cond = augment_states(cond, [train_batches.lengths[r] for r in rows], o.state_time_mask,
+                                              o.state_noise, o.seed, step, m)
+                    cond = cond.to(device)
                     idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
                     sync = a == o.grad_accum - 1
                     ctx = model.no_sync() if (world > 1 and not sync) else _null()
