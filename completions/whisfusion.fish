@@ -88,6 +88,8 @@ complete -c whisfusion -n '__fish_seen_subcommand_from train' -l patience -x -d 
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l decode-steps -x -d 'Diffusion steps for the validation WER (SMDM 4, Whisper 8)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l decode-candidates -x -d 'Candidates for the validation WER (SMDM 15, Whisper 1)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l canvas -x -d 'fixed (every canvas --seq-len long, upstream) or audio (sized to ea...'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l state-time-mask -x -d 'Augmentation: mask up to 2 spans of this fraction of each item\'s en...'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l state-noise -x -d 'Augmentation: Gaussian noise on the encoder states, relative std (0...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l seed -x -d ''
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l device -x -d 'cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l precision -x -d 'auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16'
