@@ -430,3 +430,22 @@ def test_int8_shortlist_follows_new_weights(whisper):
     with torch.no_grad():
         dec.embed_tokens.weight.mul_(2.0)
     torch.testing.assert_close(dec.coarse_project(h), 2 * before, atol=0.05 * before.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_exact_mode_projects_in_bounded_chunks_with_the_same_result(family, request, monkeypatch):
+    # The upstream loop's last step scores every position of every candidate; the logits of K x 256 positions
+    # onto the vocabulary must never exist at once (0.5-0.8 GB at K = 15), and chunking changes no value.
+    dec, conds, prefix, pad = request.getfixturevalue(family)
+    options = dataclasses.replace(_options("remask"), seq_len=40)
+    whole = parallel_diffusion_decode(dec, conds[0], options=options, prefix_ids=prefix, pad_id=pad, seq_len=40)
+    rows_per_call = []
+    inner = dec.project
+    monkeypatch.setattr(dec, "project", lambda h: rows_per_call.append(h.size(0)) or inner(h))
+    monkeypatch.setattr("whisfusion_cli.decoding.MAX_PROJECTION_ROWS", 16)
+    chunked = parallel_diffusion_decode(dec, conds[0], options=options, prefix_ids=prefix, pad_id=pad, seq_len=40)
+    assert max(rows_per_call) == 16 and sum(rows_per_call) > K * 40  # the last step alone projects K x 40 rows
+    _same(whole, chunked, atol=1e-6)
+    ref = parallel_diffusion_decode(dec, conds[0], options=dataclasses.replace(options, fast=False),
+                                    prefix_ids=prefix, pad_id=pad, seq_len=40)
+    _same(chunked, ref, atol=1e-5)

@@ -63,9 +63,11 @@ DEFAULT_MAX_BATCH_WINDOWS = 8
 # comparison with a real token or the mask id is false); the trunk sees FILL_INPUT there, behind the mask.
 FILL = -1
 FILL_INPUT = 0
-# Hidden rows projected onto the whole vocabulary in one matrix product (the logits of 1024 rows onto 50k
-# tokens are 200 MB in float32); more are projected window by window.
-MAX_PROJECTION_ROWS = 1024
+# Hidden rows projected onto the whole vocabulary in one matrix product: the logits of 512 rows onto 50k tokens
+# are 100 MB in float32 (K = 15 canvases of 256 positions would be 0.8 GB at once); more rows go in chunks.
+# Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /
+# 447 / 495 MB, against 301 / 589 / 1689 MB when a window's logits were made whole; the same speed.
+MAX_PROJECTION_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,25 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
     return out
 
 
+def _best_tokens(decoder, rows, confidence: bool = False):
+    """(max softmax probability or None, argmax) over the whole vocabulary for hidden rows [n, d], projected
+    MAX_PROJECTION_ROWS rows at a time: the same values as one product (softmax and argmax are row-wise), but
+    the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at K = 15) never exist at once."""
+    confs, preds = [], []
+    for chunk in rows.split(MAX_PROJECTION_ROWS):
+        logits = decoder.project(chunk)
+        if confidence:
+            c, p = torch.softmax(logits.float(), dim=-1).max(-1)
+            confs.append(c)
+        else:
+            p = logits.argmax(-1)
+        preds.append(p)
+    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=rows.device)
+    if not confidence:
+        return None, pred
+    return (torch.cat(confs) if confs else torch.zeros(0, device=rows.device)), pred
+
+
 def _shortlist(decoder, logits, top: int, pad_id):
     """(token ids, their output rows): the union of each row's `top` best tokens in logits [n, V], plus
     end-of-text (so a transcript can still end anywhere)."""
@@ -348,19 +369,20 @@ def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, g
                 confidences, pred = torch.softmax(logits.float(), dim=-1).max(-1)
             else:
                 pred = logits.argmax(-1)
-        elif last:  # confidence of every position (upstream scores whole canvases), one window at a time
+        elif last:  # confidence of every position (upstream scores whole canvases)
             hidden, shared = _hidden(decoder, x, kv, K, ragged)
-            confs, preds = [], []
-            for w in range(W):
-                c, p = torch.softmax(_window_logits(decoder, hidden, shared, w, K).float(), dim=-1).max(-1)
-                confs.append(c.expand(K, L) if shared else c)
-                preds.append(p.expand(K, L) if shared else p)
-            confidences, pred = torch.cat(confs), torch.cat(preds)
+            rows = hidden.reshape(-1, hidden.size(-1))  # [W*L, d] when shared, else [W*K*L, d]
+            c, p = _best_tokens(decoder, rows, confidence=True)
+            shape = (W, 1, L) if shared else (W, K, L)
+            confidences = c.view(shape).expand(W, K, L).reshape(W * K, L)
+            pred = p.view(shape).expand(W, K, L).reshape(W * K, L)
         else:  # only the masked positions are projected
             hidden, shared = _hidden(decoder, x, kv, K, ragged)
-            logits = _masked_logits(decoder, hidden, shared, K, m, range(W), None)
+            parts = [_window_hidden(hidden, shared, w, K, m[w * K : (w + 1) * K]) for w in range(W)]
+            _, p = _best_tokens(decoder, torch.cat([h for h, _ in parts]))
+            picks = [q.repeat(repeats) if repeats > 1 else q for q, (_, repeats) in zip(p.split([h.size(0) for h, _ in parts]), parts)]
             pred = torch.zeros_like(canvas)
-            pred[m] = torch.cat([logits[w].argmax(-1) for w in range(W)])
+            pred[m] = torch.cat(picks)
         canvas = torch.where(m, pred, x)
     return canvas, confidences
 
