@@ -146,7 +146,8 @@ def summary_seq_len(run):
 def test_resume_is_exact(tmp_path, tmp_path_factory):
     shards, tok, cfg, _ = _smdm_setup(tmp_path, tmp_path_factory)
     opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, grad_accum=2, seq_len=32, canvas="audio",
-                state_time_mask=0.1, state_noise=0.05, max_steps=12, lr=3e-3, warmup=3, ema_decay=0.99, layer_decay=0.9, eval_every=4, val_items=6, log_every=1,
+                state_time_mask=0.1, state_noise=0.05,  # augmentation draws must resume exactly too
+                max_steps=12, lr=3e-3, warmup=3, ema_decay=0.99, layer_decay=0.9, eval_every=4, val_items=6, log_every=1,
                 wer_items=0, progress=False)
     T.train(T.TrainOptions(output=str(tmp_path / "a"), stop_at=6, **opts))
     first_half = torch.load(tmp_path / "a" / "last.pt", weights_only=False)

@@ -380,7 +380,8 @@ def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, g
             hidden, shared = _hidden(decoder, x, kv, K, ragged)
             parts = [_window_hidden(hidden, shared, w, K, m[w * K : (w + 1) * K]) for w in range(W)]
             _, p = _best_tokens(decoder, torch.cat([h for h, _ in parts]))
-            picks = [q.repeat(repeats) if repeats > 1 else q for q, (_, repeats) in zip(p.split([h.size(0) for h, _ in parts]), parts)]
+            sizes = [h.size(0) for h, _ in parts]
+            picks = [q.repeat(repeats) if repeats > 1 else q for q, (_, repeats) in zip(p.split(sizes), parts)]
             pred = torch.zeros_like(canvas)
             pred[m] = torch.cat(picks)
         canvas = torch.where(m, pred, x)

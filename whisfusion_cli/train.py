@@ -210,9 +210,10 @@ def augment_states(cond, frames: list[int], time_mask: float, noise: float, seed
     for b, n in enumerate(frames):
         real = out[b, :n]
         mean, std = real.mean(0), real.std()
-        if time_mask > 0 and n > 1:
+        limit = int(time_mask * n)  # an item too short for one frame at this fraction is not masked
+        if limit > 0:
             for _ in range(STATE_MASK_SPANS):
-                width = int(torch.randint(0, max(1, int(time_mask * n)) + 1, (1,), generator=g))
+                width = int(torch.randint(0, limit + 1, (1,), generator=g))
                 start = int(torch.randint(0, n - width + 1, (1,), generator=g))
                 real[start : start + width] = mean
         if noise > 0:
