@@ -307,10 +307,7 @@ def _best_tokens(decoder, rows, confidence: bool = False):
         else:
             p = logits.argmax(-1)
         preds.append(p)
-    pred = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=rows.device)
-    if not confidence:
-        return None, pred
-    return (torch.cat(confs) if confs else torch.zeros(0, device=rows.device)), pred
+    return (torch.cat(confs) if confidence else None), torch.cat(preds)  # split gives one chunk even of no rows
 
 
 def _shortlist(decoder, logits, top: int, pad_id):
