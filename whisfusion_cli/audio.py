@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -191,11 +191,11 @@ def _not_audio_reason(path: Path, soundfile_message: str) -> str:
     return f"not an audio file, or corrupt ({soundfile_message})"
 
 
-def _soundfile_blocks(f) -> Iterator[np.ndarray]:
+def _soundfile_blocks(f, label: str | None = None) -> Iterator[np.ndarray]:
     """Mono float32 blocks at the file's own rate."""
     import soundfile as sf
 
-    path = f.name
+    path = label or f.name
     quiet = _noisy_decoder(Path(path))
     with f:
         while True:
@@ -299,6 +299,46 @@ def stream_audio(path, block_seconds: float = DEFAULT_BLOCK_SECONDS, sr: int = S
         yield block
 
 
+def _array_blocks(label: str, samples, size: int) -> Iterator[np.ndarray]:
+    """An in-memory signal (16 kHz mono float, shape (n,)) as blocks of `size` samples."""
+    samples = np.asarray(samples)
+    if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.floating):
+        raise AudioError(label, f"expected a 16 kHz mono float32 array of shape (n,), got {samples.dtype} "
+                                f"{samples.shape}")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(label, "corrupt audio data (NaN or infinite samples)")
+    samples = samples.astype(np.float32, copy=False)
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def _file_object_blocks(label: str, f, size: int, sr: int) -> Iterator[np.ndarray]:
+    """An open binary file object (wav, flac, ogg, mp3: what libsndfile reads) as blocks at `sr`."""
+    import soundfile as sf
+
+    try:
+        sound = sf.SoundFile(f)
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError) as e:
+        raise AudioError(label, f"not audio that soundfile can read from a file object ({first_line(e)})") from None
+    yield from _rebuffer(_resampled(_soundfile_blocks(sound, label), sound.samplerate, sr), size)
+
+
+def stream_source(source, block_seconds: float = DEFAULT_BLOCK_SECONDS, sr: int = SAMPLE_RATE,
+                  label: str | None = None) -> Iterator[np.ndarray]:
+    """`stream_audio` for a path, a numpy array (already 16 kHz mono float) or a binary file object."""
+    size = max(1, int(round(block_seconds * sr)))
+    if isinstance(source, np.ndarray):
+        return _array_blocks(label or "array", source, size)
+    if hasattr(source, "read"):
+        return _file_object_blocks(label or "file object", source, size, sr)
+    return stream_audio(source, block_seconds, sr)
+
+
+def is_memory_source(item) -> bool:
+    """A numpy array or an open file object rather than a path."""
+    return isinstance(item, np.ndarray) or hasattr(item, "read")
+
+
 def load_audio(path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """The whole file as float32 mono at `sr` (the same samples `stream_audio` yields, concatenated)."""
     blocks = list(stream_audio(path, DEFAULT_BLOCK_SECONDS, sr))
@@ -312,10 +352,17 @@ def load_audio(path, sr: int = SAMPLE_RATE) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One audio file to process, and the name its outputs take (relative, without extension)."""
+    """One audio file to process, and the name its outputs take (relative, without extension). An in-memory
+    input (a numpy array or a file object) has a label as its path and the object as its source."""
 
-    path: Path
+    path: Path | str
     output_name: str
+    source: object = field(default=None, compare=False, repr=False)
+
+    def blocks(self, block_seconds: float = DEFAULT_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+        if self.source is None:
+            return stream_audio(self.path, block_seconds)
+        return stream_source(self.source, block_seconds, label=str(self.path))
 
 
 def is_audio_path(path) -> bool:
@@ -333,7 +380,11 @@ def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
     """
     found: list[tuple[Path, str, str]] = []  # (path, output name, name qualified by its folder)
     problems: list[AudioError] = []
+    memory: list[tuple[int, InputFile]] = []  # (inputs before it in `found`, the in-memory input)
     for item in inputs:
+        if is_memory_source(item):
+            memory.append((len(found), _memory_input(item, len(memory))))
+            continue
         text = str(item)
         path = Path(text).expanduser()
         if path.is_dir():
@@ -359,13 +410,25 @@ def expand_inputs(inputs: Iterable) -> tuple[list[InputFile], list[AudioError]]:
             problems.append(AudioError(path, "no such file or directory"))
 
     seen: set[Path] = set()
-    unique = []
-    for p, name, qualified in found:
+    unique, places = [], []
+    for i, (p, name, qualified) in enumerate(found):
         key = p.resolve()
         if key not in seen:
             seen.add(key)
             unique.append((p, name, qualified))
-    return [InputFile(p, name) for p, name in zip([u[0] for u in unique], _unique_names(unique))], problems
+            places.append(i)
+    order = [(at, InputFile(u[0], name)) for at, u, name in zip(places, unique, _unique_names(unique))]
+    order += [(before - 0.5, f) for before, f in memory]  # memory inputs keep their place among the paths
+    return [f for _, f in sorted(order, key=lambda pair: pair[0])], problems
+
+
+def _memory_input(item, n: int) -> InputFile:
+    """An array or file object as an input: labelled by its file name where it has one, else `<array N>`."""
+    name = getattr(item, "name", None)
+    if isinstance(name, str) and name:
+        return InputFile(name, f"{Path(name).stem}_{n}", item)
+    kind = "array" if isinstance(item, np.ndarray) else "stream"
+    return InputFile(f"<{kind} {n}>", f"{kind}_{n}", item)
 
 
 def _unique_names(items: list[tuple[Path, str, str]]) -> list[str]:
@@ -397,5 +460,5 @@ def _unique_names(items: list[tuple[Path, str, str]]) -> list[str]:
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioError", "AudioInfo", "CHUNK_LENGTH", "ENCODER_FRAMES_PER_SECOND", "FRAMES_PER_SECOND",
     "HOP_LENGTH", "InputFile", "N_FFT", "N_FRAMES", "N_SAMPLES", "SAMPLE_RATE", "audio_duration", "audio_info",
-    "expand_inputs", "is_audio_path", "load_audio", "stream_audio",
+    "expand_inputs", "is_audio_path", "is_memory_source", "load_audio", "stream_audio", "stream_source",
 ]

@@ -68,6 +68,7 @@ FILL_INPUT = 0
 # Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /
 # 447 / 495 MB, against 301 / 589 / 1689 MB when a window's logits were made whole; the same speed.
 MAX_PROJECTION_ROWS = 512
+WORD_START_MARKERS = ("Ġ", "▁", " ")  # how a token that starts a word begins (Whisper BPE, SentencePiece)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,12 @@ class DecodingResult:
     score: float = 0.0
     n_canvas_tokens: int = 0  # K x L x steps positions the decoder filled (upstream's "tokens")
     step_inputs: list[torch.Tensor] = field(default_factory=list)  # only with record=True
+    # Confidence of each text token (its softmax probability when committed); a ROVER-voted text, which no
+    # candidate holds whole, gets the selected candidate's score for every token.
+    token_confidences: list[float] = field(default_factory=list)
+    # With alignment heads: their cross-attention over the window's frames for the prefix, the text tokens
+    # and the end of text, [heads, len(prefix) + len(text_tokens) + 1, frames] (word timestamps).
+    alignment: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -632,7 +639,8 @@ def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, 
 
 @torch.no_grad()
 def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pad_id, durations=None, to_words=None,
-                   *, seeds=None, max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS) -> list[DecodingResult]:
+                   *, seeds=None, max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS,
+                   alignment_heads=None) -> list[DecodingResult]:
     """Decode many windows; results in input order.
 
     Windows go through one forward per step together, at most `max_batch_windows` at a time (memory: the
@@ -641,6 +649,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     windows of one shape. Each window draws from its own generator, seeded with seeds[i] (default
     options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone or in any
     batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone).
+    alignment_heads: (layer, head) pairs; each result then carries their cross-attention over its chosen
+    text (`alignment`), from one more forward per batch on the final canvases.
     """
     if max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
@@ -679,7 +689,26 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         for w, i in enumerate(idx):
             rows, cols = slice(w * K, (w + 1) * K), slice(0, lengths[i])
             results[i] = _result(canvas[rows, cols], confidences[rows, cols], prefix, pad_id, options, to_words, [])
+        if alignment_heads:
+            _align(decoder, [results[i] for i in idx], kv if kv is not None else decoder.precompute_cross_kv(cond),
+                   frames, prefix, pad_id, alignment_heads)
     return results  # type: ignore[return-value]
+
+
+def _align(decoder, results: list[DecodingResult], kv, frames: list[int], prefix, pad_id, heads) -> None:
+    """Cross-attention of the alignment heads over each window's final canvas: the prefix, the chosen text,
+    the end of text and the padding after it (what the decoder saw last), one forward for the batch."""
+    P = len(prefix)
+    canvases = [prefix + r.text_tokens + [pad_id] * (r.seq_len - P - len(r.text_tokens)) for r in results]
+    canvases = [c if len(c) > P + len(r.text_tokens) else c + [pad_id] for c, r in zip(canvases, results)]
+    L = max(len(c) for c in canvases)
+    idx = torch.tensor([c + [FILL_INPUT] * (L - len(c)) for c in canvases], device=decoder.device)
+    lengths = torch.tensor([len(c) for c in canvases], device=decoder.device)
+    F_max = kv[0][0].size(2)
+    frame_counts = torch.tensor(frames, device=decoder.device) if any(f != F_max for f in frames) else None
+    weights = decoder.alignment_weights(idx, heads, cross_kv=kv, lengths=lengths, frames=frame_counts).cpu()
+    for w, r in enumerate(results):
+        r.alignment = weights[w, :, : P + len(r.text_tokens) + 1, : frames[w]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -804,6 +833,11 @@ def _select(result: DecodingResult, sequences, selection, prefix, pad_id, cut_at
             # The reported candidate is the one closest to the voted text.
             result.selected = min(range(len(words)), key=lambda k: (_word_error(words[k], combined), k))
     result.score = float(scores[result.selected])
+    if selection == "rover" and len(sequences) > 1:
+        result.token_confidences = [result.score] * len(result.text_tokens)
+    else:
+        P = len(prefix)
+        result.token_confidences = result.confidences[result.selected, P : P + len(result.text_tokens)].tolist()
 
 
 def _group_confidences(words, token_confidences) -> list[float]:
@@ -821,11 +855,13 @@ def words_from_tokens(tokenizer):
     """A to_words function: groups token ids into words at tokens that start with a space (Whisper BPE, and
     SentencePiece's '▁'), so MBR and ROVER vote on words, not sub-word pieces."""
     cache: dict[int, bool] = {}
+    # A word-level vocabulary (no piece carries a word-start marker): every token is a word.
+    marked = any(piece.startswith(WORD_START_MARKERS) for piece in tokenizer._tok.get_vocab())
 
     def starts_word(t: int) -> bool:
         if t not in cache:
             piece = tokenizer._tok.id_to_token(t) or ""
-            cache[t] = piece.startswith(("Ġ", "▁", " "))
+            cache[t] = piece.startswith(WORD_START_MARKERS) or not marked
         return cache[t]
 
     def to_words(seq):

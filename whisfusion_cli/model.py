@@ -302,6 +302,38 @@ class DecoderBase(nn.Module):
         cross_mask = key_mask(frames, cross_kv[0][0].size(2)) if cross_kv is not None else None
         return self._trunk(idx, cross_kv, self_mask, cross_mask)
 
+    @torch.no_grad()
+    def alignment_weights(self, idx, heads, *, cross_kv, lengths=None, frames=None) -> torch.Tensor:
+        """Cross-attention weights of the (layer, head) pairs `heads` for canvases idx [B, T], one per window
+        of cross_kv: [B, len(heads), T, F], each row a softmax over the window's frames (word timestamps).
+
+        The trunk runs as in hidden_states; a hook on each chosen layer's cross-attention recomputes the
+        chosen heads' scores from its input (the attention itself stays one fused kernel)."""
+        captured: dict[int, torch.Tensor] = {}
+        cross_mask = key_mask(frames, cross_kv[0][0].size(2))
+
+        def capture(layer: int):
+            def hook(module, args):
+                x, (k, _) = args[0], args[1]
+                B, T, _ = x.shape
+                q = module.q_proj(x).view(B, T, module.n_head, module.head_size).transpose(1, 2)
+                chosen = [h for l, h in heads if l == layer]
+                scores = q[:, chosen].float() @ k[:, chosen].float().transpose(-1, -2) * module.head_size ** -0.5
+                if cross_mask is not None:
+                    scores = scores.masked_fill(~cross_mask, float("-inf"))
+                captured[layer] = scores.softmax(-1)
+            return hook
+
+        hooks = [self._cross_module(layer).register_forward_pre_hook(capture(layer))
+                 for layer in sorted({l for l, _ in heads})]
+        try:
+            self.hidden_states(idx, cross_kv=cross_kv, lengths=lengths, frames=frames)
+        finally:
+            for h in hooks:
+                h.remove()
+        order = {layer: iter(range(captured[layer].size(1))) for layer in captured}
+        return torch.stack([captured[l][:, next(order[l])] for l, _ in heads], dim=1)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states [..., n_embd] -> logits [..., n_logits]."""
         return self._head(x)

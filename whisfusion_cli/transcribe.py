@@ -1,22 +1,31 @@
 """Files -> windows -> batches -> transcripts.
 
-`transcribe(paths, options)` expands files, folders and globs, streams each file (audio.stream_audio), cuts it
-into windows at pauses (vad.iter_windows), batches windows from many files through the encoder and the
-decoder (decoding.decode_windows), and yields one `TranscriptionResult` per input, in input order, as soon as
-it is complete. Memory is bounded by the batch: a file of hours is never held whole.
+`transcribe(paths, options)` expands files, folders and globs (numpy arrays of 16 kHz mono float samples and
+open file objects are inputs too), streams each file (audio.stream_audio), cuts it into windows at pauses
+(vad.iter_windows), batches windows from many files through the encoder and the decoder
+(decoding.decode_windows), splits each window's text into segments at sentence ends and pauses (timing.py,
+with word timestamps from the decoder's cross-attention when asked), and yields one `TranscriptionResult`
+per input, in input order, as soon as it is complete. Memory is bounded by the batch: a file of hours is
+never held whole.
 
 Failures are per file: a missing path, an unreadable, corrupt, non-audio, empty or too-short file gives a
 result with `status == "error"` and a one-line `error`; the other files go on. A silent file gives an empty
 transcript (`status == "silent"`): silent windows never reach the decoder, so silence cannot invent words.
-With an output directory, finished files are skipped on a re-run unless `overwrite`, and every output file
-is written atomically, so an interrupted batch resumes where it stopped.
+With an output directory, finished files are skipped on a re-run unless `overwrite` or unless their record
+says other settings made them (another model, other decoding, VAD, segment or subtitle options: the file is
+redone, with a note saying why), and every output file is written atomically, so an interrupted batch
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import sys
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +33,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs, stream_audio
+from . import __version__
+from .audio import FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
 from .encoder import MAX_ENCODER_FRAMES
+from .timing import MAX_SEGMENT_SECONDS, Word, align_words, split_words, spread_words
 from .vad import VadOptions, Window, iter_windows
-from .writers import get_writer, parse_formats
+from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +57,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 STATUS_OK, STATUS_SILENT, STATUS_SKIPPED, STATUS_ERROR = "ok", "silent", "skipped", "error"
+DEFAULT_LANGUAGE = "en"  # every released model is English-only; a model config may say otherwise ("language")
+MIN_LOG_PROB = math.log(1e-10)  # floor of a token's log confidence in avg_logprob
+RECORD_FORMAT = "whisfusion-outputs"
 
 
 @dataclass
@@ -63,10 +77,17 @@ class TranscribeOptions:
     vad: VadOptions = field(default_factory=VadOptions)
     output_dir: Path | None = None  # None: nothing is written (the CLI prints to stdout)
     output_format: str = "txt"  # txt | vtt | srt | tsv | json | all (or a comma-separated list)
-    overwrite: bool = False  # False: inputs whose outputs all exist are skipped (resume)
+    overwrite: bool = False  # False: inputs whose outputs exist and were made with these settings are skipped
     min_duration_s: float = MIN_AUDIO_SECONDS
+    word_timestamps: bool = False  # words timed from the decoder's cross-attention (one more forward per batch)
+    max_segment_s: float = MAX_SEGMENT_SECONDS  # longest segment (a subtitle cue): about 7 s by convention
+    subtitles: SubtitleOptions = field(default_factory=SubtitleOptions)
 
     def __post_init__(self):
+        if self.max_segment_s <= 0:
+            raise ValueError(f"the longest segment must be positive, got {self.max_segment_s} s")
+        if self.subtitles.highlight_words and not self.word_timestamps:
+            raise ValueError("--highlight-words needs --word-timestamps")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
@@ -78,17 +99,53 @@ class TranscribeOptions:
 
 @dataclass
 class Segment:
+    """A stretch of speech: a sentence, or the words up to a pause or up to the longest segment."""
+
     id: int
     start: float  # seconds from the start of the file
     end: float
     text: str
-    score: float | None = None  # mean confidence of the chosen candidate; None for silent windows
+    score: float | None = None  # mean confidence of the window's chosen candidate
     tokens: list[int] = field(default_factory=list)
-    silent: bool = False
+    window: int = 0  # index of the window it came from (TranscriptionResult.windows)
+    seek: int = 0  # start of that window in mel frames (100 per second), as Whisper's "seek"
+    avg_logprob: float = 0.0  # mean log confidence of its tokens
+    words: list[Word] | None = None  # with word timestamps
+
+    @property
+    def compression_ratio(self) -> float:
+        """Whisper's: UTF-8 length of the text over its zlib-compressed length (repetitions compress well)."""
+        data = self.text.encode("utf-8")
+        return len(data) / len(zlib.compress(data)) if data else 0.0
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "start": round(self.start, 3), "end": round(self.end, 3), "text": self.text,
-                "score": None if self.score is None else round(self.score, 4), "silent": self.silent}
+        """openai-whisper's segment. `temperature` 0.0: the chosen candidate is an argmax decode;
+        `no_speech_prob` 0.0: segments come only from windows the VAD found speech in (docs/OUTPUTS.md)."""
+        d = {"id": self.id, "seek": self.seek, "start": round(self.start, 3), "end": round(self.end, 3),
+             "text": self.text, "tokens": list(self.tokens), "temperature": 0.0,
+             "avg_logprob": round(self.avg_logprob, 4), "compression_ratio": round(self.compression_ratio, 4),
+             "no_speech_prob": 0.0}
+        if self.words is not None:
+            d["words"] = [w.to_dict() for w in self.words]
+        return d
+
+
+@dataclass
+class WindowResult:
+    """One VAD window of the file; the windows tile the audio, silent ones included."""
+
+    id: int
+    start: float
+    end: float
+    silent: bool = False
+    score: float | None = None  # mean confidence of the chosen candidate; None for silent windows
+    candidate_scores: list[float] = field(default_factory=list)
+    selected: int | None = None  # index of the chosen candidate
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "start": round(self.start, 3), "end": round(self.end, 3), "silent": self.silent,
+                "score": None if self.score is None else round(self.score, 4),
+                "candidate_scores": [round(x, 4) for x in self.candidate_scores], "selected": self.selected}
 
 
 @dataclass
@@ -97,14 +154,18 @@ class TranscriptionResult:
     output_name: str = ""
     status: str = STATUS_OK  # ok | silent | skipped | error
     error: str | None = None  # one line, starting with the path
-    segments: list[Segment] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)  # spoken segments, in order
+    windows: list[WindowResult] = field(default_factory=list)
     duration: float = 0.0  # seconds of audio
     model: str = ""
+    language: str = DEFAULT_LANGUAGE
     decoding: dict = field(default_factory=dict)
     vad: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
     int8: bool = False  # the decoder and the encoder ran int8-quantised
+    word_timestamps: bool = False
     outputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. why finished outputs were redone
     elapsed: float = 0.0  # seconds from the first window read to the result
 
     @property
@@ -116,10 +177,15 @@ class TranscriptionResult:
         return self.status in (STATUS_OK, STATUS_SILENT, STATUS_SKIPPED)
 
     def to_dict(self) -> dict:
+        """openai-whisper's result: text, segments, language; what is ours goes under "whisfusion"."""
         return {
-            "file": self.path, "text": self.text, "duration": round(self.duration, 3), "model": self.model,
-            "language": "en", "segments": [s.to_dict() for s in self.segments], "decoding": self.decoding,
-            "vad": self.vad, "encoder": self.encoder, "int8": self.int8,
+            "text": self.text, "segments": [s.to_dict() for s in self.segments], "language": self.language,
+            "whisfusion": {
+                "version": __version__, "file": self.path, "duration": round(self.duration, 3), "model": self.model,
+                "decoding": self.decoding, "vad": self.vad, "encoder": self.encoder, "int8": self.int8,
+                "word_timestamps": self.word_timestamps, "elapsed_s": round(self.elapsed, 3),
+                "windows": [w.to_dict() for w in self.windows],
+            },
         }
 
 
@@ -166,7 +232,9 @@ class Pipeline:
         self.decoding = dataclasses.replace(model.decoding, **_clean_overrides(decoding_overrides or {}))
         self.prefix_ids = list(model.tokenizer.prefix_ids)
         self.pad_id = model.tokenizer.pad_id
-        self._to_words = words_from_tokens(model.tokenizer) if self.decoding.selection != "confidence" else None
+        self._words = words_from_tokens(model.tokenizer)
+        self._to_words = self._words if self.decoding.selection != "confidence" else None
+        self.language = model.config.get("language") or DEFAULT_LANGUAGE
 
     @classmethod
     def load(cls, options: TranscribeOptions) -> "Pipeline":
@@ -198,16 +266,55 @@ class Pipeline:
     def encode(self, clips: list[np.ndarray]):
         return self.model.encoder.encode(clips)
 
-    def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE):
+    @property
+    def alignment_heads(self) -> list[tuple[int, int]]:
+        """The (layer, head) pairs whose cross-attention times words: the model config's `alignment_heads`,
+        else (as openai-whisper does for models without a measured set) every head of the upper half."""
+        heads = self.model.config.get("alignment_heads")
+        if heads:
+            return [(int(layer), int(head)) for layer, head in heads]
+        c = self.model.decoder.config
+        return [(layer, head) for layer in range(c.n_layer // 2, c.n_layer) for head in range(c.n_head)]
+
+    def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE,
+               word_timestamps: bool = False):
         from .decoding import decode_windows
 
         # Up to batch_size windows share a forward per step, sorted by length; each has its own seed, so a
         # window decodes the same (up to float rounding) whatever else is in the batch.
         return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
-                              durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size)
+                              durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size,
+                              alignment_heads=self.alignment_heads if word_timestamps else None)
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)
+
+    def segments(self, window: Window, index: int, result, word_timestamps: bool, max_seconds: float) -> list[Segment]:
+        """A decoded window's text as segments (ids to be numbered by the caller): words timed by the
+        alignment heads' attention, or spread over the window without word timestamps."""
+        groups = self._words(result.text_tokens)
+        if not groups:
+            return []
+        decode = self.model.tokenizer._tok.decode
+        texts = [" " + decode(list(g)).strip() for g in groups]
+        probs = result.token_confidences or [result.score] * len(result.text_tokens)
+        if word_timestamps and result.alignment is not None:
+            words = align_words(result.alignment.numpy(), groups, texts, probs, window.start, window.end,
+                                lead=len(self.prefix_ids))
+        else:
+            starts = np.cumsum([0] + [len(g) for g in groups])
+            means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+            words = spread_words(texts, means, window.start, window.end)
+        out, k, t0 = [], 0, 0  # words and tokens before the run
+        for run in split_words(words, max_seconds):
+            tokens = [t for g in groups[k : k + len(run)] for t in g]
+            logp = [math.log(p) if p > 0 else MIN_LOG_PROB for p in probs[t0 : t0 + len(tokens)]]
+            text = self.model.tokenizer.decode(self.prefix_ids + tokens)
+            out.append(Segment(0, run[0].start, max(run[-1].end, run[0].start), text, result.score, tokens, index,
+                               round(window.start * FRAMES_PER_SECOND), float(np.mean(np.maximum(logp, MIN_LOG_PROB))),
+                               run if word_timestamps else None))
+            k, t0 = k + len(run), t0 + len(tokens)
+        return out
 
 
 def _clean_overrides(overrides: dict) -> dict:
@@ -336,7 +443,8 @@ class _Job:
 
     input: InputFile
     result: TranscriptionResult
-    segments: list[Segment | None] = field(default_factory=list)
+    windows: list[WindowResult] = field(default_factory=list)
+    segments: list[list[Segment] | None] = field(default_factory=list)  # per window; None until decoded
     pending: int = 0  # windows queued for the decoder
     reading: bool = True
     t0: float = 0.0
@@ -352,13 +460,17 @@ def transcribe(
     model: "LoadedModel | Pipeline | None" = None,
     reporter: Reporter | None = None,
 ) -> Iterator[TranscriptionResult]:
-    """One TranscriptionResult per input (and per missing path or empty glob), in input order.
+    """One TranscriptionResult per input (and per missing path or empty glob), in input order, each as soon as
+    it and the inputs before it are done.
 
-    model: a loaded model (or Pipeline) to reuse; None loads `options.model` on the first file that needs it.
+    paths: a path, a folder, a glob, a numpy array of 16 kHz mono float samples, an open binary audio file
+    object, or a list of those (an in-memory input is labelled `<array N>` / `<stream N>`, or by its file
+    name). model: a loaded model (or Pipeline) to reuse; None loads `options.model` on the first file that
+    needs it.
     """
     options = options or TranscribeOptions()
     reporter = reporter or Reporter()
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, Path, np.ndarray)) or hasattr(paths, "read"):
         paths = [paths]
     files, problems = expand_inputs(paths)
     for p in problems:
@@ -375,6 +487,9 @@ def transcribe(
 def _total_seconds(files: list[InputFile]) -> float | None:
     total = 0.0
     for f in files:
+        if f.source is not None:
+            total += len(f.source) / SAMPLE_RATE if isinstance(f.source, np.ndarray) else 0.0
+            continue
         try:
             d = audio_info(f.path).duration
         except AudioError:
@@ -384,17 +499,21 @@ def _total_seconds(files: list[InputFile]) -> float | None:
 
 
 def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterator[TranscriptionResult]:
-    writer = get_writer(options.output_format, options.output_dir) if options.output_dir is not None else None
+    writer = None
+    if options.output_dir is not None:
+        writer = get_writer(options.output_format, options.output_dir, options.subtitles)
     pipeline: Pipeline | None = model if isinstance(model, Pipeline) else None
     if model is not None and pipeline is None:
         pipeline = Pipeline(model, options.decoding)
+    settings = run_settings(options, model) if writer is not None else None
     jobs: deque[_Job] = deque()
     batch: list[tuple[_Job, int, Window, np.ndarray]] = []
 
     def meta() -> dict:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(options.vad)),
-                "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8}
+                "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8,
+                "language": pipeline.language, "word_timestamps": options.word_timestamps}
 
     def flush_batch():
         nonlocal batch
@@ -404,48 +523,46 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
             return
         conditions = pipeline.encode([b[3] for b in live])
         seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + b[1] for b in live]
-        results = pipeline.decode(conditions, [b[2].duration for b in live], seeds, options.batch_size)
+        results = pipeline.decode(conditions, [b[2].duration for b in live], seeds, options.batch_size,
+                                  options.word_timestamps)
         for (job, idx, w, _), r in zip(live, results):
-            job.segments[idx] = Segment(idx, w.start, w.end, pipeline.text(r), r.score, list(r.text_tokens))
+            job.windows[idx] = WindowResult(idx, w.start, w.end, False, r.score, r.scores.tolist(), r.selected)
+            job.segments[idx] = pipeline.segments(w, idx, r, options.word_timestamps, options.max_segment_s)
             job.pending -= 1
             reporter.advance(w.duration, len(r.text_tokens))
 
     def finished() -> Iterator[TranscriptionResult]:
         while jobs and jobs[0].ready:
             job = jobs.popleft()
-            res = _finish(job, writer)
+            res = _finish(job, writer, settings)
             reporter.file_done(res)
             yield res
 
     for f in files:
         result = TranscriptionResult(str(f.path), f.output_name)
-        if writer is not None and not options.overwrite:
-            targets = [w.output_path(f.output_name) for w in writer.writers]
-            if all(t.is_file() for t in targets):
-                result.status, result.outputs = STATUS_SKIPPED, [str(t) for t in targets]
-                job = _Job(f, result, reading=False)
-                jobs.append(job)
-                yield from finished()
-                continue
+        if writer is not None and not options.overwrite and _resumed(result, writer, settings):
+            jobs.append(_Job(f, result, reading=False))
+            yield from finished()
+            continue
         job = _Job(f, result, t0=time.perf_counter())
         jobs.append(job)
         try:
-            info = audio_info(f.path)
-            if info.duration is not None:
-                _check_duration(f.path, info.duration, options)
+            if f.source is None:
+                info = audio_info(f.path)
+                if info.duration is not None:
+                    _check_duration(f.path, info.duration, options)
             if pipeline is None:
                 pipeline = Pipeline.load(options)
                 reporter.advance(0.0, 0)  # the clock for throughput starts now, after loading the model
             n_samples = 0
-            for w, samples in iter_windows(stream_audio(f.path, STREAM_BLOCK_SECONDS),
-                                           pipeline.vad_options(options.vad)):
-                idx = len(job.segments)
+            for w, samples in iter_windows(f.blocks(STREAM_BLOCK_SECONDS), pipeline.vad_options(options.vad)):
+                idx = len(job.windows)
                 n_samples = w.end_sample
+                job.windows.append(WindowResult(idx, w.start, w.end, w.silent))
+                job.segments.append([] if w.silent else None)
                 if w.silent:
-                    job.segments.append(Segment(idx, w.start, w.end, "", None, [], silent=True))
                     reporter.advance(w.duration, 0)
                     continue
-                job.segments.append(None)
                 job.pending += 1
                 batch.append((job, idx, w, samples))
                 pooled_frames = sum(pipeline.model.encoder.output_frames(len(b[3])) for b in batch)
@@ -466,6 +583,83 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
     yield from finished()
 
 
+# ------------------------------------------------------------------------------------------- resume
+
+
+def run_settings(options: TranscribeOptions, model=None) -> dict:
+    """What makes an input's outputs, as recorded beside them: the model (its name and a hash of its
+    config), the decoding, VAD, segment and subtitle options, the device. The batch size and the threads
+    are not in it: they do not change a file's transcript."""
+    if isinstance(model, Pipeline):
+        model_id, decoding = _model_identity(model.model.name, model.model.config), model.decoding.to_dict()
+    elif model is not None:
+        model_id, decoding = _model_identity(model.name, model.config), dict(options.decoding)
+    else:
+        model_id, decoding = _model_identity_from_options(options.model), dict(options.decoding)
+    try:
+        device, dtype = (str(x).replace("torch.", "") for x in resolve_device(options.device, options.dtype))
+    except ValueError:
+        device, dtype = options.device, options.dtype
+    return json.loads(json.dumps({
+        "model": model_id, "decoding": decoding, "vad": dataclasses.asdict(options.vad), "int8": options.int8,
+        "encoder_backend": options.encoder_backend, "device": device, "dtype": dtype,
+        "min_duration_s": options.min_duration_s, "word_timestamps": options.word_timestamps,
+        "max_segment_s": options.max_segment_s, "subtitles": dataclasses.asdict(options.subtitles),
+    }, sort_keys=True))  # tuples become lists, as they come back from the record
+
+
+def _model_identity(name: str, config: dict) -> dict:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": name, "config_sha256": digest}
+
+
+def _model_identity_from_options(model: str | None) -> dict:
+    """The identity of the model `options.model` names, from its config file (the weights are not read)."""
+    from .checkpoint import CheckpointError, read_model_config, resolve_model
+
+    try:
+        path = resolve_model(model)
+        config = read_model_config(path)
+    except (CheckpointError, OSError):
+        return {"name": str(model), "config_sha256": None}  # loading it will say what is wrong
+    from .checkpoint import DEFAULT_MODEL_DIR
+
+    return _model_identity("default" if path == DEFAULT_MODEL_DIR else str(model), config)
+
+
+def _resumed(result: TranscriptionResult, writer, settings: dict) -> bool:
+    """True (the result marked skipped) when every output exists and its record holds these settings; a
+    note says why an input whose outputs exist is redone."""
+    targets = [w.output_path(result.output_name) for w in writer.writers]
+    if not all(t.is_file() for t in targets):
+        return False
+    record = read_record(writer.writers[0].output_dir, result.output_name)
+    if record is None or record.get("format") != RECORD_FORMAT:
+        result.notes.append(f"{result.path}: its outputs have no record of the settings that made them; "
+                            "transcribing again")
+        return False
+    if record.get("settings") != settings:
+        changed = _changed(record.get("settings") or {}, settings)
+        result.notes.append(f"{result.path}: its outputs were made with other settings ({changed}); "
+                            "transcribing again")
+        return False
+    result.status, result.outputs = STATUS_SKIPPED, [str(t) for t in targets]
+    return True
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> str:
+    """'decoding.steps 4 -> 8, model.name a -> b': what differs between two settings records (the first few)."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _changed(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key} {json.dumps(a)} -> {json.dumps(b)}")
+    return ", ".join(parts[:4]) + (", ..." if len(parts) > 4 else "")
+
+
 def _check_duration(path, seconds: float, options: TranscribeOptions) -> None:
     if seconds <= 0:
         raise AudioError(path, "empty audio (no samples)")
@@ -473,17 +667,24 @@ def _check_duration(path, seconds: float, options: TranscribeOptions) -> None:
         raise AudioError(path, f"too short to hold speech ({seconds:.3f} s < {options.min_duration_s:g} s)")
 
 
-def _finish(job: _Job, writer) -> TranscriptionResult:
+def _finish(job: _Job, writer, settings: dict | None) -> TranscriptionResult:
     result = job.result
     if result.status in (STATUS_ERROR, STATUS_SKIPPED):
         return result
-    result.segments = [s for s in job.segments if s is not None]
+    result.windows = job.windows
+    result.segments = [s for segments in job.segments if segments for s in segments]
+    for i, s in enumerate(result.segments):
+        s.id = i
     result.elapsed = time.perf_counter() - job.t0
-    if all(s.silent for s in result.segments):  # no window had speech: nothing was decoded
+    if all(w.silent for w in result.windows):  # no window had speech: nothing was decoded
         result.status = STATUS_SILENT
     if writer is not None:
         try:
             result.outputs = [str(p) for p in writer(result, job.input.output_name)]
+            # Written last: outputs without a record (an interrupted write) are redone on the next run.
+            write_record(writer.writers[0].output_dir, job.input.output_name,
+                         {"format": RECORD_FORMAT, "version": __version__, "input": result.path,
+                          "outputs": [p.name for p in map(Path, result.outputs)], "settings": settings})
         except OSError as e:
             result.status = STATUS_ERROR
             result.error = f"{result.path}: cannot write outputs ({e.strerror or e})"
@@ -500,6 +701,6 @@ def transcribe_file(path, options: TranscribeOptions | None = None, model=None) 
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Reporter", "RichReporter", "Segment", "TranscribeOptions",
-    "TranscriptionResult", "parse_pad_context", "parse_schedule", "resolve_device", "transcribe", "transcribe_file",
+    "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Reporter", "RichReporter", "Segment", "SubtitleOptions",
+    "TranscribeOptions", "TranscriptionResult", "WindowResult", "Word", "parse_pad_context", "run_settings", "parse_schedule", "resolve_device", "transcribe", "transcribe_file",
 ]
