@@ -21,5 +21,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "$PY" -m pip install -e ".${extras}"
+# The tests read our JSON with openai-whisper's own writers; its dependencies are in the test extra, all but
+# triton (a GPU compiler whisper.utils never imports), hence --no-deps.
+if [ -n "$extras" ]; then "$PY" -m pip install --no-deps "openai-whisper==20250625"; fi
 # pyenv only puts new console scripts (whisfusion) on PATH after a rehash.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -36,6 +36,11 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l vad -d 'Cu
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l no-vad -d 'Cut long audio at pauses and skip silence (--no-vad: fixed 30 s win...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l max-window -x -d 'Longest window (at most 30 s and the model\'s own limit)'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l split-silence -x -d 'A pause this long ends a window (default: the model\'s, else 2 s)'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l word-timestamps -d 'Time every word (from the decoder\'s cross-attention); segments and ...'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l max-line-width -x -d 'SRT/VTT: wrap cue text into lines of at most this width'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l max-line-count -x -d 'SRT/VTT: at most this many lines per cue (needs --max-line-width)'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l highlight-words -d 'SRT/VTT: underline each word as it is spoken (needs --word-timestamps)'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l max-cue-duration -x -d 'Longest segment (subtitle cue); segments also end at sentence ends ...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l quiet -s q -d 'No progress display and no notes; errors only'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l help -d 'Show this message and exit'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -F

@@ -22,6 +22,7 @@ Systems are given as specs, e.g. `whisfusion:model=default,steps=8,candidates=4,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -37,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -785,6 +787,10 @@ def run_bench(options: BenchOptions, console=None) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True, quiet=options.quiet)
+    if options.plots and not _have_matplotlib():  # said before any system runs, not after minutes of them
+        console.print("note: no plots: matplotlib is not installed (pip install 'whisfusion[plots]')",
+                      markup=False, highlight=False)
+        options = dataclasses.replace(options, plots=False)
     specs = [parse_system(s) for s in (options.systems or default_systems())]
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
@@ -816,7 +822,8 @@ def run_bench(options: BenchOptions, console=None) -> dict[str, Any]:
                     continue
                 except (OSError, json.JSONDecodeError):
                     pass  # a damaged partial file is simply recomputed
-            result = run_system(spec, items, options, progress)
+            with _quiet_libraries():
+                result = run_system(spec, items, options, progress)
             partial.mkdir(exist_ok=True)
             _write_text(cached, json.dumps(_json_safe(result)))
             systems.append(result)
@@ -835,6 +842,34 @@ def run_bench(options: BenchOptions, console=None) -> dict[str, Any]:
     if options.check:
         verify_results(out, plots=options.plots)
     return results
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Library warnings (transformers' deprecations, torch's notes) stay off the user's terminal while the
+    systems run: they say nothing about the measurement, and the table is what the user asked for."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        hf_logging = None
+    level = hf_logging.get_verbosity() if hf_logging else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hf_logging:
+            hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            if hf_logging:
+                hf_logging.set_verbosity(level)
 
 
 CONVENTIONS = {
@@ -1156,7 +1191,8 @@ def bench_main(**kwargs) -> dict:
         for table in results_tables(results):
             console.print(table)
         out = Path(options.output_dir)
-        files = [RESULTS_JSON, RESULTS_CSV, HYPOTHESES_CSV] + ([PLOT_WER_RTFX, PLOT_LATENCY] if options.plots else [])
+        plotted = results["options"]["plots"]  # False where matplotlib is missing
+        files = [RESULTS_JSON, RESULTS_CSV, HYPOTHESES_CSV] + ([PLOT_WER_RTFX, PLOT_LATENCY] if plotted else [])
         console.print(f"results in {out}/: {', '.join(files)}")
         if options.check:
             console.print(f"check passed: {len(results['systems'])} systems consistent")

@@ -80,8 +80,11 @@ def main_callback(
     "  whisfusion transcribe jfk.wav\n"
     "  whisfusion transcribe 'podcasts/**/*.mp3' -o out -f srt,json\n"
     "  whisfusion transcribe calls/ -o out -f all --batch-size 16 --quiet\n"
-    "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n\n"
-    "Re-running with the same --output-dir skips files whose outputs exist (use --overwrite to redo them). "
+    "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n"
+    "  whisfusion transcribe lecture.mp3 -o subs -f srt --word-timestamps --max-line-width 42 --max-line-count 2\n\n"
+    "Re-running with the same --output-dir skips files whose outputs exist and were made with the same model "
+    "and options (other settings redo the file; --overwrite redoes every file). -f json without --output-dir "
+    "prints one JSON object per input and line (JSON Lines). "
     "Exit code: 0 if every input was transcribed, 1 if any failed, 130 when interrupted.",
 )
 def transcribe(
@@ -137,6 +140,18 @@ def transcribe(
     split_silence: Optional[float] = typer.Option(None, "--split-silence", metavar="SECONDS",
                                                   help="A pause this long ends a window (default: the model's, "
                                                   "else 2 s)."),
+    word_timestamps: bool = typer.Option(False, "--word-timestamps", help="Time every word (from the decoder's "
+                                         "cross-attention); segments and JSON get per-word times."),
+    max_line_width: Optional[int] = typer.Option(None, "--max-line-width", min=1, metavar="CHARS",
+                                                 help="SRT/VTT: wrap cue text into lines of at most this width."),
+    max_line_count: Optional[int] = typer.Option(None, "--max-line-count", min=1, metavar="LINES",
+                                                 help="SRT/VTT: at most this many lines per cue (needs "
+                                                 "--max-line-width)."),
+    highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each word as it is "
+                                         "spoken (needs --word-timestamps)."),
+    max_cue_duration: float = typer.Option(7.0, "--max-cue-duration", min=0.5, metavar="SECONDS",
+                                           help="Longest segment (subtitle cue); segments also end at sentence "
+                                           "ends and pauses."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
 ):
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
@@ -147,7 +162,7 @@ def transcribe(
         transcribe as run,
     )
     from .vad import vad_options
-    from .writers import get_writer, parse_formats
+    from .writers import SubtitleOptions, get_writer, parse_formats
 
     try:
         formats = parse_formats(output_format)
@@ -184,6 +199,8 @@ def transcribe(
             model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
             encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence),
             output_dir=output_dir, output_format=output_format, overwrite=overwrite,
+            word_timestamps=word_timestamps, max_segment_s=max_cue_duration,
+            subtitles=SubtitleOptions(max_line_width, max_line_count, highlight_words),
         )
     except ValueError as e:
         _err(f"error: {e}")
@@ -191,7 +208,7 @@ def transcribe(
 
     reporter = None if quiet else RichReporter()
     note = reporter.print if reporter else (lambda message: None)
-    printer = None if output_dir is not None else get_writer(formats[0], ".").writers[0]
+    printer = None if output_dir is not None else get_writer(formats[0], ".", options.subtitles).writers[0]
     counts = {"ok": 0, STATUS_SILENT: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0}
     n_printed = 0
     audio_seconds = 0.0
@@ -199,6 +216,8 @@ def transcribe(
     many = len(inputs) > 1 or any(Path(i).is_dir() or any(c in i for c in "*?[") for i in inputs)
     try:
         for result in run(inputs, options, reporter=reporter):
+            for line in result.notes:
+                note(f"note: {line}")
             counts[result.status] += 1
             audio_seconds += result.duration
             if result.status == STATUS_ERROR:
@@ -234,7 +253,7 @@ def transcribe(
 def _print_result(printer, result, many: bool, fmt: str, first: bool) -> None:
     import json
 
-    if fmt == "json":  # one compact object per line (JSON Lines), easy to pipe
+    if fmt == "json":  # one compact object per input and line (JSON Lines), easy to pipe
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     else:
         if many:
