@@ -2,6 +2,7 @@
 the audio, batching invariance, long audio in bounded memory, silence never decoded, per-file errors,
 resume after an interrupt, device/dtype rules."""
 
+import json
 import os
 import tracemalloc
 import wave
@@ -35,13 +36,21 @@ def model(model_dir):
     return load_model(str(model_dir))
 
 
-def check_segments_tile(result, max_window=30.0):
-    segs = result.segments
-    assert segs and segs[0].start == 0.0 and abs(segs[-1].end - result.duration) < 1e-9
-    for a, b in zip(segs, segs[1:]):
+def check_segments_tile(result, max_window=30.0, max_segment=tr.MAX_SEGMENT_SECONDS):
+    """The windows tile the audio; the segments lie in order inside their windows, none longer than the
+    longest segment, numbered from 0."""
+    wins = result.windows
+    assert wins and wins[0].start == 0.0 and abs(wins[-1].end - result.duration) < 1e-9
+    for a, b in zip(wins, wins[1:]):
         assert a.end == b.start, f"{result.path}: gap or overlap at {a.end}/{b.start}"
-    assert all(0 < s.end - s.start <= max_window for s in segs)
+    assert all(0 < w.end - w.start <= max_window for w in wins)
+    segs = result.segments
     assert [s.id for s in segs] == list(range(len(segs)))
+    for s in segs:
+        w = wins[s.window]
+        assert not w.silent and w.start - 1e-9 <= s.start <= s.end <= w.end + 1e-9 and s.text
+        assert s.end - s.start <= max_segment + 1e-9 and s.seek == round(w.start * 100)
+    assert all(a.end <= b.start + 1e-9 for a, b in zip(segs, segs[1:]))
 
 
 def test_real_clips_in_input_order(model):
@@ -52,7 +61,7 @@ def test_real_clips_in_input_order(model):
         assert r.status == "ok", r.error
         check_segments_tile(r)
         assert abs(r.duration - sf.info(r.path).duration) < 1e-3
-        assert r.text and all(isinstance(s.score, float) for s in r.segments if not s.silent)
+        assert r.text and all(isinstance(s.score, float) and s.avg_logprob <= 0 for s in r.segments)
         assert r.model == model.name and r.decoding["seed"] == 0 and r.decoding["candidates"] == 2
 
 
@@ -73,9 +82,9 @@ def test_windows_are_pooled_for_the_decoder_within_one_batch_of_encoder_states(m
     calls = []
     real_decode = Pipeline.decode
 
-    def recording_decode(self, conditions, durations, seeds, batch_size):
+    def recording_decode(self, conditions, durations, seeds, batch_size, *args):
         calls.append((len(conditions), sum(c.size(0) for c in conditions), batch_size))
-        return real_decode(self, conditions, durations, seeds, batch_size)
+        return real_decode(self, conditions, durations, seeds, batch_size, *args)
 
     monkeypatch.setattr(Pipeline, "decode", recording_decode)
     files = [AUDIO / name for name in ("cards_001.flac", "cards_002.flac", "goforward.flac", "forever.flac",
@@ -122,8 +131,9 @@ def test_long_audio_windows_tile_and_memory_is_bounded(model, tmp_path):
     assert r.status == "ok" and abs(r.duration - d_long) < 1e-6
     check_segments_tile(r)
     assert len(r.segments) >= d_long / 30
-    silent = [s for s in r.segments if s.silent]
-    assert len(silent) >= 8 and all(s.text == "" and s.score is None for s in silent)
+    silent = [w for w in r.windows if w.silent]
+    assert len(silent) >= 8 and all(w.score is None for w in silent)
+    assert not {s.window for s in r.segments} & {w.id for w in silent}
     # Memory does not grow with the length of the file: 5x the audio, about the same peak (the batch's
     # windows and their features), and well under the decoded file (16 min of float32 at 16 kHz = 62 MB), which
     # loading the file whole would need at least once.
@@ -148,7 +158,7 @@ def test_silence_yields_empty_transcript_without_the_decoder(model, tmp_path, mo
                               TranscribeOptions(output_dir=out, output_format="all"), model=model))
     assert [r.status for r in results] == ["silent", "silent"] and calls == []
     for r in results:
-        assert r.text == "" and all(s.silent for s in r.segments)
+        assert r.text == "" and r.segments == [] and all(w.silent for w in r.windows)
         check_segments_tile(r)
     assert (out / "zeros.txt").read_text() == "" and (out / "zeros.json").is_file()
 
@@ -203,7 +213,8 @@ def test_interrupted_batch_resumes(model, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         list(transcribe(files, opts, model=model, reporter=InterruptAfter(2)))
     names = sorted(os.listdir(out))
-    assert names == ["cards_001.json", "cards_001.srt", "cards_002.json", "cards_002.srt"]  # complete, no temps
+    assert names == [".cards_001.whisfusion.json", ".cards_002.whisfusion.json", "cards_001.json", "cards_001.srt",
+                     "cards_002.json", "cards_002.srt"]  # complete, each with its record, no temps
     mtime = (out / "cards_001.json").stat().st_mtime_ns
     results = list(transcribe(files, opts, model=model))
     assert [r.status for r in results] == ["skipped", "skipped", "ok"]
@@ -218,7 +229,7 @@ def test_no_vad_uses_fixed_windows(model, tmp_path):
     sf.write(tmp_path / "jfk6.wav", np.tile(x, 6), SR)  # 66 s
     r = next(transcribe([tmp_path / "jfk6.wav"], TranscribeOptions(vad=VadOptions(enabled=False)), model=model))
     check_segments_tile(r)
-    assert [round(s.end - s.start, 3) for s in r.segments] == [30.0, 30.0, 6.0]
+    assert [round(w.end - w.start, 3) for w in r.windows] == [30.0, 30.0, 6.0]
 
 
 def test_decoding_overrides_and_schedule(model):
@@ -259,3 +270,55 @@ def test_options_are_validated(tmp_path):
         TranscribeOptions(batch_size=0)
     with pytest.raises(ValueError, match="unknown output format"):
         TranscribeOptions(output_dir=tmp_path, output_format="doc")
+
+
+def test_arrays_and_file_objects_give_the_same_text_as_their_files(model):
+    wav, flac = AUDIO / "jfk.wav", AUDIO / "cards_005.flac"
+    opts = TranscribeOptions(decoding={"seed": 0})
+    from_files = [r.text for r in transcribe([wav, flac], opts, model=model)]
+    with open(flac, "rb") as f:
+        results = list(transcribe([load_audio(wav), f, np.zeros((2, 100), np.float32), wav], opts, model=model))
+    assert [r.path for r in results] == ["<array 0>", str(flac), "<array 2>", str(wav)]
+    assert [r.text for r in results[:2]] == from_files and results[3].text == from_files[0]
+    assert results[2].status == "error" and "mono float32 array" in results[2].error and "\n" not in results[2].error
+    one = next(transcribe(load_audio(wav).astype(np.float64), opts, model=model))  # a bare array, float64
+    assert one.text == from_files[0] and abs(one.duration - sf.info(wav).duration) < 1e-3
+
+
+def test_rerun_with_other_settings_redoes_the_file_and_says_why(model_dir, model, tmp_path):
+    out = tmp_path / "out"
+    files = [AUDIO / "cards_001.flac", AUDIO / "cards_002.flac"]
+
+    def run(**decoding):
+        opts = TranscribeOptions(model=str(model_dir), output_dir=out, output_format="txt,json",
+                                 decoding={"seed": 0, **decoding})
+        return list(transcribe(files, opts))
+
+    assert [r.status for r in run(steps=2)] == ["ok", "ok"]
+    again = run(steps=2)
+    assert [r.status for r in again] == ["skipped", "skipped"] and not again[0].notes
+    redone = run(steps=3)
+    assert [r.status for r in redone] == ["ok", "ok"]
+    assert "other settings (decoding.steps 2 -> 3)" in redone[0].notes[0] and "transcribing again" in redone[0].notes[0]
+    doc = json.loads((out / "cards_001.json").read_text())
+    assert doc["whisfusion"]["decoding"]["steps"] == 3
+    (out / ".cards_002.whisfusion.json").unlink()  # outputs from an older version, or written by hand
+    last = run(steps=3)
+    assert [r.status for r in last] == ["skipped", "ok"] and "no record" in last[1].notes[0]
+
+
+def test_word_timestamps_lie_in_their_segments_in_order(model):
+    opts = TranscribeOptions(decoding={"seed": 0}, word_timestamps=True, max_segment_s=3.0)
+    for r in transcribe([AUDIO / "jfk.wav", AUDIO / "librivox_0890.flac"], opts, model=model):
+        check_segments_tile(r, max_segment=3.0)
+        words = [w for s in r.segments for w in s.words]
+        assert words and all(w.word.startswith(" ") and 0 <= w.probability <= 1 for w in words)
+        assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+        for s in r.segments:
+            assert s.words[0].start == s.start and s.words[-1].end == s.end
+            assert all(s.start <= w.start <= w.end <= s.end for w in s.words)
+        doc = r.to_dict()
+        assert all(len(d["words"]) == len(s.words) for d, s in zip(doc["segments"], r.segments))
+        assert doc["whisfusion"]["word_timestamps"] is True
+    with pytest.raises(ValueError, match="needs --word-timestamps"):
+        TranscribeOptions(subtitles=tr.SubtitleOptions(highlight_words=True))

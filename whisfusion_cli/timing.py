@@ -106,11 +106,12 @@ def align_words(weights: np.ndarray, word_tokens: list[tuple[int, ...]], word_te
     the silence after the last); offset: the window's start in the file; end: the window's end."""
     frames = token_frames(weights)[lead:]
     starts = np.cumsum([0] + [len(t) for t in word_tokens])  # first token of each word, then the end of text
-    times = offset + frames[starts] / ENCODER_FRAMES_PER_SECOND
+    # The encoder's states run a few frames past the audio (a margin): no word starts or ends after it.
+    times = np.minimum(offset + frames[starts] / ENCODER_FRAMES_PER_SECOND, end)
     words = []
     for k, (text, tokens) in enumerate(zip(word_texts, word_tokens)):
         probs = token_probs[starts[k] : starts[k + 1]] or [0.0]
-        words.append(Word(text, float(times[k]), float(min(times[k + 1], end)), float(np.mean(probs))))
+        words.append(Word(text, float(times[k]), float(times[k + 1]), float(np.mean(probs))))
     _cut_long_words(words)
     return words
 

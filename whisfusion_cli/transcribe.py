@@ -293,8 +293,6 @@ class Pipeline:
         """A decoded window's text as segments (ids to be numbered by the caller): words timed by the
         alignment heads' attention, or spread over the window without word timestamps."""
         groups = self._words(result.text_tokens)
-        if not groups:
-            return []
         decode = self.model.tokenizer._tok.decode
         texts = [" " + decode(list(g)).strip() for g in groups]
         probs = result.token_confidences or [result.score] * len(result.text_tokens)
@@ -305,6 +303,11 @@ class Pipeline:
             starts = np.cumsum([0] + [len(g) for g in groups])
             means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
             words = spread_words(texts, means, window.start, window.end)
+        # Tokens that decode to nothing (a special token the text leaves out) are no words.
+        starts = np.cumsum([0] + [len(g) for g in groups])
+        spoken = [k for k, t in enumerate(texts) if t.strip()]
+        probs = [p for k in spoken for p in probs[starts[k] : starts[k + 1]]]
+        groups, words = [groups[k] for k in spoken], [words[k] for k in spoken]
         out, k, t0 = [], 0, 0  # words and tokens before the run
         for run in split_words(words, max_seconds):
             tokens = [t for g in groups[k : k + len(run)] for t in g]
