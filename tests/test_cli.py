@@ -99,15 +99,19 @@ def test_real_speech_to_every_format(model_dir, tmp_path):
             assert times[0][0] >= 0 and times[-1][1] <= duration + 0.001
         assert [int(l) for l in srt.splitlines() if l.isdigit()] == list(range(1, len(cues(srt)) + 1))
         doc = json.loads((out / f"{stem}.json").read_text())
-        assert doc["file"].endswith(clip) and abs(doc["duration"] - duration) < 0.001
-        assert doc["segments"][0]["start"] == 0 and abs(doc["segments"][-1]["end"] - duration) < 0.001
-        assert doc["decoding"]["seed"] == 0 and doc["decoding"]["refine"] == 2 and doc["model"] == model_dir
-        assert doc["decoding"]["shortlist"] == 16 and doc["decoding"]["shortlist_int8"] is True
-        assert doc["decoding"]["pad_context"] == 3
-        assert doc["vad"]["max_window_s"] == 8.0 and doc["vad"]["split_silence_s"] == 0.7
-        assert doc["encoder"]["backend"] == "torch"  # auto: this test model's encoder is a transformers dir
-        assert doc["int8"] is False and doc["encoder"]["int8"] is False  # its config does not ask for int8
-        assert all(s["end"] - s["start"] <= 8.0 + 1e-6 for s in doc["segments"])
+        ours = doc["whisfusion"]
+        assert ours["file"].endswith(clip) and abs(ours["duration"] - duration) < 0.001
+        assert ours["windows"][0]["start"] == 0 and abs(ours["windows"][-1]["end"] - duration) < 0.001
+        assert ours["decoding"]["seed"] == 0 and ours["decoding"]["refine"] == 2 and ours["model"] == model_dir
+        assert ours["decoding"]["shortlist"] == 16 and ours["decoding"]["shortlist_int8"] is True
+        assert ours["decoding"]["pad_context"] == 3
+        assert ours["vad"]["max_window_s"] == 8.0 and ours["vad"]["split_silence_s"] == 0.7
+        assert ours["encoder"]["backend"] == "torch"  # auto: this test model's encoder is a transformers dir
+        assert ours["int8"] is False and ours["encoder"]["int8"] is False  # its config does not ask for int8
+        assert all(w["end"] - w["start"] <= 8.0 + 1e-6 for w in ours["windows"])
+        # The longest cue, but for a single word (this random model's words are spread over their window).
+        assert all(s["end"] - s["start"] <= 7.0 + 1e-6 or " " not in s["text"] for s in doc["segments"])
+        assert [(s["start"], s["end"]) for s in doc["segments"]] == [(round(a, 3), round(b, 3)) for a, b in times]
         assert " ".join(s["text"] for s in doc["segments"] if s["text"]) == doc["text"]
         tsv = (out / f"{stem}.tsv").read_text().splitlines()
         assert tsv[0] == "start\tend\ttext" and all(len(r.split("\t")) == 3 for r in tsv)
@@ -123,7 +127,8 @@ def test_stdout_output(model_dir):
     assert two.stdout.count("==> ") == 2 and one.stdout.strip() in two.stdout
     js = cli("transcribe", AUDIO / "jfk.wav", AUDIO / "goforward.flac", "-m", model_dir, "-q", "-f", "json")
     rows = [json.loads(line) for line in js.stdout.splitlines()]
-    assert [Path(r["file"]).name for r in rows] == ["jfk.wav", "goforward.flac"]
+    assert [Path(r["whisfusion"]["file"]).name for r in rows] == ["jfk.wav", "goforward.flac"]
+    assert all(set(r) == {"text", "segments", "language", "whisfusion"} for r in rows)  # whisper's schema
     srt = cli("transcribe", AUDIO / "jfk.wav", "-m", model_dir, "-q", "-f", "srt")
     assert cues(srt.stdout)
 
@@ -164,7 +169,7 @@ def test_folder_with_good_and_bad_files(model_dir, tmp_path):
         assert len(line) == 1 and reason in line[0], (name, errors)
     assert any("missing_dir: no such file or directory" in l for l in errors)
     assert "note: " in result.stderr and "silence.wav: no speech detected" in result.stderr
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name[0] != ".")
     good = ["cards_002", "forever", "jfk", "nested/goforward", "silence"]
     assert written == sorted(f"{g}.{e}" for g in good for e in ("txt", "json"))  # nothing for bad files
     assert json.loads((out / "silence.json").read_text())["text"] == ""
@@ -188,8 +193,9 @@ def test_default_model_with_the_ctranslate2_encoder(tmp_path):
                      "--no-int8")
         assert result.exit_code == 0, result.output
         doc = json.loads((out / "jfk.json").read_text())
-        assert doc["encoder"]["backend"] == backend and doc["encoder"]["source"] == "tiny.en"
-        assert doc["int8"] is False and doc["encoder"]["int8"] is False
+        ours = doc["whisfusion"]
+        assert ours["encoder"]["backend"] == backend and ours["encoder"]["source"] == "tiny.en"
+        assert ours["int8"] is False and ours["encoder"]["int8"] is False
         texts[backend] = doc["text"]
     # The two encoders' states differ by ~1e-4: the same transcript.
     assert texts["torch"] == texts["ctranslate2"] and "country" in texts["torch"]
@@ -206,12 +212,37 @@ def test_default_model_with_the_ctranslate2_encoder(tmp_path):
     (["--split-silence", "0"], "split silence 0 s"),
     (["--pad-context", "some"], "--pad-context"),
     (["--encoder-backend", "onnx"], "--encoder-backend"),
+    (["--highlight-words"], "--highlight-words needs --word-timestamps"),
+    (["--max-line-count", "2"], "--max-line-count needs --max-line-width"),
 ])
 def test_bad_options_exit_2_with_one_line(args, message):
     result = cli("transcribe", AUDIO / "jfk.wav", *args)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_word_timestamps_and_subtitle_lines_and_a_rerun_with_other_steps(model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["transcribe", AUDIO / "librivox_0890.flac", "-m", model_dir, "-o", out, "-f", "srt,json", "--seed", "0",
+            "--word-timestamps", "--max-line-width", "16", "--max-line-count", "2"]
+    first = cli(*args, "--steps", "2")
+    assert first.exit_code == 0, first.output
+    doc = json.loads((out / "librivox_0890.json").read_text())
+    words = [w for s in doc["segments"] for w in s["words"]]
+    assert words and all(set(w) == {"word", "start", "end", "probability"} for w in words)
+    srt = (out / "librivox_0890.srt").read_text()
+    blocks = [b.splitlines() for b in srt.strip().split("\n\n")]
+    assert all(1 <= len(b) - 2 <= 2 for b in blocks)  # number, timing, at most two lines
+    assert all(len(line) <= 16 or " " not in line for b in blocks for line in b[2:])
+    assert len(blocks) >= len(doc["segments"]) and " ".join(l for b in blocks for l in b[2:]).split() == \
+        " ".join(w["word"] for w in words).split()
+    same = cli(*args, "--steps", "2")
+    assert "1 skipped" in same.stderr and "note:" not in same.stderr
+    other = cli(*args, "--steps", "3")
+    assert other.exit_code == 0 and "1 skipped" not in other.stderr
+    assert "other settings (decoding.steps 2 -> 3)" in other.stderr
+    assert json.loads((out / "librivox_0890.json").read_text())["whisfusion"]["decoding"]["steps"] == 3
 
 
 def test_unusable_model_is_one_line(tmp_path, monkeypatch):

@@ -213,7 +213,7 @@ def test_interrupted_batch_resumes(model, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         list(transcribe(files, opts, model=model, reporter=InterruptAfter(2)))
     names = sorted(os.listdir(out))
-    assert names == [".cards_001.whisfusion.json", ".cards_002.whisfusion.json", "cards_001.json", "cards_001.srt",
+    assert names == [".cards_001.whisfusion-run", ".cards_002.whisfusion-run", "cards_001.json", "cards_001.srt",
                      "cards_002.json", "cards_002.srt"]  # complete, each with its record, no temps
     mtime = (out / "cards_001.json").stat().st_mtime_ns
     results = list(transcribe(files, opts, model=model))
@@ -302,7 +302,7 @@ def test_rerun_with_other_settings_redoes_the_file_and_says_why(model_dir, model
     assert "other settings (decoding.steps 2 -> 3)" in redone[0].notes[0] and "transcribing again" in redone[0].notes[0]
     doc = json.loads((out / "cards_001.json").read_text())
     assert doc["whisfusion"]["decoding"]["steps"] == 3
-    (out / ".cards_002.whisfusion.json").unlink()  # outputs from an older version, or written by hand
+    (out / ".cards_002.whisfusion-run").unlink()  # outputs from an older version, or written by hand
     last = run(steps=3)
     assert [r.status for r in last] == ["skipped", "ok"] and "no record" in last[1].notes[0]
 

@@ -164,7 +164,7 @@ def test_highlight_words_underlines_one_word_per_cue(timed):
 def test_run_record_round_trip(tmp_path):
     assert read_record(tmp_path, "sub/talk") is None
     path = write_record(tmp_path, "sub/talk", {"settings": {"steps": 4}})
-    assert path == tmp_path / "sub" / ".talk.whisfusion.json"
+    assert path == tmp_path / "sub" / ".talk.whisfusion-run"
     assert read_record(tmp_path, "sub/talk") == {"settings": {"steps": 4}}
     path.write_text("{broken")
     assert read_record(tmp_path, "sub/talk") is None

@@ -149,7 +149,7 @@ def split_words(words: list[Word], max_seconds: float = MAX_SEGMENT_SECONDS,
         if run and (w.start - run[-1].end >= pause_seconds or run[-1].word.rstrip().endswith(SENTENCE_ENDS)):
             runs.append(run)
             run = []
-        if run and w.end - run[0].start > max_seconds:
+        while run and w.end - run[0].start > max_seconds:  # a single word longer than that stays whole
             cut = max((k + 1 for k, x in enumerate(run[:-1]) if x.word.rstrip().endswith(CLAUSE_ENDS)), default=len(run))
             runs.append(run[:cut])
             run = run[cut:]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from . import __version__
-from .audio import FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
+from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
 from .encoder import MAX_ENCODER_FRAMES
 from .timing import MAX_SEGMENT_SECONDS, Word, align_words, split_words, spread_words
 from .vad import VadOptions, Window, iter_windows
@@ -313,11 +313,22 @@ class Pipeline:
             tokens = [t for g in groups[k : k + len(run)] for t in g]
             logp = [math.log(p) if p > 0 else MIN_LOG_PROB for p in probs[t0 : t0 + len(tokens)]]
             text = self.model.tokenizer.decode(self.prefix_ids + tokens)
-            out.append(Segment(0, run[0].start, max(run[-1].end, run[0].start), text, result.score, tokens, index,
+            start, end = _at_least_a_frame(run[0].start, run[-1].end, window)
+            out.append(Segment(0, start, end, text, result.score, tokens, index,
                                round(window.start * FRAMES_PER_SECOND), float(np.mean(np.maximum(logp, MIN_LOG_PROB))),
                                run if word_timestamps else None))
             k, t0 = k + len(run), t0 + len(tokens)
         return out
+
+
+def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, float]:
+    """A segment's (start, end), at least one encoder frame long and inside its window (a subtitle cue that
+    ends where it starts is shown by no player)."""
+    frame = 1.0 / ENCODER_FRAMES_PER_SECOND
+    if end - start >= frame:
+        return start, end
+    end = min(window.end, start + frame)
+    return max(window.start, end - frame), end
 
 
 def _clean_overrides(overrides: dict) -> dict:

@@ -2,7 +2,7 @@
 
 Every file is written atomically (a temp file in the same directory, fsync, `os.replace`), so an
 interrupted run never leaves a partial transcript that a re-run would mistake for a finished one. Beside an
-input's outputs a record (`.NAME.whisfusion.json`, written last) holds the settings that made them, so a
+input's outputs a record (`.NAME.whisfusion-run`, written last) holds the settings that made them, so a
 rerun with other settings redoes the input instead of keeping stale files.
 Results are duck-typed: anything with `.text`, `.segments` (each `.start`, `.end`, `.text`, and `.words`:
 None or items with `.word`, `.start`, `.end`), and `.to_dict()` for JSON — `transcribe.TranscriptionResult`
@@ -24,7 +24,7 @@ from typing import Callable, TextIO
 
 FORMATS = ("txt", "vtt", "srt", "tsv", "json")
 ALL = "all"
-RECORD_SUFFIX = ".whisfusion.json"
+RECORD_SUFFIX = ".whisfusion-run"
 
 
 def write_atomic(path, text: str) -> Path:
@@ -248,7 +248,7 @@ def get_writer(output_format: str, output_dir, subtitles: SubtitleOptions | None
 
 
 def record_path(output_dir, output_name: str) -> Path:
-    """Where the record of an input's outputs lives: `.NAME.whisfusion.json` beside them."""
+    """Where the record of an input's outputs lives: `.NAME.whisfusion-run` beside them."""
     name = Path(output_name)
     return Path(output_dir) / name.parent / f".{name.name}{RECORD_SUFFIX}"
 
