@@ -33,6 +33,10 @@ MAX_SEGMENT_SECONDS = 7.0  # the subtitle convention for the longest cue
 # pause all of the pause, as in Whisper, which cuts at twice the median too).
 MAX_WORD_MEDIAN_RATIO = 2.0
 MAX_WORD_SECONDS_FLOOR = 0.7  # never cut a word shorter than this
+# The alignment heads of the default model look at a word about this long after it begins (median signed
+# start error +0.19 to +0.22 s on the dev half of scripts/bench_word_timing.py, a narrow spread): every
+# boundary the DTW path gives is moved this much earlier.
+ATTENTION_LAG_SECONDS = 0.2
 
 
 @dataclass
@@ -100,20 +104,48 @@ def token_frames(weights: np.ndarray) -> np.ndarray:
 
 
 def align_words(weights: np.ndarray, word_tokens: list[tuple[int, ...]], word_texts: list[str],
-                token_probs: list[float], offset: float, end: float, lead: int = 0) -> list[Word]:
+                token_probs: list[float], offset: float, end: float, lead: int = 0,
+                speech: tuple[bool, ...] | None = None, frame_seconds: float = 0.0,
+                lag: float = ATTENTION_LAG_SECONDS) -> list[Word]:
     """Words of one window with times: weights [heads, lead + n_tokens + 1, F] (the first `lead` rows: the
     canvas prefix, which takes up the silence before the first word; the last: end of text, which takes up
-    the silence after the last); offset: the window's start in the file; end: the window's end."""
+    the silence after the last); offset: the window's start in the file; end: the window's end; speech: the
+    VAD's speech flags over the window (frames of frame_seconds), to which word edges are moved; lag: how
+    late the heads look at a word (subtracted from every boundary)."""
     frames = token_frames(weights)[lead:]
     starts = np.cumsum([0] + [len(t) for t in word_tokens])  # first token of each word, then the end of text
     # The encoder's states run a few frames past the audio (a margin): no word starts or ends after it.
-    times = np.minimum(offset + frames[starts] / ENCODER_FRAMES_PER_SECOND, end)
+    times = np.clip(offset + frames[starts] / ENCODER_FRAMES_PER_SECOND - lag, offset, end)
     words = []
     for k, (text, tokens) in enumerate(zip(word_texts, word_tokens)):
         probs = token_probs[starts[k] : starts[k + 1]] or [0.0]
         words.append(Word(text, float(times[k]), float(times[k + 1]), float(np.mean(probs))))
+    if speech:
+        _snap_to_speech(words, speech_runs(speech, offset, frame_seconds))
     _cut_long_words(words)
     return words
+
+
+def speech_runs(flags: tuple[bool, ...], offset: float, frame_seconds: float) -> list[tuple[float, float]]:
+    """(start, end) seconds of each run of speech frames."""
+    runs, begin = [], None
+    for i, f in enumerate(list(flags) + [False]):
+        if f and begin is None:
+            begin = i
+        elif not f and begin is not None:
+            runs.append((offset + begin * frame_seconds, offset + i * frame_seconds))
+            begin = None
+    return runs
+
+
+def _snap_to_speech(words: list[Word], runs: list[tuple[float, float]]) -> None:
+    """A word that begins in a pause begins where the speech it overlaps begins; one that ends in a pause
+    ends where that speech ends (DTW gives the pause between two words to one of them). A word that overlaps
+    no speech keeps its times."""
+    for w in words:
+        inside = [(a, b) for a, b in runs if a < w.end and b > w.start]
+        if inside:
+            w.start, w.end = max(w.start, inside[0][0]), min(w.end, inside[-1][1])
 
 
 def _cut_long_words(words: list[Word]) -> None:
@@ -159,5 +191,5 @@ def split_words(words: list[Word], max_seconds: float = MAX_SEGMENT_SECONDS,
     return runs
 
 
-__all__ = ["MAX_SEGMENT_SECONDS", "PAUSE_SECONDS", "Word", "align_words", "dtw", "split_words", "spread_words",
-           "token_frames"]
+__all__ = ["MAX_SEGMENT_SECONDS", "PAUSE_SECONDS", "Word", "align_words", "dtw", "speech_runs", "split_words",
+           "spread_words", "token_frames"]

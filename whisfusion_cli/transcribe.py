@@ -37,7 +37,7 @@ from . import __version__
 from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
 from .encoder import MAX_ENCODER_FRAMES
 from .timing import MAX_SEGMENT_SECONDS, Word, align_words, split_words, spread_words
-from .vad import VadOptions, Window, iter_windows
+from .vad import FRAME_SECONDS as VAD_FRAME_SECONDS, VadOptions, Window, iter_windows
 from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ class Pipeline:
         probs = result.token_confidences or [result.score] * len(result.text_tokens)
         if word_timestamps and result.alignment is not None:
             words = align_words(result.alignment.numpy(), groups, texts, probs, window.start, window.end,
-                                lead=len(self.prefix_ids))
+                                lead=len(self.prefix_ids), speech=window.speech, frame_seconds=VAD_FRAME_SECONDS)
         else:
             starts = np.cumsum([0] + [len(g) for g in groups])
             means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -110,6 +110,9 @@ class Window:
     end_sample: int
     silent: bool = False
     speech_seconds: float = 0.0
+    # Speech or not per VAD frame (FRAME_SECONDS each, from start_sample); None without VAD. Word timestamps
+    # end a word where its speech ends, not where the next word starts after a pause.
+    speech: tuple[bool, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def start(self) -> float:
@@ -332,24 +335,25 @@ class WindowPlanner:
     def _cut(self, c: int, out: list[Window]) -> None:
         c = max(1, min(c, len(self.flags)))
         speech = sum(self.flags[:c])
-        out.append(self._window(self.start, self.start + c, speech))
+        out.append(self._window(self.start, self.start + c, speech, flags=self.flags[:c]))
         self.start += c
         self.probs = self.probs[c:]
         self.flags = self.flags[c:]
         self.n_speech = sum(self.flags)
 
-    def _window(self, f0: int, f1: int, speech_frames: int, end_sample: int | None = None) -> Window:
+    def _window(self, f0: int, f1: int, speech_frames: int, end_sample: int | None = None, flags=()) -> Window:
         end = f1 * FRAME_SAMPLES if end_sample is None else end_sample
         return Window(
             f0 * FRAME_SAMPLES, end, silent=speech_frames < max(1, self.min_speech_f),
-            speech_seconds=speech_frames * FRAME_SECONDS,
+            speech_seconds=speech_frames * FRAME_SECONDS, speech=tuple(flags),
         )
 
     def finish(self, total_samples: int) -> list[Window]:
         """The last window, ending exactly at `total_samples`."""
         if total_samples <= self.start * FRAME_SAMPLES:
             return []
-        w = self._window(self.start, self.start + len(self.flags), sum(self.flags), end_sample=total_samples)
+        w = self._window(self.start, self.start + len(self.flags), sum(self.flags), end_sample=total_samples,
+                         flags=self.flags)
         self.probs, self.flags = [], []
         return [w]
 
