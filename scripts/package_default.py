@@ -45,6 +45,10 @@ def main(argv=None):
                     help="longest VAD window for this model, seconds (audio.max_window_s)")
     ap.add_argument("--split-silence", type=float, default=None,
                     help="pause that ends a VAD window for this model, seconds (audio.split_silence_s)")
+    ap.add_argument("--alignment-heads", default=None, metavar="JSON",
+                    help="word-timestamp heads to store, e.g. [[1,0],[2,0]] (default: the model's own, else none: "
+                    "every head of the upper half); the default model stores tiny.en's, chosen on the dev half of "
+                    "scripts/bench_word_timing.py")
     ap.add_argument("--int8-on-cpu", action="store_true",
                     help=f"run the model int8-quantised by default on the CPU (runtime.{INT8_ON_CPU})")
     args = ap.parse_args(argv)
@@ -66,7 +70,7 @@ def main(argv=None):
         external={TOKEN_TABLE: {"source": "tiny.en", "key": TINY_EN_TOKEN_TABLE}},
         storage_dtype=torch.float16,
         extra={**{k: v for k, v in config.items() if k in ("training", "audio")}, **audio_extra(config, args),
-               **({"runtime": {INT8_ON_CPU: True}} if args.int8_on_cpu else {})},
+               **({"runtime": {INT8_ON_CPU: True}} if args.int8_on_cpu else {}), **alignment_extra(config, args)},
     )
     # Check the packaged copy loads and matches (fp16 storage: small rounding only).
     packaged, _ = load_model_dir(tmp)
@@ -75,6 +79,11 @@ def main(argv=None):
     tmp.rename(out)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     print(f"packaged {args.model_dir} -> {out} ({size:.1f} MB, max |fp16 rounding| {worst:.2e})")
+
+
+def alignment_extra(config: dict, args) -> dict:
+    heads = json.loads(args.alignment_heads) if args.alignment_heads else config.get("alignment_heads")
+    return {"alignment_heads": heads} if heads else {}
 
 
 if __name__ == "__main__":

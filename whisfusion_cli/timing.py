@@ -33,6 +33,7 @@ MAX_SEGMENT_SECONDS = 7.0  # the subtitle convention for the longest cue
 # pause all of the pause, as in Whisper, which cuts at twice the median too).
 MAX_WORD_MEDIAN_RATIO = 2.0
 MAX_WORD_SECONDS_FLOOR = 0.7  # never cut a word shorter than this
+MIN_WORD_SECONDS = 0.1
 # The alignment heads of the default model look at a word about this long after it begins (median signed
 # start error +0.19 to +0.22 s on the dev half of scripts/bench_word_timing.py, a narrow spread): every
 # boundary the DTW path gives is moved this much earlier.
@@ -146,6 +147,13 @@ def _snap_to_speech(words: list[Word], runs: list[tuple[float, float]]) -> None:
         inside = [(a, b) for a, b in runs if a < w.end and b > w.start]
         if inside:
             w.start, w.end = max(w.start, inside[0][0]), min(w.end, inside[-1][1])
+    # The last word's end is where the end of text's row begins, which DTW places poorly (nothing follows
+    # it to compete for the frames): it ends with the speech it is in.
+    if words:
+        last = words[-1]
+        after = [b for a, b in runs if b > last.start and a < max(last.end, last.start + MIN_WORD_SECONDS)]
+        if after:
+            last.end = max(last.end, after[0])
 
 
 def _cut_long_words(words: list[Word]) -> None:
