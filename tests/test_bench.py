@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,7 @@ def bench_run(tmp_path_factory, data_dir):
 def test_bench_writes_table_json_csv_plots(bench_run):
     out, output, systems = bench_run
     assert "WER %" in output and "RTFx" in output and "median latency" in output
+    assert "Warning" not in output and "deprecat" not in output.lower()  # library warnings stay off the terminal
     for name in (bench.RESULTS_JSON, bench.RESULTS_CSV, bench.HYPOTHESES_CSV):
         assert (out / name).stat().st_size > 0
     for name in (bench.PLOT_WER_RTFX, bench.PLOT_LATENCY):
@@ -273,3 +275,31 @@ def test_check_mode_cli(bench_run, tmp_path):
     results = json.loads((tmp_path / "check" / bench.RESULTS_JSON).read_text())
     assert results["dataset"]["n_utterances"] == 2 and results["options"]["warmup"] == 0
     assert results["options"]["resume"] is False  # a check never reuses earlier results
+
+
+def test_missing_matplotlib_skips_the_plots_before_any_system_runs(bench_run, tmp_path, monkeypatch):
+    """Without matplotlib: one line saying so before the systems run, then the table, exit 0 (the finished
+    systems of the first run are reused, so this costs no system run)."""
+    from typer.testing import CliRunner
+
+    from whisfusion_cli.cli import app
+
+    out, _, systems = bench_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for plot in (bench.PLOT_WER_RTFX, bench.PLOT_LATENCY):
+        (copy / plot).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    manifest = json.loads((out / bench.RESULTS_JSON).read_text())["dataset"]["path"]
+    args = ["bench", manifest, "-o", str(copy), "--threads", "1", "--warmup", "0", "--device", "cpu"]
+    for s in systems:
+        args += ["-s", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    note = [i for i, line in enumerate(lines) if "no plots: matplotlib is not installed" in line]
+    reused = [i for i, line in enumerate(lines) if "reusing finished results" in line]
+    assert len(note) == 1 and len(reused) == len(systems) and note[0] < reused[0]
+    assert "WER %" in result.output and "plots need matplotlib" not in result.output
+    assert not (copy / bench.PLOT_WER_RTFX).exists() and bench.PLOT_WER_RTFX not in lines[-1]
+    assert json.loads((copy / bench.RESULTS_JSON).read_text())["options"]["plots"] is False
