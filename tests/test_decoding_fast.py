@@ -180,8 +180,8 @@ def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
     (result,) = transcribe([clip], TranscribeOptions(decoding={"seed": 0}), model=pipe)
     float_pipe = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu"))
     (reference,) = transcribe([clip], TranscribeOptions(decoding={"seed": 0}), model=float_pipe)
-    assert result.status == "ok" and [(s.start, s.end) for s in result.segments] == [
-        (s.start, s.end) for s in reference.segments]
+    assert result.status == "ok" and [(w.start, w.end) for w in result.windows] == [
+        (w.start, w.end) for w in reference.windows]
     assert any(s.tokens for s in result.segments)
 
 

@@ -36,9 +36,9 @@ def test_model_config_limits_the_window_length(tmp_path):
     sf.write(path, long_clip, sr)
     [result] = list(transcribe([path], TranscribeOptions(model=str(model_dir), decoding={"seed": 0})))
     assert result.status == "ok"
-    spoken = [s for s in result.segments if not s.silent]
-    assert len(spoken) >= 5 and all(s.end - s.start <= 8.0 + 1e-6 for s in result.segments)
-    assert abs(result.segments[-1].end - len(long_clip) / sr) < 1e-3
+    spoken = [w for w in result.windows if not w.silent]
+    assert len(spoken) >= 5 and all(w.end - w.start <= 8.0 + 1e-6 for w in result.windows)
+    assert abs(result.windows[-1].end - len(long_clip) / sr) < 1e-3
 
 
 def _two_utterances(tmp_path, pause_s: float) -> Path:
@@ -62,7 +62,7 @@ def test_model_config_splits_windows_at_shorter_pauses(tmp_path):
     def spoken(options):
         [result] = list(transcribe([path], options))
         assert result.status == "ok"
-        return [s for s in result.segments if not s.silent]
+        return [w for w in result.windows if not w.silent]
 
     assert len(spoken(TranscribeOptions(model=str(model_dir), decoding={"seed": 0}))) == 1
     config = json.loads((model_dir / "config.json").read_text())
