@@ -130,7 +130,7 @@ def build(args) -> list[tuple[np.ndarray, list[tuple[str, float, float]]]]:
     return [join(words, rng.uniform(0.05, 0.25, len(words)), rng) for words in piper_words(args.split, args.sequences)]
 
 
-def run_whisfusion(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float]:
+def run_whisfusion(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float, dict]:
     from whisfusion_cli.checkpoint import load_model
     from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
 
@@ -141,18 +141,24 @@ def run_whisfusion(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, 
     pipeline = Pipeline(model)
     options = TranscribeOptions(word_timestamps=True)
     list(transcribe(audio[:1], options, model=pipeline))  # warm-up
-    t = time.perf_counter()
-    plain = [r.text for r in transcribe(audio, TranscribeOptions(), model=pipeline)]
-    t_plain = time.perf_counter()
-    results = list(transcribe(audio, options, model=pipeline))
-    wall = time.perf_counter() - t_plain
-    assert [r.text for r in results] == plain, "word timestamps changed a transcript"
-    print(f"whisfusion without word timestamps: wall {t_plain - t:.1f} s; with: {wall:.1f} s "
-          f"(x{wall / (t_plain - t):.2f})")
-    return [[(w.word, w.start, w.end) for s in r.segments for w in s.words] for r in results], wall
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):  # alternating, so a busy machine slows both alike; the best of each
+        for words in (False, True):
+            t = time.perf_counter()
+            results = list(transcribe(audio, TranscribeOptions(word_timestamps=words), model=pipeline))
+            walls[words].append(time.perf_counter() - t)
+            texts = [r.text for r in results]
+            if not words:
+                plain = texts
+            assert texts == plain, "word timestamps changed a transcript"
+    plain_s, wall = min(walls[False]), min(walls[True])
+    print(f"whisfusion without word timestamps: wall {plain_s:.1f} s; with: {wall:.1f} s (x{wall / plain_s:.2f}; "
+          f"best of {args.rounds})")
+    words = [[(w.word, w.start, w.end) for s in r.segments for w in s.words] for r in results]
+    return words, wall, {"wall_without_word_timestamps_s": round(plain_s, 2)}
 
 
-def run_faster_whisper(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float]:
+def run_faster_whisper(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float, dict]:
     from faster_whisper import WhisperModel
 
     from whisfusion_cli.ct2_import import tiny_en_dir
@@ -167,7 +173,7 @@ def run_faster_whisper(audio: list[np.ndarray], args) -> tuple[list[list[tuple[s
     words(audio[0])  # warm-up
     t = time.perf_counter()
     out = [words(x) for x in audio]
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, {}
 
 
 def score(hyps, refs) -> dict:
@@ -199,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default=None, help="alignment heads: tiny.en, upper (all heads of the upper half) "
                    "or L:H,L:H...; default: the model config's")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="timed passes of whisfusion with and without words")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     import torch
@@ -212,8 +219,8 @@ def main(argv=None) -> int:
     report = {"source": args.source, "split": args.split, "sequences": len(audio), "audio_s": round(seconds, 2),
               "heads": args.heads or "model config", "systems": {}}
     for name, run in (("whisfusion", run_whisfusion), ("faster-whisper tiny.en", run_faster_whisper)):
-        hyps, wall = run(audio, args)
-        numbers = {**score(hyps, refs), "wall_s": round(wall, 2)}
+        hyps, wall, extra = run(audio, args)
+        numbers = {**score(hyps, refs), "wall_s": round(wall, 2), **extra}
         report["systems"][name] = numbers
         print(f"{name:24s} matched {numbers['matched']}/{numbers['ref_words']}  median |start err| "
               f"{numbers['median_start_err_s']:.3f} s  median |end err| {numbers['median_end_err_s']:.3f} s  "

@@ -113,3 +113,11 @@ def test_default_model_times_real_words_inside_their_recordings():
     plain = next(transcribe(audio, TranscribeOptions()))
     assert plain.text == result.text  # word timestamps never change the transcript
     assert all(s.words is None for s in plain.segments)
+
+
+def test_without_word_timestamps_words_are_spread_over_the_speech_only():
+    from whisfusion_cli.timing import spread_words
+
+    words = spread_words([" ab", " cd", " efgh"], [1.0] * 3, 0.0, 10.0, runs=[(1.0, 3.0), (6.0, 8.0)])
+    assert [(w.start, w.end) for w in words] == [(1.0, 2.0), (2.0, 3.0), (6.0, 8.0)]
+    assert [(w.start, w.end) for w in spread_words([" a", " b"], [1.0] * 2, 0.0, 4.0)] == [(0.0, 2.0), (2.0, 4.0)]

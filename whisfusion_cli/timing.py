@@ -8,9 +8,9 @@ a dynamic-time-warping path through them assigns every text token (and the end o
 Whisper's causal decoder, where a position's query predicts the next token, a position of the masked-
 diffusion canvas holds its own token, so the rows are the text positions themselves.
 
-Without word timestamps a window's words are spread over the window in proportion to their length: the
-best that can be said without looking, and only used to place segment boundaries (such words are not
-reported).
+Without word timestamps a window's words are spread over its speech (the VAD's) in proportion to their
+length: the best that can be said without looking, and only used to place segment boundaries (such words
+are not reported).
 
 Segments end at sentence ends, at pauses, and before they would exceed a longest duration (the subtitle
 convention, about 7 s).
@@ -122,7 +122,7 @@ def align_words(weights: np.ndarray, word_tokens: list[tuple[int, ...]], word_te
         probs = token_probs[starts[k] : starts[k + 1]] or [0.0]
         words.append(Word(text, float(times[k]), float(times[k + 1]), float(np.mean(probs))))
     if speech:
-        _snap_to_speech(words, speech_runs(speech, offset, frame_seconds))
+        _snap_to_speech(words, [(a, min(b, end)) for a, b in speech_runs(speech, offset, frame_seconds) if a < end])
     _cut_long_words(words)
     return words
 
@@ -168,12 +168,24 @@ def _cut_long_words(words: list[Word]) -> None:
             w.end = w.start + longest
 
 
-def spread_words(word_texts: list[str], token_probs_per_word: list[float], start: float, end: float) -> list[Word]:
-    """Words over [start, end] in proportion to their characters: where a window's words would be if it were
-    spoken at an even pace (no word timestamps)."""
+def spread_words(word_texts: list[str], token_probs_per_word: list[float], start: float, end: float,
+                 runs: list[tuple[float, float]] | None = None) -> list[Word]:
+    """Words over [start, end] in proportion to their characters, over the speech `runs` only (the VAD's,
+    when known): where a window's words would be if spoken at an even pace (no word timestamps)."""
+    runs = [(max(a, start), min(b, end)) for a, b in runs or [] if min(b, end) > max(a, start)] or [(start, end)]
+    total = sum(b - a for a, b in runs)
+
+    def at(x: float, starting: bool) -> float:  # seconds of speech from the first run's start -> in the file
+        for a, b in runs:
+            if x < b - a or (x == b - a and not starting):  # a word that starts at a run's end starts in the next
+                return a + x
+            x -= b - a
+        return runs[-1][1]
+
     lengths = np.array([max(1, len(t.strip())) for t in word_texts], dtype=np.float64)
-    edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(lengths)]) / max(lengths.sum(), 1.0)
-    return [Word(t, float(a), float(b), p) for t, a, b, p in zip(word_texts, edges[:-1], edges[1:], token_probs_per_word)]
+    edges = total * np.concatenate([[0.0], np.cumsum(lengths)]) / max(lengths.sum(), 1.0)
+    return [Word(t, float(at(a, True)), float(at(b, False)), p)
+            for t, a, b, p in zip(word_texts, edges[:-1], edges[1:], token_probs_per_word)]
 
 
 # -------------------------------------------------------------------------------------------- segments

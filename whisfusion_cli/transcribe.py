@@ -36,7 +36,7 @@ import numpy as np
 from . import __version__
 from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
 from .encoder import MAX_ENCODER_FRAMES
-from .timing import MAX_SEGMENT_SECONDS, Word, align_words, split_words, spread_words
+from .timing import MAX_SEGMENT_SECONDS, Word, align_words, speech_runs, split_words, spread_words
 from .vad import FRAME_SECONDS as VAD_FRAME_SECONDS, VadOptions, Window, iter_windows
 from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
@@ -302,7 +302,8 @@ class Pipeline:
         else:
             starts = np.cumsum([0] + [len(g) for g in groups])
             means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
-            words = spread_words(texts, means, window.start, window.end)
+            runs = speech_runs(window.speech, window.start, VAD_FRAME_SECONDS) if window.speech else None
+            words = spread_words(texts, means, window.start, window.end, runs)
         # Tokens that decode to nothing (a special token the text leaves out) are no words.
         starts = np.cumsum([0] + [len(g) for g in groups])
         spoken = [k for k, t in enumerate(texts) if t.strip()]
@@ -328,7 +329,7 @@ def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, 
     if end - start >= frame:
         return start, end
     end = min(window.end, start + frame)
-    return max(window.start, end - frame), end
+    return (start if end - start >= frame else max(window.start, end - frame)), end
 
 
 def _clean_overrides(overrides: dict) -> dict:
