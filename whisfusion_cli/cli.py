@@ -421,7 +421,8 @@ def train(
                                       help="Augmentation: Gaussian noise on the encoder states, relative std (0 = off)."),
     seed: int = typer.Option(1234, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU; on GPU bf16 where native, "
+                                   "else fp16 with loss scaling), fp32, bf16, fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
     name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
