@@ -70,6 +70,13 @@ FILL_INPUT = 0
 # Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /
 # 447 / 495 MB, against 301 / 589 / 1689 MB when a window's logits were made whole; the same speed.
 MAX_PROJECTION_ROWS = 512
+# On a GPU a product of 512 rows leaves most of it idle; 4096 rows onto 50k tokens are 0.4 GB of bf16 logits
+# (scripts/gpu_acceptance.sh records the peak memory at K = 1, 4, 15).
+GPU_PROJECTION_ROWS = 4096
+
+
+def _projection_rows(device: torch.device) -> int:
+    return MAX_PROJECTION_ROWS if device.type == "cpu" else GPU_PROJECTION_ROWS
 
 
 @dataclass(frozen=True)
@@ -282,10 +289,10 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
             out[w] = _window_logits(decoder, hidden, shared, w, K, positions, short[1])
         else:
             full.append((w, *_window_hidden(hidden, shared, w, K, positions)))
-    start = 0
-    while start < len(full):  # chunks of at most MAX_PROJECTION_ROWS rows (always at least one window)
+    start, limit = 0, _projection_rows(hidden.device)
+    while start < len(full):  # chunks of at most `limit` rows (always at least one window)
         end, rows = start, 0
-        while end < len(full) and (end == start or rows + full[end][1].size(0) <= MAX_PROJECTION_ROWS):
+        while end < len(full) and (end == start or rows + full[end][1].size(0) <= limit):
             rows += full[end][1].size(0)
             end += 1
         chunk = full[start:end]
@@ -298,10 +305,10 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
 
 def _best_tokens(decoder, rows, confidence: bool = False):
     """(max softmax probability or None, argmax) over the whole vocabulary for hidden rows [n, d], projected
-    MAX_PROJECTION_ROWS rows at a time: the same values as one product (softmax and argmax are row-wise), but
+    MAX_PROJECTION_ROWS rows at a time (GPU_PROJECTION_ROWS on a GPU): the same values as one product (softmax and argmax are row-wise), but
     the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at K = 15) never exist at once."""
     confs, preds = [], []
-    for chunk in rows.split(MAX_PROJECTION_ROWS):
+    for chunk in rows.split(_projection_rows(rows.device)):
         logits = decoder.project(chunk)
         if confidence:
             c, p = torch.softmax(logits.float(), dim=-1).max(-1)
