@@ -17,12 +17,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="this torch build has no gloo backend")
 
 
-def _torchrun(script, tmp_path, nproc=2):
+def _torchrun(script, tmp_path, nproc=2, returncode=0):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", str(script)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == returncode, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 

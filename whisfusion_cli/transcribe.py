@@ -65,6 +65,9 @@ class TranscribeOptions:
     output_format: str = "txt"  # txt | vtt | srt | tsv | json | all (or a comma-separated list)
     overwrite: bool = False  # False: inputs whose outputs all exist are skipped (resume)
     min_duration_s: float = MIN_AUDIO_SECONDS
+    # (rank, world): transcribe only the inputs i with i % world == rank, in input order (torchrun: the CLI sets
+    # it, each rank takes its own files and writes their outputs). None: every input.
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -74,6 +77,10 @@ class TranscribeOptions:
         if self.output_dir is not None:
             self.output_dir = Path(self.output_dir)
             parse_formats(self.output_format)  # fail early on a bad format
+        if self.shard is not None:
+            rank, world = self.shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard {self.shard}: need 0 <= rank < world")
 
 
 @dataclass
@@ -362,6 +369,9 @@ def transcribe(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files, problems = expand_inputs(paths)
+    if options.shard is not None:  # by file, in input order: each rank knows its share without asking
+        rank, world = options.shard
+        files, problems = files[rank::world], problems if rank == 0 else []
     for p in problems:
         yield TranscriptionResult(p.path, status=STATUS_ERROR, error=str(p))
     # Durations from the headers, for the progress display's total and ETA (not needed without one).
