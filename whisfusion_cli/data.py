@@ -321,7 +321,9 @@ def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
     # only at the end, however long their shards take.
     group = Group.start(options.device if encoder is None else "cpu")
     try:
-        return _preprocess_ranks(options, encoder, console, group)
+        index = _preprocess_ranks(options, encoder, console, group)
+        group.barrier()  # all ranks are done with the group before any tears it down
+        return index
     finally:
         group.close()
 
