@@ -285,3 +285,38 @@ def test_length_grouped_batches_cover_the_epoch_once():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 40  # similar lengths share a batch, so zero padding stays small
     assert batches == T.epoch_batches(lengths, 8, seed=1, epoch=0) != T.epoch_batches(lengths, 8, seed=1, epoch=1)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_training_sees_the_cross_attention_inference_sees(family):
+    # Training batches zero-pad encoder states to the longest item; inference masks the padding
+    # (hidden_states(frames=)). The training forward must give an item the same logits as inference does
+    # on that item alone: padded frames out of cross-attention (the whisper family's v_proj bias would
+    # otherwise turn every zero frame into signal).
+    from types import SimpleNamespace
+
+    from whisfusion_cli.model import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(family=family, name="pad-test", n_layer=2, n_head=2, n_embd=32, intermediate_size=64,
+                         vocab_size=300, padding_multiple=8, block_size=64, condition_dim=24)
+    decoder = build_decoder(config).eval()
+    for p in decoder.parameters():  # default inits leave some biases at zero: make them all count
+        torch.nn.init.normal_(p, std=0.2)
+    states = [torch.randn(7, 24), torch.randn(12, 24)]
+    batches = T.Batches.__new__(T.Batches)
+    batches.dataset, batches.indices = SimpleNamespace(states=lambda i: states[i]), [0, 1]
+    cond, frames = batches.conditions([0, 1], torch.float32)
+    assert cond.shape == (2, 12, 24) and frames.tolist() == [7, 12]
+    idx = torch.randint(0, 250, (2, 10))
+    idx[:, 3:8] = config.mask_token_id
+    with torch.no_grad():
+        trained = decoder(idx, cond, frames=frames)
+        alone = decoder(idx[:1], states[0][None])
+        kv = decoder.precompute_cross_kv(cond)
+        inferred = decoder.project(decoder.hidden_states(idx, cross_kv=kv, frames=frames))
+        unmasked = decoder(idx, cond)
+    torch.testing.assert_close(trained[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained[1], unmasked[1], rtol=1e-5, atol=1e-5)  # the longest item: no padding
+    assert (trained[0] - unmasked[0]).abs().max() > 1e-3  # what training did before the fix

@@ -577,9 +577,9 @@ class ShardDataset:
 def collate_states(states: list, dtype=None):
     """Pad a batch of states [F_i, d] with zeros to the longest -> (condition [B, F, d], frame_mask [B, F]).
 
-    The decoders' cross-attention takes no mask (upstream's has none either), so zero frames do receive some
-    attention weight; training batches are therefore grouped by length (`length_grouped_batches`) so that the
-    padding stays a few frames. In "full" mode every item has 1500 frames and there is no padding at all.
+    Training passes frame_mask.sum(1) to the decoder as `frames=`, which masks the padding out of
+    cross-attention (as inference does); batches are also grouped by length (`length_grouped_batches`), so
+    little compute goes to padding. In "full" mode every item has 1500 frames and there is no padding at all.
     """
     import torch
 

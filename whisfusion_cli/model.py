@@ -338,18 +338,22 @@ class DecoderBase(nn.Module):
         w = self._head_tensor()
         return (id(self), w.data_ptr(), w._version) if isinstance(w, torch.Tensor) else (id(self), "int8")
 
-    def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
+    def forward(self, idx, condition=None, *, cross_kv=None, positions=None, frames=None):
         """idx int64 [B, T] -> logits [B, T, n_logits].
 
         condition: encoder states [B or B/K, F, condition_dim]; or cross_kv from `precompute_cross_kv`.
         positions: optional bool [B, T]; only those positions go through the output projection and the result
         is [N, n_logits] in row-major order (the projection dominates the cost of small decoders).
+        frames: optional [B or B/K] valid encoder states of each condition row when a batch is zero-padded to
+        its longest item: the padding is masked out of cross-attention exactly as `hidden_states(frames=)`
+        does at inference (a zero state still gets attention weight, and a v_proj bias turns it into signal).
         """
         kv = cross_kv
         if kv is None and condition is not None:
             cond = self._condition_in(condition)
             kv = [self._cross_module(i).keys_values(cond) for i in range(self.config.n_layer)]
-        x = self._trunk(idx, kv)
+        cross_mask = key_mask(frames, kv[0][0].size(2)) if (kv is not None and frames is not None) else None
+        x = self._trunk(idx, kv, None, cross_mask)
         if positions is not None:
             x = x[positions]
         return self._head(x)

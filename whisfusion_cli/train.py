@@ -565,10 +565,14 @@ class Batches:
         return len(self.indices)
 
     def conditions(self, rows: list[int], dtype):
+        """Encoder states of rows, zero-padded to the longest -> (condition [B, F, d], frames [B]): the decoder
+        masks the padding out of cross-attention with frames, as inference does."""
+        import torch
+
         from .data import collate_states
 
-        cond, _ = collate_states([self.dataset.states(self.indices[r]) for r in rows], dtype=dtype)
-        return cond
+        cond, frame_mask = collate_states([self.dataset.states(self.indices[r]) for r in rows], dtype=dtype)
+        return cond, frame_mask.sum(dim=1).to(torch.long)
 
 
 def _as_list(paths) -> list:
@@ -820,17 +824,17 @@ def _train(options: TrainOptions, group, console=None) -> dict:
                     target = train_batches.targets[rows].to(device, torch.long)
                     mask = masks[sl].to(device)
                     target = target[:, : mask.size(1)]
-                    cond = train_batches.conditions(rows, torch.float32)
+                    cond, frames = train_batches.conditions(rows, torch.float32)
                     if o.state_time_mask or o.state_noise:
                         cond = augment_states(cond, [train_batches.lengths[r] for r in rows], o.state_time_mask,
                                               o.state_noise, o.seed, step, m)
-                    cond = cond.to(device)
+                    cond, frames = cond.to(device), frames.to(device)
                     idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
                     sync = a == o.grad_accum - 1
                     ctx = model.no_sync() if (world > 1 and not sync) else _null()
                     with ctx:
                         with autocast():
-                            logits = model(idx, cond, positions=mask)
+                            logits = model(idx, cond, positions=mask, frames=frames)
                         loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
                         # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
                         scaler.scale(loss_sum * (world / max(n_masked, 1))).backward()
@@ -937,10 +941,10 @@ def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast
             mask = masks[rows].to(device)
             if not mask.any():
                 continue
-            cond = val.conditions(rows, torch.float32).to(device)
+            cond, frames = val.conditions(rows, torch.float32)
             idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
             with autocast():
-                logits = decoder(idx, cond, positions=mask)
+                logits = decoder(idx, cond.to(device), positions=mask, frames=frames.to(device))
             total += float(F.cross_entropy(logits.float(), target[mask], reduction="sum"))
             n += int(mask.sum())
     result = {"val_loss": total / max(n, 1)}
