@@ -197,8 +197,10 @@ def transcription(device) -> dict:
 
 
 def _cli(args, env=None, torchrun=False, timeout=240):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m"] if torchrun else [sys.executable, "-m"]
+    launcher = [sys.executable, "-m"]
+    if torchrun:
+        launcher += ["torch.distributed.run", "--nproc_per_node", "1", "--master_port", "0", "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", "localhost:0", "-m"]
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     r = subprocess.run([*launcher, "whisfusion_cli.cli", *args], env=env, capture_output=True, text=True,
                        timeout=timeout)

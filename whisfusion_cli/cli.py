@@ -81,7 +81,7 @@ def main_callback(
     "  whisfusion transcribe 'podcasts/**/*.mp3' -o out -f srt,json\n"
     "  whisfusion transcribe calls/ -o out -f all --batch-size 16 --quiet\n"
     "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n"
-    "  torchrun --nproc_per_node 8 -m whisfusion_cli.cli transcribe calls/ -o out   (one GPU per rank, split by file)\n\n"
+    "  torchrun --nproc_per_node 8 -m whisfusion_cli.cli transcribe calls/ -o out   (a GPU per rank, split by file)\n\n"
     "Re-running with the same --output-dir skips files whose outputs exist (use --overwrite to redo them). "
     "Exit code: 0 if every input was transcribed, 1 if any failed, 130 when interrupted.",
 )

@@ -305,8 +305,9 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
 
 def _best_tokens(decoder, rows, confidence: bool = False):
     """(max softmax probability or None, argmax) over the whole vocabulary for hidden rows [n, d], projected
-    MAX_PROJECTION_ROWS rows at a time (GPU_PROJECTION_ROWS on a GPU): the same values as one product (softmax and argmax are row-wise), but
-    the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at K = 15) never exist at once."""
+    MAX_PROJECTION_ROWS rows at a time (GPU_PROJECTION_ROWS on a GPU): the same values as one product
+    (softmax and argmax are row-wise), but the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at
+    K = 15) never exist at once."""
     confs, preds = [], []
     for chunk in rows.split(_projection_rows(rows.device)):
         logits = decoder.project(chunk)
