@@ -2,6 +2,7 @@
 the Whisper-initialised family, exact resume, NaN handling and bad input."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -320,3 +321,26 @@ def test_training_sees_the_cross_attention_inference_sees(family):
     torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(trained[1], unmasked[1], rtol=1e-5, atol=1e-5)  # the longest item: no padding
     assert (trained[0] - unmasked[0]).abs().max() > 1e-3  # what training did before the fix
+
+
+def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch):
+    """The fp16 path of a T4 or V100 (autocast + loss scaling), run on the CPU: the scaler's unscale/step/update
+    wrap every update, its state is in last.pt, and a resumed run equals an uninterrupted one."""
+    from whisfusion_cli.tokenizer import Tokenizer
+
+    monkeypatch.setattr(T, "autocast_dtype", lambda precision, device: torch.float16)
+    shards = speech_shards(tmp_path_factory, "tiny.en")
+    tok = make_word_tokenizer(tmp_path / "tokenizer.json")
+    cfg = tiny_smdm_config(tmp_path / "config.json", Tokenizer(tok).vocab_size, TINY_EN_DIM)
+    opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, seq_len=12, max_steps=6,
+                lr=3e-3, warmup=2, val_items=0, log_every=1, progress=False)
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), stop_at=3, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), resume=True, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "b"), **opts))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["scaler"]["scale"] == b["scaler"]["scale"] > 1
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la, _ = _losses(tmp_path / "a")
+    assert la == _losses(tmp_path / "b")[0] and all(math.isfinite(x) for x in la)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attend
+
 ROPE_BASE = 10000
 # Upstream config fields that we accept but whose only supported value is the one the released models use.
 FIXED_UPSTREAM_FIELDS = {
@@ -178,7 +180,7 @@ class SelfAttention(nn.Module):
         k = k.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         v = v.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, same_lengths=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -202,7 +204,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None
     B_kv = k.size(0)
     group = B // B_kv
     q = q.reshape(B_kv, group * T, H, hs).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B_kv, H, group*T, hs]
+    y = attend(q, k, v, mask)  # [B_kv, H, group*T, hs]
     return y.transpose(1, 2).reshape(B, T, H * hs)
 
 
@@ -432,7 +434,7 @@ class WhisperAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
         if kv is None:  # self-attention, bidirectional: no causal mask
             k, v = self.keys_values(x)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+            y = attend(q.transpose(1, 2), k, v, mask, same_lengths=True)
             y = y.transpose(1, 2).reshape(B, T, C)
         else:
             y = cross_attention(q, *kv, mask=mask)
