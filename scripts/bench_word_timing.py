@@ -82,11 +82,11 @@ def piper_words(split: str, limit: int) -> list[list[tuple[str, np.ndarray]]]:
     """Sentences of the split spoken word by word by piper: [[(word, its speech), ...], ...]."""
     from whisfusion_cli.corpus import _piper_voice
 
-    voice = _piper_voice("joe")
     rows = [json.loads(line) for line in (REALSPEECH / "asterisk.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["transcript_status"] == "package_file" and not re.search(r"[0-9#*]", r["text"])]
     sentences = []
-    for r in split_half(sorted(rows, key=lambda r: r["audio"]), split)[:limit]:
+    for n, r in enumerate(split_half(sorted(rows, key=lambda r: r["audio"]), split)[:limit]):
+        voice = _piper_voice("joe", seed=n)  # its noise drawn from the sentence's number: the same audio each run
         words = []
         for w in r["text"].split():
             chunks = list(voice.synthesize(w))
