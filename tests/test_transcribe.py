@@ -281,6 +281,11 @@ def test_arrays_and_file_objects_give_the_same_text_as_their_files(model):
     assert [r.path for r in results] == ["<array 0>", str(flac), "<array 2>", str(wav)]
     assert [r.text for r in results[:2]] == from_files and results[3].text == from_files[0]
     assert results[2].status == "error" and "mono float32 array" in results[2].error and "\n" not in results[2].error
+    import io
+
+    junk = next(transcribe(io.BytesIO(b"not audio" * 100), opts, model=model))
+    assert junk.status == "error" and junk.path == "<stream 0>" and "soundfile can read" in junk.error
+    assert "\n" not in junk.error
     one = next(transcribe(load_audio(wav).astype(np.float64), opts, model=model))  # a bare array, float64
     assert one.text == from_files[0] and abs(one.duration - sf.info(wav).duration) < 1e-3
 
