@@ -54,20 +54,13 @@ def small_ct2_models(tmp_path_factory, tiny_en):
     """A small random Whisper saved by transformers and converted by ctranslate2's own converter
     (float32 and int8), so quantised files are checked against known weights."""
     from ctranslate2.converters import TransformersConverter
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from tiny_model import random_whisper
 
     root = tmp_path_factory.mktemp("small_whisper")
-    config = WhisperConfig(
+    model = random_whisper(
         vocab_size=51864, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
     )
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config).eval()
-    # Non-zero biases and norms, so a swapped or dropped bias cannot go unnoticed.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
     model.generation_config = tiny_en.generation_config
     model.save_pretrained(root / "hf")
     load_whisper_tokenizer("tiny.en").save_pretrained(root / "hf")

@@ -72,20 +72,14 @@ def feature_extractor():
 def small_sized(tmp_path_factory):
     """A random transformers Whisper with whisper-small's encoder width and heads (768, 12; 4 of its 12
     layers, to stay quick), non-zero biases and norms, saved as a transformers directory (safetensors)."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from tiny_model import random_whisper
 
-    config = WhisperConfig(
+    model = random_whisper(
         vocab_size=64, d_model=768, encoder_layers=4, encoder_attention_heads=12, encoder_ffn_dim=3072,
         decoder_layers=1, decoder_attention_heads=12, decoder_ffn_dim=64, num_mel_bins=80,
         max_source_positions=1500, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         decoder_start_token_id=1,
     )
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
     root = tmp_path_factory.mktemp("small_sized")
     model.save_pretrained(root / "hf")
     return root / "hf", model
