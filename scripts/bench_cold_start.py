@@ -109,6 +109,9 @@ def pairs(job: str, inputs: list[Path], args, tiny_en: str) -> dict:
 
 def child_whisfusion(files: list[Path], threads: int) -> dict:
     t0 = time.perf_counter()
+    from whisfusion_cli.cli import OMP_WAIT_POLICY
+
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # as `whisfusion` sets it, before torch loads
     import torch
 
     from whisfusion_cli.audio import load_audio
@@ -194,6 +197,12 @@ def help_time(args) -> float:
 # ------------------------------------------------------------------------------------------- report
 
 
+def _shown(path: Path) -> str:
+    """A path as recorded in the results: relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def report(results: dict) -> None:
     print(f"\ncold start: whole processes, {results['threads']} thread(s), {results['pairs']} interleaved pairs "
           f"per job (medians; ratio = whisfusion / faster-whisper tiny.en int8 greedy)")
@@ -237,7 +246,7 @@ def main() -> None:
     tiny_en = str(tiny_en_dir())
     jobs = {"jfk": [JFK], "folder": [args.folder]}
     results = {"threads": args.threads, "pairs": args.pairs, "breakdown_runs": args.breakdown_runs,
-               "help_runs": args.help_runs, "folder": str(args.folder), "n_folder_files": len(audio_files(args.folder)),
+               "help_runs": args.help_runs, "folder": _shown(args.folder), "n_folder_files": len(audio_files(args.folder)),
                "jobs": {}, "breakdown": {}}
     for job, inputs in jobs.items():
         results["jobs"][job] = pairs(job, inputs, args, tiny_en)
