@@ -92,7 +92,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from train' -l state-time-mask
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l state-noise -x -d 'Augmentation: Gaussian noise on the encoder states, relative std (0...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l seed -x -d ''
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l device -x -d 'cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)'
-complete -c whisfusion -n '__fish_seen_subcommand_from train' -l precision -x -d 'auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l precision -x -d 'auto (fp32 on CPU; on GPU bf16 where native, else fp16 with loss sc...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l resume -d 'Continue the run in --output exactly where it stopped'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l name -x -d 'Prefix of the upstream-format .pt files'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l quiet -s q -d 'No progress display'

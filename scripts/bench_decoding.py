@@ -32,17 +32,18 @@ def upstream_loop(model, condition, masks, steps, pad_id=2, bos_id=1):
     K, L = masks[0].shape
     mask_id = model.config.mask_token_id
     cond = condition.expand(K, *condition.shape[1:])
-    canvas = torch.full((K, L), mask_id, dtype=torch.long)
+    canvas = torch.full((K, L), mask_id, dtype=torch.long, device=condition.device)
     canvas[:, 0] = bos_id
     for s in range(steps):
+        m = masks[s].to(condition.device)
         x = canvas.clone()
-        x[masks[s]] = mask_id
+        x[m] = mask_id
         logits = model(x, condition=cond)
         if s == steps - 1:
             confidences, pred = torch.softmax(logits.float(), -1).max(-1)
         else:
             pred = logits.argmax(-1)
-        canvas = torch.where(masks[s], pred, x)
+        canvas = torch.where(m, pred, x)
     valid = canvas != pad_id
     scores = (confidences * valid).sum(1) / valid.sum(1).clamp(min=1)
     return canvas, confidences, int(torch.argmax(scores))

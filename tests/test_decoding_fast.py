@@ -449,3 +449,32 @@ def test_exact_mode_projects_in_bounded_chunks_with_the_same_result(family, requ
     ref = parallel_diffusion_decode(dec, conds[0], options=dataclasses.replace(options, fast=False),
                                     prefix_ids=prefix, pad_id=pad, seq_len=40)
     _same(chunked, ref, atol=1e-5)
+
+
+def test_a_batch_out_of_device_memory_is_decoded_in_halves(whisper, monkeypatch):
+    """A batch the GPU cannot hold is retried in halves: every window is decoded, to the tokens it gets in
+    batches of the size that fits, and a window alone that does not fit is a one-line error."""
+    from whisfusion_cli import decoding
+    from whisfusion_cli.distributed import DeviceMemoryError
+
+    dec, conds, prefix, pad = whisper
+    options = _options("confidence")
+    durations = [s for _, s in WINDOWS]
+    fits = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=2)
+    inner, tried = decoding._decode_batch, []
+
+    def small_gpu(decoder, kv, cond_k, W, *args, **kwargs):
+        tried.append(W)
+        if W > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB")
+        return inner(decoder, kv, cond_k, W, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "_decode_batch", small_gpu)
+    halved = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=6)
+    assert tried == [6, 3, 2, 1, 3, 2, 1]
+    assert len(halved) == len(conds)
+    for a, b in zip(fits, halved):
+        _same(a, b)
+    monkeypatch.setattr(decoding, "_decode_batch", lambda *a, **k: small_gpu(dec, None, None, 9))
+    with pytest.raises(DeviceMemoryError, match="single window"):
+        decode_windows(dec, conds[:2], options, prefix, pad, durations[:2], max_batch_windows=2)

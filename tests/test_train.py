@@ -2,6 +2,7 @@
 the Whisper-initialised family, exact resume, NaN handling and bad input."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -285,3 +286,61 @@ def test_length_grouped_batches_cover_the_epoch_once():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 40  # similar lengths share a batch, so zero padding stays small
     assert batches == T.epoch_batches(lengths, 8, seed=1, epoch=0) != T.epoch_batches(lengths, 8, seed=1, epoch=1)
+
+
+@pytest.mark.parametrize("family", ["smdm", "whisper"])
+def test_training_sees_the_cross_attention_inference_sees(family):
+    # Training batches zero-pad encoder states to the longest item; inference masks the padding
+    # (hidden_states(frames=)). The training forward must give an item the same logits as inference does
+    # on that item alone: padded frames out of cross-attention (the whisper family's v_proj bias would
+    # otherwise turn every zero frame into signal).
+    from types import SimpleNamespace
+
+    from whisfusion_cli.model import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(family=family, name="pad-test", n_layer=2, n_head=2, n_embd=32, intermediate_size=64,
+                         vocab_size=300, padding_multiple=8, block_size=64, condition_dim=24)
+    decoder = build_decoder(config).eval()
+    for p in decoder.parameters():  # default inits leave some biases at zero: make them all count
+        torch.nn.init.normal_(p, std=0.2)
+    states = [torch.randn(7, 24), torch.randn(12, 24)]
+    batches = T.Batches.__new__(T.Batches)
+    batches.dataset, batches.indices = SimpleNamespace(states=lambda i: states[i]), [0, 1]
+    cond, frames = batches.conditions([0, 1], torch.float32)
+    assert cond.shape == (2, 12, 24) and frames.tolist() == [7, 12]
+    idx = torch.randint(0, 250, (2, 10))
+    idx[:, 3:8] = config.mask_token_id
+    with torch.no_grad():
+        trained = decoder(idx, cond, frames=frames)
+        alone = decoder(idx[:1], states[0][None])
+        kv = decoder.precompute_cross_kv(cond)
+        inferred = decoder.project(decoder.hidden_states(idx, cross_kv=kv, frames=frames))
+        unmasked = decoder(idx, cond)
+    torch.testing.assert_close(trained[0], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained, inferred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained[1], unmasked[1], rtol=1e-5, atol=1e-5)  # the longest item: no padding
+    assert (trained[0] - unmasked[0]).abs().max() > 1e-3  # what training did before the fix
+
+
+def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, tmp_path_factory, monkeypatch):
+    """The fp16 path of a T4 or V100 (autocast + loss scaling), run on the CPU: the scaler's unscale/step/update
+    wrap every update, its state is in last.pt, and a resumed run equals an uninterrupted one."""
+    from whisfusion_cli.tokenizer import Tokenizer
+
+    monkeypatch.setattr(T, "autocast_dtype", lambda precision, device: torch.float16)
+    shards = speech_shards(tmp_path_factory, "tiny.en")
+    tok = make_word_tokenizer(tmp_path / "tokenizer.json")
+    cfg = tiny_smdm_config(tmp_path / "config.json", Tokenizer(tok).vocab_size, TINY_EN_DIM)
+    opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, seq_len=12, max_steps=6,
+                lr=3e-3, warmup=2, val_items=0, log_every=1, progress=False)
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), stop_at=3, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), resume=True, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "b"), **opts))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6 and a["scaler"]["scale"] == b["scaler"]["scale"] > 1
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la, _ = _losses(tmp_path / "a")
+    assert la == _losses(tmp_path / "b")[0] and all(math.isfinite(x) for x in la)

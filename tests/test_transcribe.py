@@ -259,3 +259,36 @@ def test_options_are_validated(tmp_path):
         TranscribeOptions(batch_size=0)
     with pytest.raises(ValueError, match="unknown output format"):
         TranscribeOptions(output_dir=tmp_path, output_format="doc")
+
+
+def test_out_of_device_memory_in_a_batch_loses_nothing(model, tmp_path, monkeypatch):
+    """An encoder or decoder batch too big for the GPU is retried in halves: the run finishes with every
+    file's transcript, the same as with room to spare."""
+    from whisfusion_cli import decoding
+
+    files = [AUDIO / n for n in ("cards_001.flac", "cards_002.flac", "forever.flac")]
+    opts = TranscribeOptions(output_dir=tmp_path / "roomy", output_format="txt", decoding={"seed": 0})
+    roomy = [r.text for r in transcribe(files, opts, model=model)]
+    encode, decode_batch = model.encoder.encode, decoding._decode_batch
+    sizes = {"encode": [], "decode": []}
+
+    def small_encoder(clips):
+        sizes["encode"].append(len(clips))
+        if len(clips) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return encode(clips)
+
+    def small_decoder(decoder, kv, cond_k, W, *args, **kwargs):
+        sizes["decode"].append(W)
+        if W > 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return decode_batch(decoder, kv, cond_k, W, *args, **kwargs)
+
+    monkeypatch.setattr(model.encoder, "encode", small_encoder)
+    monkeypatch.setattr(decoding, "_decode_batch", small_decoder)
+    out = tmp_path / "tight"
+    results = list(transcribe(files, TranscribeOptions(output_dir=out, output_format="txt", decoding={"seed": 0}),
+                              model=model))
+    assert [r.status for r in results] == ["ok"] * 3 and [r.text for r in results] == roomy
+    assert max(sizes["encode"]) > 1 and max(sizes["decode"]) > 1  # the batches were too big at first
+    assert sorted(os.listdir(out)) == ["cards_001.txt", "cards_002.txt", "forever.txt"]

@@ -282,10 +282,9 @@ def bucket_of(duration: float) -> str:
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
+    from .distributed import synchronize
 
-        torch.cuda.synchronize()
+    synchronize(device)  # the GPU that runs the system, not the current one
 
 
 def _proc_status_kb(field_name: str) -> int | None:
@@ -320,7 +319,7 @@ class MemoryMeter:
             import torch
 
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)  # counters of the GPU that runs the system
 
     def stop(self) -> dict[str, Any]:
         peak_kb = _proc_status_kb("VmHWM") if self.method.startswith("VmHWM") else None
@@ -336,7 +335,7 @@ class MemoryMeter:
         if self.device.startswith("cuda"):
             import torch
 
-            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return out
 
 

@@ -86,7 +86,8 @@ def main_callback(
     "  whisfusion transcribe jfk.wav\n"
     "  whisfusion transcribe 'podcasts/**/*.mp3' -o out -f srt,json\n"
     "  whisfusion transcribe calls/ -o out -f all --batch-size 16 --quiet\n"
-    "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n\n"
+    "  whisfusion transcribe talk.flac -m whisfusion --steps 8 -k 15 --selection rover --seed 0\n"
+    "  torchrun --nproc_per_node 8 -m whisfusion_cli.cli transcribe calls/ -o out   (a GPU per rank, split by file)\n\n"
     "Re-running with the same --output-dir skips files whose outputs exist (use --overwrite to redo them). "
     "Exit code: 0 if every input was transcribed, 1 if any failed, 130 when interrupted.",
 )
@@ -191,11 +192,14 @@ def transcribe(
             encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence),
             output_dir=output_dir, output_format=output_format, overwrite=overwrite,
         )
+        group = _transcribe_group(device, output_dir)
+        if group is not None:
+            options.shard = (group.rank, group.world)
     except ValueError as e:
         _err(f"error: {e}")
         raise typer.Exit(EXIT_USAGE)
 
-    reporter = None if quiet else RichReporter()
+    reporter = None if quiet or (group is not None and not group.is_main) else RichReporter()
     note = reporter.print if reporter else (lambda message: None)
     printer = None if output_dir is not None else get_writer(formats[0], ".").writers[0]
     counts = {"ok": 0, STATUS_SILENT: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0}
@@ -228,13 +232,32 @@ def transcribe(
         _err(f"error: {first_line(e, limit=None)}")
         raise typer.Exit(EXIT_FAILED)
     elapsed = time.perf_counter() - t0
-    if not quiet:
+    ranks = ""
+    if group is not None:  # rank 0 reports for all ranks; every rank exits 1 if any file failed anywhere
+        shares = group.gather((counts, audio_seconds))
+        counts = {k: sum(c[k] for c, _ in shares) for k in counts}
+        audio_seconds, ranks = sum(a for _, a in shares), f" on {group.world} ranks"
+        group.barrier()
+        group.close()
+    if not quiet and (group is None or group.is_main):
         speed = f", {audio_seconds / elapsed:.1f} audio-s/s" if audio_seconds and elapsed > 0 else ""
         skipped = f", {counts[STATUS_SKIPPED]} skipped (outputs exist; --overwrite to redo)" if counts[STATUS_SKIPPED] else ""
         _err(f"{counts['ok'] + counts[STATUS_SILENT]} transcribed ({counts[STATUS_SILENT]} silent){skipped}, "
-             f"{counts[STATUS_ERROR]} failed in {elapsed:.1f} s{speed}")
+             f"{counts[STATUS_ERROR]} failed in {elapsed:.1f} s{ranks}{speed}")
     if counts[STATUS_ERROR]:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _transcribe_group(device: str, output_dir):
+    """Under torchrun (WORLD_SIZE > 1): the ranks' group, each rank transcribing its share of the files on
+    its own device; None in a single process."""
+    from .distributed import Group, Ranks
+
+    if Ranks.from_env().world == 1:
+        return None
+    if output_dir is None:
+        raise ValueError("under torchrun every rank writes its own files: give --output-dir")
+    return Group.start(device)
 
 
 def _print_result(printer, result, many: bool, fmt: str, first: bool) -> None:
@@ -427,7 +450,8 @@ def train(
                                       help="Augmentation: Gaussian noise on the encoder states, relative std (0 = off)."),
     seed: int = typer.Option(1234, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available)."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU; on GPU bf16 where native, "
+                                   "else fp16 with loss scaling), fp32, bf16, fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
     name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),

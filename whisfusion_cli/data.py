@@ -303,10 +303,6 @@ def read_shard_meta(path: Path) -> dict:
     return json.loads(meta)
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -319,31 +315,21 @@ def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
     Under torchrun every rank encodes its own shards (i % world == rank) and rank 0 writes the index once
     all ranks are done. `encoder` may be passed in (tests); otherwise it is built from options.encoder.
     """
-    import torch
+    from .distributed import Group
 
-    rank, world = _dist_info()
-    dist, own_group = None, False
-    if world > 1:
-        import datetime
-
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            # Ranks wait for each other only at the end; give slow shards plenty of time.
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
-            own_group = True
+    # The group has this rank's device current and the long collective timeout: ranks wait for each other
+    # only at the end, however long their shards take.
+    group = Group.start(options.device if encoder is None else "cpu")
     try:
-        return _preprocess_ranks(options, encoder, console, rank, world, dist)
+        index = _preprocess_ranks(options, encoder, console, group)
+        group.barrier()  # all ranks are done with the group before any tears it down
+        return index
     finally:
-        if own_group:
-            # Exiting with gloo's threads alive can abort a rank after a good run: tear the group down.
-            dist.destroy_process_group()
+        group.close()
 
 
-def _preprocess_ranks(options: PreprocessOptions, encoder, console, rank: int, world: int, dist) -> dict:
-    import torch
-
+def _preprocess_ranks(options: PreprocessOptions, encoder, console, group) -> dict:
+    rank, world = group.rank, group.world
     out = Path(options.output)
     out.mkdir(parents=True, exist_ok=True)
     items = read_dataset(options.input)
@@ -377,37 +363,44 @@ def _preprocess_ranks(options: PreprocessOptions, encoder, console, rank: int, w
         if int(stale.name.split(".")[1].split("-")[1]) % world == rank:
             stale.unlink(missing_ok=True)
 
+    error = None
+    try:
+        _encode_shards(options, encoder, console, group, items, todo, len(mine))
+    except Exception as e:  # every rank learns that one failed, instead of waiting for it
+        if world == 1:
+            raise
+        error = f"{type(e).__name__}: {first_line(e, limit=None)}"
+    group.check(error, DatasetError)
+
+    def finish() -> dict:
+        index = write_index(out, plan)
+        if options.progress:
+            print_size_report(index, console)
+        return index
+
+    return group.on_main(finish)
+
+
+def _encode_shards(options: PreprocessOptions, encoder, console, group, items: list[Item], todo: list[int],
+                   n_mine: int) -> None:
+    out = Path(options.output)
     if todo:
         if encoder is None:
             from .encoder import load_encoder
 
-            device = options.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
             spec = {"batch_size": options.batch_size, **options.encoder}
-            encoder = load_encoder(spec, device=device)
+            encoder = load_encoder(spec, device=group.device)
         writer = ShardWriter(encoder, options)
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         total = sum(len(items[i * options.shard_size : (i + 1) * options.shard_size]) for i in todo)
-        with _progress(options.progress and rank == 0, console) as progress:
-            task = progress.add_task(f"encoding ({len(todo)}/{len(mine)} shards left)", total=total)
+        with _progress(options.progress and group.is_main, console) as progress:
+            task = progress.add_task(f"encoding ({len(todo)}/{n_mine} shards left)", total=total)
             for done, i in enumerate(todo, 1):
                 shard_items = items[i * options.shard_size : (i + 1) * options.shard_size]
                 writer.write(i, shard_items, out / SHARD_PATTERN.format(i), on_item=lambda n: progress.advance(task, n))
                 if stop_after and done >= stop_after:
                     sys.stdout.flush()
                     os._exit(3)  # simulated crash for the resume test: no cleanup, no index
-
-    if dist is not None:
-        dist.barrier()
-    index = None
-    if rank == 0:
-        index = write_index(out, plan)
-        if options.progress:
-            print_size_report(index, console)
-    if dist is not None:
-        dist.barrier()
-    if index is None:
-        index = json.loads((out / INDEX_FILE).read_text(encoding="utf-8"))
-    return index
 
 
 def write_index(out: Path, plan: dict) -> dict:
@@ -584,9 +577,9 @@ class ShardDataset:
 def collate_states(states: list, dtype=None):
     """Pad a batch of states [F_i, d] with zeros to the longest -> (condition [B, F, d], frame_mask [B, F]).
 
-    The decoders' cross-attention takes no mask (upstream's has none either), so zero frames do receive some
-    attention weight; training batches are therefore grouped by length (`length_grouped_batches`) so that the
-    padding stays a few frames. In "full" mode every item has 1500 frames and there is no padding at all.
+    Training passes frame_mask.sum(1) to the decoder as `frames=`, which masks the padding out of
+    cross-attention (as inference does); batches are also grouped by length (`length_grouped_batches`), so
+    little compute goes to padding. In "full" mode every item has 1500 frames and there is no padding at all.
     """
     import torch
 

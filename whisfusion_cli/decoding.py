@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import in_halves_on_oom
+
 UPSTREAM_SCHEDULE = (1.0, 0.9, 0.85, 0.8)
 UPSTREAM_FALLBACK_RATIO = 0.7  # ratio of the steps past the end of the schedule
 UPSTREAM_CANVAS = 256
@@ -68,6 +70,13 @@ FILL_INPUT = 0
 # Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /
 # 447 / 495 MB, against 301 / 589 / 1689 MB when a window's logits were made whole; the same speed.
 MAX_PROJECTION_ROWS = 512
+# On a GPU a product of 512 rows leaves most of it idle; 4096 rows onto 50k tokens are 0.4 GB of bf16 logits
+# (scripts/gpu_acceptance.sh records the peak memory at K = 1, 4, 15).
+GPU_PROJECTION_ROWS = 4096
+
+
+def _projection_rows(device: torch.device) -> int:
+    return MAX_PROJECTION_ROWS if device.type == "cpu" else GPU_PROJECTION_ROWS
 
 
 @dataclass(frozen=True)
@@ -280,10 +289,10 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
             out[w] = _window_logits(decoder, hidden, shared, w, K, positions, short[1])
         else:
             full.append((w, *_window_hidden(hidden, shared, w, K, positions)))
-    start = 0
-    while start < len(full):  # chunks of at most MAX_PROJECTION_ROWS rows (always at least one window)
+    start, limit = 0, _projection_rows(hidden.device)
+    while start < len(full):  # chunks of at most `limit` rows (always at least one window)
         end, rows = start, 0
-        while end < len(full) and (end == start or rows + full[end][1].size(0) <= MAX_PROJECTION_ROWS):
+        while end < len(full) and (end == start or rows + full[end][1].size(0) <= limit):
             rows += full[end][1].size(0)
             end += 1
         chunk = full[start:end]
@@ -296,10 +305,11 @@ def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=N
 
 def _best_tokens(decoder, rows, confidence: bool = False):
     """(max softmax probability or None, argmax) over the whole vocabulary for hidden rows [n, d], projected
-    MAX_PROJECTION_ROWS rows at a time: the same values as one product (softmax and argmax are row-wise), but
-    the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at K = 15) never exist at once."""
+    MAX_PROJECTION_ROWS rows at a time (GPU_PROJECTION_ROWS on a GPU): the same values as one product
+    (softmax and argmax are row-wise), but the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at
+    K = 15) never exist at once."""
     confs, preds = [], []
-    for chunk in rows.split(MAX_PROJECTION_ROWS):
+    for chunk in rows.split(_projection_rows(rows.device)):
         logits = decoder.project(chunk)
         if confidence:
             c, p = torch.softmax(logits.float(), dim=-1).max(-1)
@@ -640,7 +650,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     (sorted by length, so little is padded; masks keep the padding out); the reference mode batches only
     windows of one shape. Each window draws from its own generator, seeded with seeds[i] (default
     options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone or in any
-    batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone).
+    batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone). A
+    batch the device has no memory for is decoded in halves.
     """
     if max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
@@ -661,14 +672,14 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         for i in range(n):
             groups.setdefault((states[i].size(0), lengths[i]), []).append(i)
         batches = [idx[s : s + max_batch_windows] for idx in groups.values() for s in range(0, len(idx), max_batch_windows)]
-    results: list[DecodingResult | None] = [None] * n
     device = decoder.device
-    for idx in batches:
+
+    def decode_batch(idx: list[int]) -> list[DecodingResult]:
         L = max(lengths[i] for i in idx)
         frames = [states[i].size(0) for i in idx]
         F_max = max(frames)
         cond = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, F_max - states[i].size(0))) for i in idx])
-        cond = cond.to(device)
+        cond = cond.to(device, non_blocking=True)
         ragged = _Ragged(
             lengths=torch.tensor([lengths[i] for i in idx]) if any(lengths[i] != L for i in idx) else None,
             frames=torch.tensor(frames) if any(f != F_max for f in frames) else None,
@@ -676,9 +687,15 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
         canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
                                             [_generator(seeds[i]) for i in idx], pad_id=pad_id, ragged=ragged)
-        for w, i in enumerate(idx):
-            rows, cols = slice(w * K, (w + 1) * K), slice(0, lengths[i])
-            results[i] = _result(canvas[rows, cols], confidences[rows, cols], prefix, pad_id, options, to_words, [])
+        return [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
+                        prefix, pad_id, options, to_words, []) for w, i in enumerate(idx)]
+
+    results: list[DecodingResult | None] = [None] * n
+    for idx in batches:
+        # A batch the device has no memory for is decoded in halves: each window draws from its own
+        # generator, so it decodes to the same tokens in any batch (up to float rounding), and nothing is lost.
+        for i, r in zip(idx, in_halves_on_oom(decode_batch, idx, "window")):
+            results[i] = r
     return results  # type: ignore[return-value]
 
 

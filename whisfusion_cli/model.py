@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import attend
+
 ROPE_BASE = 10000
 # Upstream config fields that we accept but whose only supported value is the one the released models use.
 FIXED_UPSTREAM_FIELDS = {
@@ -187,7 +189,7 @@ class SelfAttention(nn.Module):
         k = k.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         v = v.expand(B, T, self.n_groups, q_per_kv, self.head_size).reshape(B, T, self.n_head, self.head_size)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, same_lengths=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -211,7 +213,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None
     B_kv = k.size(0)
     group = B // B_kv
     q = q.reshape(B_kv, group * T, H, hs).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B_kv, H, group*T, hs]
+    y = attend(q, k, v, mask)  # [B_kv, H, group*T, hs]
     return y.transpose(1, 2).reshape(B, T, H * hs)
 
 
@@ -345,18 +347,22 @@ class DecoderBase(nn.Module):
         w = self._head_tensor()
         return (id(self), w.data_ptr(), w._version) if isinstance(w, torch.Tensor) else (id(self), "int8")
 
-    def forward(self, idx, condition=None, *, cross_kv=None, positions=None):
+    def forward(self, idx, condition=None, *, cross_kv=None, positions=None, frames=None):
         """idx int64 [B, T] -> logits [B, T, n_logits].
 
         condition: encoder states [B or B/K, F, condition_dim]; or cross_kv from `precompute_cross_kv`.
         positions: optional bool [B, T]; only those positions go through the output projection and the result
         is [N, n_logits] in row-major order (the projection dominates the cost of small decoders).
+        frames: optional [B or B/K] valid encoder states of each condition row when a batch is zero-padded to
+        its longest item: the padding is masked out of cross-attention exactly as `hidden_states(frames=)`
+        does at inference (a zero state still gets attention weight, and a v_proj bias turns it into signal).
         """
         kv = cross_kv
         if kv is None and condition is not None:
             cond = self._condition_in(condition)
             kv = [self._cross_module(i).keys_values(cond) for i in range(self.config.n_layer)]
-        x = self._trunk(idx, kv)
+        cross_mask = key_mask(frames, kv[0][0].size(2)) if (kv is not None and frames is not None) else None
+        x = self._trunk(idx, kv, None, cross_mask)
         if positions is not None:
             x = x[positions]
         return self._head(x)
@@ -437,7 +443,7 @@ class WhisperAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size)
         if kv is None:  # self-attention, bidirectional: no causal mask
             k, v = self.keys_values(x)
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+            y = attend(q.transpose(1, 2), k, v, mask, same_lengths=True)
             y = y.transpose(1, 2).reshape(B, T, C)
         else:
             y = cross_attention(q, *kv, mask=mask)

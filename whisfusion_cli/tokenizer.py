@@ -111,7 +111,10 @@ class Tokenizer:
         first = self.config.first_special_id
         if first is not None:
             ids = [t for t in ids if t < first]
-        return ids
+        # Prefix (BOS), pad and end tokens predicted inside the text are structure, not text, even where the
+        # tokenizer file does not mark them special.
+        structure = {*self.prefix_ids, self.pad_id, self.eos_id}
+        return [t for t in ids if t not in structure]
 
     def decode(self, ids, cut_at_pad: bool = True) -> str:
         return self._tok.decode(self.text_ids(ids, cut_at_pad), skip_special_tokens=True).strip()

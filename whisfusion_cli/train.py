@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 STAGES = ("1", "2", "scratch")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_EPS = 1e-3
 STAGE2_MASK_RANGE = (0.7, 1.0)
 REFERENCE_BATCH = 64  # upstream scales its learning rates by global batch / 64
@@ -106,7 +107,9 @@ class TrainOptions:
     decode_strategy: str | None = None
     seed: int = 1234
     device: str | None = None  # None: cuda:LOCAL_RANK where available, else cpu
-    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
+    # "auto": fp32 on the CPU; on a GPU bf16 autocast where bf16 is native (Ampere on), else fp16 autocast with
+    # loss scaling (T4, V100), fp32 products on TF32 tensor cores where there are some.
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     resume: bool = False
     progress: bool = True
     name: str = "whisfusion"  # prefix of the upstream-format files
@@ -128,6 +131,8 @@ class TrainOptions:
             raise ValueError(f"canvas {self.canvas!r}: expected 'fixed' or 'audio'")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
     def resolved(self, global_batch: int) -> "TrainOptions":
         """A copy with the stage's upstream defaults filled in."""
@@ -168,6 +173,19 @@ class TrainOptions:
             strategy=self.decode_strategy or ("remask" if smdm else "confidence"),
             seq_len=seq_len, max_seq_len=max_seq_len, seed=self.seed,
         )
+
+
+def autocast_dtype(precision: str, device):
+    """The autocast dtype of a run (None: plain fp32) for its precision option on this device."""
+    import torch
+
+    from .distributed import half_dtype
+
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainError("--precision fp16 needs a GPU (loss scaling); use fp32 or bf16 on the CPU")
+    if precision == "auto":
+        return half_dtype(device) if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,10 +565,14 @@ class Batches:
         return len(self.indices)
 
     def conditions(self, rows: list[int], dtype):
+        """Encoder states of rows, zero-padded to the longest -> (condition [B, F, d], frames [B]): the decoder
+        masks the padding out of cross-attention with frames, as inference does."""
+        import torch
+
         from .data import collate_states
 
-        cond, _ = collate_states([self.dataset.states(self.indices[r]) for r in rows], dtype=dtype)
-        return cond
+        cond, frame_mask = collate_states([self.dataset.states(self.indices[r]) for r in rows], dtype=dtype)
+        return cond, frame_mask.sum(dim=1).to(torch.long)
 
 
 def _as_list(paths) -> list:
@@ -568,33 +590,6 @@ def auto_seq_len(dataset, tokenizer, family: str) -> int:
 # The run
 
 
-def _setup_distributed(device_opt):
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device_opt:
-        device = torch.device(device_opt)
-    elif torch.cuda.is_available():
-        device = torch.device(f"cuda:{local}")
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            global _OWN_PROCESS_GROUP
-            _OWN_PROCESS_GROUP = True
-    return rank, world, device
-
-
-_OWN_PROCESS_GROUP = False  # train() started the process group, so it also tears it down
-
-
 def _save_atomic(obj, path: Path):
     import torch
 
@@ -607,10 +602,9 @@ def _rng_state():
     import numpy as np
     import torch
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    # No CUDA state: nothing draws from CUDA generators (every random number of a run comes from seeded CPU
+    # generators), and saving every visible GPU's state would start a context on each of them from each rank.
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
 def _set_rng_state(state):
@@ -619,9 +613,7 @@ def _set_rng_state(state):
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])  # a "cuda" entry of an older checkpoint is not needed: ignored
 
 
 def _options_record(o: TrainOptions) -> dict:
@@ -633,14 +625,28 @@ def _options_record(o: TrainOptions) -> dict:
 
 
 def train(options: TrainOptions, console=None) -> dict:
-    """Run (or resume) a training run; returns a summary dict (steps, losses, best validation, outputs)."""
+    """Run (or resume) a training run; returns a summary dict (steps, losses, best validation, outputs).
+    Under torchrun every rank calls it; each trains on its share of every global batch (DDP)."""
+    from .distributed import Group
+
+    try:
+        group = Group.start(options.device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    try:
+        return _train(options, group, console)
+    finally:
+        group.close()  # also after an error, so no rank exits with the group's threads alive
+
+
+def _train(options: TrainOptions, group, console=None) -> dict:
     import torch
     import torch.nn.functional as F
 
     from .data import DatasetError, ShardDataset
+    from .distributed import enable_tf32
 
-    rank, world, device = _setup_distributed(options.device)
-    is_main = rank == 0
+    rank, world, device, is_main = group.rank, group.world, group.device, group.is_main
     out = Path(options.output)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -697,6 +703,9 @@ def train(options: TrainOptions, console=None) -> dict:
 
     step, best, bad_evals = 0, float("inf"), 0
     last_path = out / LAST_CHECKPOINT
+    amp_dtype = autocast_dtype(o.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
+    error = None
     if o.resume:
         if not last_path.exists():
             raise TrainError(f"{last_path}: no checkpoint to resume from")
@@ -713,18 +722,22 @@ def train(options: TrainOptions, console=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         step, best, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
         _set_rng_state(ckpt["rng"])
     elif is_main and last_path.exists():
-        raise TrainError(f"{out}: holds a run already (last.pt); pass --resume to continue it or use a new folder")
+        error = f"{out}: holds a run already (last.pt); pass --resume to continue it or use a new folder"
+    group.check(error, TrainError)  # every rank stops with rank 0's error, none is left waiting in DDP()
 
     model = decoder
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(decoder, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = o.precision == "bf16" or (o.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else _null
+    if o.precision in ("auto", "fp32"):
+        enable_tf32(device)  # float32 products on tensor cores where the GPU has them
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else _null
 
     metrics = open(out / METRICS_FILE, "a", encoding="utf-8") if is_main else None
 
@@ -734,9 +747,10 @@ def train(options: TrainOptions, console=None) -> dict:
             metrics.flush()
 
     def save_last(step_done: int):
-        if not is_main:
-            return
-        state = {
+        group.on_main(lambda: _save_atomic(last_state(step_done), last_path))
+
+    def last_state(step_done: int) -> dict:
+        return {
             "model": {k: v.detach().cpu() for k, v in decoder.named_parameters() if k in names},
             "optimizer": optimizer.state_dict(),
             "schedule": {"total": total, "warmup": o.warmup, "lr": o.lr, "min_lr_ratio": o.min_lr_ratio},
@@ -750,14 +764,30 @@ def train(options: TrainOptions, console=None) -> dict:
             "options": _options_record(o),
             "world_global_batch": global_batch,
             "config": decoder.config.to_dict(),
+            "scaler": scaler.state_dict(),
         }
-        _save_atomic(state, last_path)
 
     def save_outputs(tag: str):
-        if is_main:
-            with _swapped(decoder, ema):
-                write_outputs(decoder, o, out, tokenizer, tok_cfg, tok_file, data.encoder, seq_len)
-            log({"step": step, "saved": tag})
+        with _swapped(decoder, ema):
+            write_outputs(decoder, o, out, tokenizer, tok_cfg, tok_file, data.encoder, seq_len)
+        log({"step": step, "saved": tag})
+
+    def evaluate_and_save():
+        nonlocal best, bad_evals
+        with _swapped(decoder, ema):
+            result = evaluate(decoder, val_batches, tokenizer, o, device, autocast, n_fixed)
+        improved = result["val_loss"] < best
+        if improved:
+            best, bad_evals = result["val_loss"], 0
+        else:
+            bad_evals += 1
+        log({"step": step, **result, "best_val_loss": best, "improved": improved})
+        progress.console.print(
+            f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
+            f"({result['wer_items']} items)" + (" (best)" if improved else ""))
+        if improved:
+            save_outputs("best")
+        return best, bad_evals, bool(o.patience and bad_evals >= o.patience)
 
     log({"event": "resume" if o.resume else "start", "step": step, "total": total, "world": world,
          "global_batch": global_batch, "seq_len": seq_len, "train_items": len(train_batches),
@@ -786,7 +816,7 @@ def train(options: TrainOptions, console=None) -> dict:
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 model.train()
-                step_loss = torch.zeros((), dtype=torch.float64)
+                step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the GPU: no sync
                 for a in range(o.grad_accum):
                     m = rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
                     sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
@@ -794,27 +824,23 @@ def train(options: TrainOptions, console=None) -> dict:
                     target = train_batches.targets[rows].to(device, torch.long)
                     mask = masks[sl].to(device)
                     target = target[:, : mask.size(1)]
-                    cond = train_batches.conditions(rows, torch.float32)
+                    cond, frames = train_batches.conditions(rows, torch.float32)
                     if o.state_time_mask or o.state_noise:
                         cond = augment_states(cond, [train_batches.lengths[r] for r in rows], o.state_time_mask,
                                               o.state_noise, o.seed, step, m)
-                    cond = cond.to(device)
+                    cond, frames = cond.to(device), frames.to(device)
                     idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
                     sync = a == o.grad_accum - 1
                     ctx = model.no_sync() if (world > 1 and not sync) else _null()
                     with ctx:
                         with autocast():
-                            logits = model(idx, cond, positions=mask)
+                            logits = model(idx, cond, positions=mask, frames=frames)
                         loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
                         # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
-                        (loss_sum * (world / max(n_masked, 1))).backward()
-                    step_loss += loss_sum.detach().double().cpu()
+                        scaler.scale(loss_sum * (world / max(n_masked, 1))).backward()
+                    step_loss += loss_sum.detach().double()
                     tokens_done += target.numel()
-                if world > 1:
-                    import torch.distributed as dist
-
-                    dist.all_reduce(step_loss)
-                loss = float(step_loss) / max(n_masked, 1)
+                loss = float(group.sum(step_loss)) / max(n_masked, 1)
                 if not math.isfinite(loss):
                     stopped = "nan"
                     if is_main:
@@ -822,10 +848,12 @@ def train(options: TrainOptions, console=None) -> dict:
                                f"{last_path if last_path.exists() else 'not written yet'} (try a lower --lr)")
                         log({"step": step + 1, "event": "nan", "message": msg})
                     break
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
                 grad_norm = torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad],
                                                            o.grad_clip if o.grad_clip else float("inf"))
                 updating[0] = True  # an interrupt now would leave a half-applied update: not saved
-                optimizer.step()
+                scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update(decoder)
@@ -844,37 +872,14 @@ def train(options: TrainOptions, console=None) -> dict:
                     loss_acc, n_acc = 0.0, 0
                 stop = False
                 if val_batches is not None and (step % o.eval_every == 0 or step == total):
-                    decision = [None]
-                    if is_main:
-                        with _swapped(decoder, ema):
-                            result = evaluate(decoder, val_batches, tokenizer, o, device, autocast, n_fixed)
-                        improved = result["val_loss"] < best
-                        if improved:
-                            best, bad_evals = result["val_loss"], 0
-                        else:
-                            bad_evals += 1
-                        log({"step": step, **result, "best_val_loss": best, "improved": improved})
-                        progress.console.print(
-                            f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
-                            f"({result['wer_items']} items)" + (" (best)" if improved else ""))
-                        if improved:
-                            save_outputs("best")
-                        decision = [(best, bad_evals, bool(o.patience and bad_evals >= o.patience))]
-                    if world > 1:
-                        import torch.distributed as dist
-
-                        dist.broadcast_object_list(decision, src=0)
-                    best, bad_evals, stop = decision[0]
+                    # Rank 0 evaluates and saves; its decision (or its error) reaches every rank.
+                    best, bad_evals, stop = group.on_main(evaluate_and_save)
                     if stop:
                         stopped = "early_stopping"
                 if o.time_limit and (time.time() - t_start) / 60 > o.time_limit:
                     stop, stopped = True, "time_limit"
-                if world > 1 and o.time_limit:
-                    import torch.distributed as dist
-
-                    flag = torch.tensor([1.0 if stop else 0.0])
-                    dist.all_reduce(flag)
-                    stop = bool(flag.item() > 0)
+                if o.time_limit:  # each rank reads its own clock: all stop when one does
+                    stop = group.any(stop)
                 if step % o.save_every == 0 or stop or step == stop_at:
                     save_last(step)
                 if stop:
@@ -890,22 +895,13 @@ def train(options: TrainOptions, console=None) -> dict:
     if stopped == "finished" and step < total:
         stopped = "stop_at"
     if stopped != "nan" and (val_batches is None or not (out / MODEL_SUBDIR).exists()):
-        save_outputs("final")
+        group.on_main(lambda: save_outputs("final"))
     if stopped == "nan":
         save_last(step)  # the state before the failing step: good weights
     if metrics:
         log({"event": "end", "step": step, "reason": stopped, "best_val_loss": best})
         metrics.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        global _OWN_PROCESS_GROUP
-        if _OWN_PROCESS_GROUP:
-            # Exiting with gloo's threads still alive can abort a rank ("terminate called without an active
-            # exception") after a successful run: tear the group down explicitly.
-            dist.destroy_process_group()
-            _OWN_PROCESS_GROUP = False
+    group.barrier()
     summary = {"step": step, "total": total, "reason": stopped, "last_loss": last_loss,
                "best_val_loss": None if best == float("inf") else best, "output": str(out)}
     if stopped == "nan":
@@ -945,10 +941,10 @@ def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast
             mask = masks[rows].to(device)
             if not mask.any():
                 continue
-            cond = val.conditions(rows, torch.float32).to(device)
+            cond, frames = val.conditions(rows, torch.float32)
             idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
             with autocast():
-                logits = decoder(idx, cond, positions=mask)
+                logits = decoder(idx, cond.to(device), positions=mask, frames=frames.to(device))
             total += float(F.cross_entropy(logits.float(), target[mask], reduction="sum"))
             n += int(mask.sum())
     result = {"val_loss": total / max(n, 1)}

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs, stream_audio
+from .distributed import in_halves_on_oom
 from .encoder import MAX_ENCODER_FRAMES
 from .vad import VadOptions, Window, iter_windows
 from .writers import get_writer, parse_formats
@@ -42,7 +43,6 @@ DEFAULT_BATCH_SIZE = 8
 POOL_BATCHES = 4
 MIN_AUDIO_SECONDS = 0.1  # shorter than the shortest spoken word
 STREAM_BLOCK_SECONDS = 10.0  # audio decoded per read while streaming a file
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 STATUS_OK, STATUS_SILENT, STATUS_SKIPPED, STATUS_ERROR = "ok", "silent", "skipped", "error"
@@ -65,6 +65,9 @@ class TranscribeOptions:
     output_format: str = "txt"  # txt | vtt | srt | tsv | json | all (or a comma-separated list)
     overwrite: bool = False  # False: inputs whose outputs all exist are skipped (resume)
     min_duration_s: float = MIN_AUDIO_SECONDS
+    # (rank, world): transcribe only the inputs i with i % world == rank, in input order (torchrun: the CLI sets
+    # it, each rank takes its own files and writes their outputs). None: every input.
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -74,6 +77,10 @@ class TranscribeOptions:
         if self.output_dir is not None:
             self.output_dir = Path(self.output_dir)
             parse_formats(self.output_format)  # fail early on a bad format
+        if self.shard is not None:
+            rank, world = self.shard
+            if not 0 <= rank < world:
+                raise ValueError(f"shard {self.shard}: need 0 <= rank < world")
 
 
 @dataclass
@@ -130,23 +137,16 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> "tuple[torch.de
     """(device, dtype) for the options; a one-line ValueError for a combination that cannot run."""
     import torch
 
-    device = (device or "auto").lower()
+    from .distributed import half_dtype, rank_device
+
     dtype = DTYPE_ALIASES.get((dtype or "auto").lower(), (dtype or "auto").lower())
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available to torch; use --device cpu")
-    elif device != "cpu":
-        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
-    dev = torch.device(device)
+    dev = rank_device(device)  # "cuda" is cuda:LOCAL_RANK under torchrun
     if dtype == "auto":
-        if dev.type == "cpu":
-            dtype = "float32"
-        else:
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # The 16-bit float the chosen GPU runs natively (bf16 from Ampere on, fp16 on a T4 or V100, where bf16
+        # is emulated and CTranslate2's encoder refuses it).
+        dtype = "float32" if dev.type == "cpu" else str(half_dtype(dev)).replace("torch.", "")
     if dev.type == "cpu" and dtype != "float32":
         # No native bf16/fp16 matmul on common CPUs: orders of magnitude slower, and not what we test.
         raise ValueError(f"--dtype {dtype} is only supported on a GPU; use float32 on the CPU")
@@ -163,7 +163,13 @@ class Pipeline:
         from .decoding import words_from_tokens
 
         self.model = model
-        self.decoding = dataclasses.replace(model.decoding, **_clean_overrides(decoding_overrides or {}))
+        overrides = _clean_overrides(decoding_overrides or {})
+        self.decoding = dataclasses.replace(model.decoding, **overrides)
+        if self.decoding.shortlist_int8 and model.decoder.device.type != "cpu":
+            if overrides.get("shortlist_int8"):
+                raise ValueError("--shortlist-int8 runs on the CPU only; drop it on a GPU")
+            # The model's CPU default does not apply on a GPU; the results record what ran.
+            self.decoding = dataclasses.replace(self.decoding, shortlist_int8=False)
         self.prefix_ids = list(model.tokenizer.prefix_ids)
         self.pad_id = model.tokenizer.pad_id
         self._to_words = words_from_tokens(model.tokenizer) if self.decoding.selection != "confidence" else None
@@ -177,7 +183,9 @@ class Pipeline:
         device, dtype = resolve_device(options.device, options.dtype)
         if options.threads:
             torch.set_num_threads(options.threads)
-        encoder_options = {} if options.encoder_backend is None else {"backend": options.encoder_backend}
+        encoder_options = {"batch_size": options.batch_size}  # windows per encoder call, as per decoder batch
+        if options.encoder_backend is not None:
+            encoder_options["backend"] = options.encoder_backend
         model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options,
                            int8=options.int8)
         return cls(model, options.decoding)
@@ -361,6 +369,9 @@ def transcribe(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files, problems = expand_inputs(paths)
+    if options.shard is not None:  # by file, in input order: each rank knows its share without asking
+        rank, world = options.shard
+        files, problems = files[rank::world], problems if rank == 0 else []
     for p in problems:
         yield TranscriptionResult(p.path, status=STATUS_ERROR, error=str(p))
     # Durations from the headers, for the progress display's total and ETA (not needed without one).
@@ -402,7 +413,7 @@ def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterat
         batch = []
         if not live:
             return
-        conditions = pipeline.encode([b[3] for b in live])
+        conditions = in_halves_on_oom(pipeline.encode, [b[3] for b in live], "window")  # as decode_windows does
         seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + b[1] for b in live]
         results = pipeline.decode(conditions, [b[2].duration for b in live], seeds, options.batch_size)
         for (job, idx, w, _), r in zip(live, results):

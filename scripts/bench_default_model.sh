@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The default model against the previous release and Whisper tiny.en, every system in one `whisfusion bench`
+# run per test set, same threads (docs/MODEL_CARD.md, results/default_model/).
+#   bash scripts/bench_default_model.sh NEW_MODEL_DIR OLD_MODEL_DIR [WORK]
+# Test sets (none of them chose anything for the model they report on):
+#   asterisk_report  66 Asterisk sentences held out from training and tuning (scripts/asterisk.py WORK/asterisk)
+#   realspeech       13 clips of other speakers, tests/data/audio (they chose 0.1.0's decoding defaults)
+#   synth_heldout    150 clips of the held-out synthetic voices (python -m whisfusion_cli.corpus --split test)
+# RTFx counts audio / transcription wall time; model_load_s is reported beside it and added in the card.
+set -euo pipefail
+NEW=${1:?new model dir}; OLD=${2:?old model dir}; W=${3:-work_data}
+OUT=${OUT:-results/default_model}
+[ -f "$W/asterisk/report.jsonl" ] || python scripts/asterisk.py "$W/asterisk"
+declare -A SETS=([asterisk_report]="$W/asterisk/report.jsonl" [realspeech]="tests/data/audio/realspeech.jsonl"
+                 [synth_heldout]="$W/corpus/test_synth/manifest.jsonl")
+for name in asterisk_report realspeech synth_heldout; do
+  whisfusion bench "${SETS[$name]}" -o "$OUT/bench_$name" --threads 2 --no-plots \
+    -s "whisfusion:model=$NEW,label=whisfusion-new" -s "whisfusion:model=$OLD,label=whisfusion-0.1.0" \
+    -s "faster-whisper:tiny.en,compute_type=int8" -s "whisper:tiny.en"
+done
