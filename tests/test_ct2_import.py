@@ -54,20 +54,13 @@ def small_ct2_models(tmp_path_factory, tiny_en):
     """A small random Whisper saved by transformers and converted by ctranslate2's own converter
     (float32 and int8), so quantised files are checked against known weights."""
     from ctranslate2.converters import TransformersConverter
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from tiny_model import random_whisper
 
     root = tmp_path_factory.mktemp("small_whisper")
-    config = WhisperConfig(
+    model = random_whisper(
         vocab_size=51864, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
     )
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config).eval()
-    # Non-zero biases and norms, so a swapped or dropped bias cannot go unnoticed.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
     model.generation_config = tiny_en.generation_config
     model.save_pretrained(root / "hf")
     load_whisper_tokenizer("tiny.en").save_pretrained(root / "hf")
@@ -208,3 +201,46 @@ def test_tokenizer_round_trip():
     ids = tok(" ask not what your country can do for you", add_special_tokens=False).input_ids
     assert tok.decode(ids) == " ask not what your country can do for you"
     assert tok.convert_tokens_to_ids("<|notimestamps|>") == NO_TIMESTAMPS
+
+
+def test_open_whisper_reads_tiny_en_without_transformers(tiny_en):
+    """The encoder and the token table straight from the memory-mapped model.bin: the same tensors as the
+    conversion into a transformers model, and nothing copied before it is asked for."""
+    from whisfusion_cli.ct2_import import TOKEN_TABLE, open_whisper
+
+    checkpoint = open_whisper("tiny.en")
+    stored = checkpoint._stored[TOKEN_TABLE]
+    assert isinstance(stored, np.ndarray) and not stored.flags.owndata and not stored.flags.writeable
+    assert stored.dtype == np.float16  # as the file stores it
+    assert torch.equal(checkpoint.tensor(TOKEN_TABLE), tiny_en.model.decoder.embed_tokens.weight)
+    reference = tiny_en.model.encoder.state_dict()
+    ours = checkpoint.encoder_state_dict()
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(ours[key], value), key
+    dims = checkpoint.encoder_dims()
+    c = tiny_en.config
+    assert (dims.n_mels, dims.n_ctx, dims.n_state, dims.n_head, dims.n_layer, dims.n_mlp) == (
+        c.num_mel_bins, c.max_source_positions, c.d_model, c.encoder_attention_heads, c.encoder_layers, c.encoder_ffn_dim)
+    memo = {}
+    assert open_whisper("tiny.en", memo) is open_whisper("tiny.en", memo)  # one index per source and load
+
+
+def test_open_whisper_quantised_and_broken_files(small_ct2_models, tmp_path):
+    from whisfusion_cli.ct2_import import open_whisper
+
+    root, _ = small_ct2_models
+    for quant in ("float32", "int8"):
+        reference = ct2_to_transformers(root / f"ct2_{quant}").model.encoder.state_dict()
+        ours = open_whisper(root / f"ct2_{quant}").encoder_state_dict()
+        for key, value in reference.items():
+            assert torch.equal(ours[key], value), (quant, key)
+    blob = (root / "ct2_float32" / "model.bin").read_bytes()
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    (bad / "model.bin").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(CT2FormatError, match="truncated") as info:
+        open_whisper(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(WhisperLoadError, match="not a Whisper model"):
+        open_whisper(tmp_path)

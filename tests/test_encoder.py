@@ -1,4 +1,7 @@
-"""Whisper encoder wrapper: the three modes, batching, limits, int8 and spec loading (tiny.en only)."""
+"""Whisper encoder wrapper: the three modes, batching, limits, int8 and spec loading; our features and
+encoder against transformers' (the reference: WhisperFeatureExtractor, WhisperEncoder) on real clips, for
+tiny.en read from its model.bin and for a random config of whisper-small's width read from a transformers
+directory."""
 
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ from whisfusion_cli.encoder import (  # noqa: E402
     WhisperAudioEncoder,
     frames_for_duration,
     load_encoder,
+    mel_filters,
     short_mel_frames,
 )
 
-JFK = Path(__file__).parent / "data" / "audio" / "jfk.wav"
+AUDIO = Path(__file__).parent / "data" / "audio"
+JFK = AUDIO / "jfk.wav"
+REAL_CLIPS = ("jfk.wav", "cards_001.flac", "librivox_0880.flac", "goforward.flac")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,37 @@ def clips(jfk):
     # 2 s, 5 s (twice: equal lengths share a batch in "short"), 0.4 s (below the short minimum), 11 s.
     return [jfk[: 2 * SAMPLE_RATE], jfk[SAMPLE_RATE : 6 * SAMPLE_RATE], jfk[4 * SAMPLE_RATE : 9 * SAMPLE_RATE],
             jfk[3 * SAMPLE_RATE : int(3.4 * SAMPLE_RATE)], jfk]
+
+
+@pytest.fixture(scope="module")
+def real_clips():
+    from whisfusion_cli.audio import load_audio
+
+    return [load_audio(AUDIO / name) for name in REAL_CLIPS]
+
+
+@pytest.fixture(scope="module")
+def feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80)
+
+
+@pytest.fixture(scope="module")
+def small_sized(tmp_path_factory):
+    """A random transformers Whisper with whisper-small's encoder width and heads (768, 12; 4 of its 12
+    layers, to stay quick), non-zero biases and norms, saved as a transformers directory (safetensors)."""
+    from tiny_model import random_whisper
+
+    model = random_whisper(
+        vocab_size=64, d_model=768, encoder_layers=4, encoder_attention_heads=12, encoder_ffn_dim=3072,
+        decoder_layers=1, decoder_attention_heads=12, decoder_ffn_dim=64, num_mel_bins=80,
+        max_source_positions=1500, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    root = tmp_path_factory.mktemp("small_sized")
+    model.save_pretrained(root / "hf")
+    return root / "hf", model
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +262,79 @@ def test_backend_names_agree_with_the_cli_and_bench():
     from whisfusion_cli.encoder import BACKENDS
 
     assert cli.ENCODER_BACKEND_NAMES == bench.ENCODER_BACKENDS == BACKENDS
+
+
+def test_mel_filters_are_whispers():
+    import librosa
+    from transformers.audio_utils import mel_filter_bank
+
+    for n_mels in (80, 128):
+        ours = mel_filters(n_mels)
+        assert ours.shape == (n_mels, 201) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, librosa.filters.mel(sr=SAMPLE_RATE, n_fft=400, n_mels=n_mels), atol=1e-7, rtol=0)
+        reference = mel_filter_bank(num_frequency_bins=201, num_mel_filters=n_mels, min_frequency=0.0,
+                                    max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+        np.testing.assert_allclose(ours, reference.T, atol=1e-7, rtol=0)
+
+
+def test_features_match_transformers_feature_extractor(encoders, feature_extractor, real_clips, clips):
+    enc = encoders["full"]
+    for clip in [*real_clips, *clips, np.zeros(SAMPLE_RATE, np.float32)]:
+        reference = feature_extractor(clip, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+        torch.testing.assert_close(enc.features([clip]), torch.from_numpy(reference), atol=1e-5, rtol=0)
+    batch = feature_extractor(real_clips, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+    torch.testing.assert_close(enc.features(real_clips), torch.from_numpy(batch), atol=1e-5, rtol=0)
+
+
+def test_tiny_en_read_from_model_bin_matches_transformers_on_real_clips(whisper, feature_extractor, real_clips):
+    """The encoder built from the CTranslate2 file alone (no transformers object) gives transformers' states."""
+    from_file = {mode: WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)) for mode in ("full", "pad_trim")}
+    assert from_file["full"].source == "tiny.en" and from_file["full"].dims.n_layer == 4
+    features = torch.from_numpy(feature_extractor(real_clips, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features)
+    with torch.inference_mode():
+        reference = whisper.model.encoder(features).last_hidden_state
+    for mode, enc in from_file.items():
+        for clip, got, want in zip(real_clips, enc.encode(real_clips), reference):
+            assert got.shape[0] == enc.output_frames(len(clip))
+            torch.testing.assert_close(got, want[: got.shape[0]], atol=1e-5, rtol=0)
+
+
+def test_small_sized_random_config_matches_transformers(small_sized, feature_extractor, real_clips):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    directory, model = small_sized
+    features = torch.from_numpy(feature_extractor(real_clips[:2], sampling_rate=SAMPLE_RATE, return_tensors="np").input_features)
+    with torch.inference_mode():
+        reference = model.model.encoder(features).last_hidden_state
+    full = WhisperAudioEncoder(str(directory), EncoderOptions(mode="full"))
+    assert (full.dim, full.dims.n_head, full.dims.n_mlp) == (768, 12, 3072)
+    for got, want in zip(full.encode(real_clips[:2]), reference):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # "short": transformers' encoder built for F positions, fed the first 2F mel frames.
+    clip = real_clips[1][: int(3.3 * SAMPLE_RATE)]
+    mel = short_mel_frames(len(clip))
+    cut = WhisperEncoder(model.config.__class__(**{**model.config.to_dict(), "max_source_positions": mel // 2})).eval()
+    state = model.model.encoder.state_dict()
+    state["embed_positions.weight"] = state["embed_positions.weight"][: mel // 2]
+    cut.load_state_dict(state)
+    short = WhisperAudioEncoder(str(directory), EncoderOptions(mode="short"))
+    with torch.inference_mode():
+        want = cut(short.features([clip], mel)).last_hidden_state[0]
+    torch.testing.assert_close(short.encode([clip])[0], want, atol=1e-5, rtol=0)
+
+
+def test_whisper_model_checkpoints_without_the_model_prefix(small_sized, tmp_path, jfk):
+    """A WhisperModel directory names its tensors "encoder.*" (not "model.encoder.*"): the same encoder."""
+    directory, model = small_sized
+    model.model.save_pretrained(tmp_path / "bare")
+    clip = jfk[: 2 * SAMPLE_RATE]
+    a = WhisperAudioEncoder(str(directory), EncoderOptions(mode="short")).encode([clip])[0]
+    b = WhisperAudioEncoder(str(tmp_path / "bare"), EncoderOptions(mode="short")).encode([clip])[0]
+    assert torch.equal(a, b)
+
+
+def test_int8_replaces_the_float_linears(whisper):
+    enc = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="short", int8=True))
+    quantised = [m for m in enc.encoder.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantised) == 4 * 6  # q, k, v, out, fc1, fc2 in each of the 4 blocks
+    assert not any(isinstance(m, torch.nn.Linear) for m in enc.encoder.modules())  # no float copy beside them

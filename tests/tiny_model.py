@@ -42,6 +42,21 @@ def make_whisper(path: Path) -> Path:
     return path
 
 
+def random_whisper(seed: int = 0, **config):
+    """A random transformers WhisperForConditionalGeneration (eval mode) with non-zero biases and norms, so
+    a swapped or dropped bias cannot go unnoticed in a comparison."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(WhisperConfig(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def make_decoder(seed: int = 0):
     import torch
 

