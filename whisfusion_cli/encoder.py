@@ -267,7 +267,7 @@ def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOption
     import torch
 
     from . import first_line
-    from .model import AudioEncoder
+    from .model import AudioEncoder, quantize_linears
 
     with torch.device("meta"):
         encoder = AudioEncoder(dims)
@@ -278,14 +278,7 @@ def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOption
     encoder = encoder.eval().requires_grad_(False)
     if not options.int8:
         return encoder.to(device=device, dtype=dtype)
-    import warnings
-
-    # torch warns that its eager quantisation API is deprecated (moving to torchao); it still works in the
-    # pinned torch.
-    with warnings.catch_warnings():
-        for category in (UserWarning, DeprecationWarning, FutureWarning):
-            warnings.simplefilter("ignore", category)
-        return torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return quantize_linears(encoder)
 
 
 def _ctranslate2_encoder(checkpoint: "WhisperCheckpoint", options: EncoderOptions, device: "torch.device",

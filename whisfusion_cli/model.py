@@ -361,16 +361,11 @@ class DecoderBase(nn.Module):
         key = self._head_key()
         head = self.__dict__.get("_coarse_head")
         if head is None or head[0] != key:  # built on first use, rebuilt if the weights changed
-            import warnings
-
             weight = self._output_weight().detach().float()
             linear = nn.Linear(weight.size(1), weight.size(0), bias=False)
-            linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-            with warnings.catch_warnings():  # torch's eager quantisation API warns that it moves to torchao
-                for category in (UserWarning, DeprecationWarning, FutureWarning):
-                    warnings.simplefilter("ignore", category)
-                quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)
-            head = (key, quantized)
+            # A view of the weight, not a copy: quantisation reads it once to make the int8 weight.
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            head = (key, quantize_linears(nn.Sequential(linear)))
             self.__dict__["_coarse_head"] = head  # a plain attribute: not a submodule, not in the state dict
         return head[1](x.float())
 
@@ -634,7 +629,6 @@ def quantize_decoder(decoder: DecoderBase, head: bool = True, inplace: bool = Fa
     replaces it; the embedding itself stays float.
     """
     import copy
-    import warnings
 
     if decoder.device.type != "cpu" or decoder.dtype != torch.float32:
         raise ValueError("int8 decoder quantisation needs a float32 decoder on the CPU")
@@ -646,15 +640,22 @@ def quantize_decoder(decoder: DecoderBase, head: bool = True, inplace: bool = Fa
             model.output_proj = nn.Linear(rows.size(1), rows.size(0), bias=False)
         model.output_proj.weight = nn.Parameter(rows, requires_grad=False)
     skip = set() if head else {"lm_head"}
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
+    return quantize_linears(model, linears).requires_grad_(False)
+
+
+def quantize_linears(module: nn.Module, names: set[str] | None = None) -> nn.Module:
+    """`module` itself with its Linear layers (those named in `names`; None: all) replaced by int8 dynamic
+    quantised ones (CPU). In place: the module is the caller's to give up (a copy where it must survive),
+    and quantize_dynamic would otherwise deep-copy it once more."""
+    import warnings
+
     # torch warns that its eager quantisation API moves to torchao; it still works in the pinned torch.
     with warnings.catch_warnings():
         for category in (UserWarning, DeprecationWarning, FutureWarning):
             warnings.simplefilter("ignore", category)
-        linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip}
-        # inplace: `model` is already ours (a copy, or the decoder given up by the caller); quantize_dynamic
-        # would otherwise deep-copy it once more.
-        quantized = torch.ao.quantization.quantize_dynamic(model, linears, dtype=torch.qint8, inplace=True)
-        return quantized.requires_grad_(False)
+        spec = {nn.Linear} if names is None else names
+        return torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
 
 
 def is_adapter_key(name: str) -> bool:
