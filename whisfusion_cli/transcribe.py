@@ -304,16 +304,15 @@ class Pipeline:
         decode = self.model.tokenizer._tok.decode
         texts = [" " + decode(list(g)).strip() for g in groups]
         probs = result.token_confidences or [result.score] * len(result.text_tokens)
+        starts = np.cumsum([0] + [len(g) for g in groups])  # each word's first token
         if word_timestamps and result.alignment is not None:
             words = align_words(result.alignment.numpy(), groups, texts, probs, window.start, window.end,
                                 lead=len(self.prefix_ids), speech=window.speech, frame_seconds=VAD_FRAME_SECONDS)
         else:
-            starts = np.cumsum([0] + [len(g) for g in groups])
             means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
             runs = speech_runs(window.speech, window.start, VAD_FRAME_SECONDS) if window.speech else None
             words = spread_words(texts, means, window.start, window.end, runs)
         # Tokens that decode to nothing (a special token the text leaves out) are no words.
-        starts = np.cumsum([0] + [len(g) for g in groups])
         spoken = [k for k, t in enumerate(texts) if t.strip()]
         probs = [p for k in spoken for p in probs[starts[k] : starts[k + 1]]]
         groups, words = [groups[k] for k in spoken], [words[k] for k in spoken]
@@ -641,15 +640,13 @@ def _model_identity(name: str, config: dict) -> dict:
 
 def _model_identity_from_options(model: str | None) -> dict:
     """The identity of the model `options.model` names, from its config file (the weights are not read)."""
-    from .checkpoint import CheckpointError, read_model_config, resolve_model
+    from .checkpoint import DEFAULT_MODEL_DIR, CheckpointError, read_model_config, resolve_model
 
     try:
         path = resolve_model(model)
         config = read_model_config(path)
     except (CheckpointError, OSError):
         return {"name": str(model), "config_sha256": None}  # loading it will say what is wrong
-    from .checkpoint import DEFAULT_MODEL_DIR
-
     return _model_identity("default" if path == DEFAULT_MODEL_DIR else str(model), config)
 
 
