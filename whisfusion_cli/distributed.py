@@ -171,6 +171,15 @@ class Group:
 
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
+    def data_parallel(self, module: "torch.nn.Module") -> "torch.nn.Module":
+        """`module` as DDP over this group (gradients averaged over ranks in backward); with one rank, itself.
+        A collective: every rank must reach it."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
         """The element-wise sum over ranks of `tensor` (a new tensor on the collective device)."""
         t = tensor.detach().to(self.collective_device, copy=True)

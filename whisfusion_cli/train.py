@@ -18,15 +18,19 @@ masked positions before the forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-STAGES = ("1", "2", "scratch")
+from .choices import TRAIN_STAGES
+from .display import progress
+from .fileio import atomic_path
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_EPS = 1e-3
 STAGE2_MASK_RANGE = (0.7, 1.0)
@@ -43,59 +47,68 @@ LENGTH_GROUP = 32  # global batches per length-sorted chunk (bucketing of variab
 LAST_CHECKPOINT = "last.pt"
 MODEL_SUBDIR = "model"
 METRICS_FILE = "metrics.jsonl"
-# Options that must not change across --resume (they define the run's exact trajectory).
-RESUME_FIXED = (
-    "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
-    "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
-    "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask", "state_noise",
-)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .data import ShardDataset
+    from .distributed import Group
+    from .tokenizer import Tokenizer
 
 
 class TrainError(RuntimeError):
     """A training run that cannot continue; the message says why in one line."""
 
 
+def _fixed(default=None):
+    """A TrainOptions field that must not change across --resume: it defines the run's exact trajectory."""
+    return field(default=default, metadata={"resume": "fixed"})
+
+
 @dataclass
 class TrainOptions:
+    """A run's options. Those made with `_fixed` (RESUME_FIXED) must not change across --resume; the others
+    (where the run writes, how often it logs, evaluates and saves, when it stops) may."""
+
     data: str | list  # shard folder(s) written by `whisfusion preprocess`; several are concatenated
     output: str  # run folder: last.pt, metrics.jsonl, model/, upstream .pt files
-    stage: str = "scratch"  # "1" | "2" | "scratch"
-    base: str | None = None  # SMDM base weights (stages 1 and 2)
-    init: str | None = None  # stage 2: stage-1 adapter (or full decoder); scratch: "random" or a Whisper model
-    config: str | None = None  # scratch with random init: ModelConfig JSON file or preset name
-    tokenizer: str | None = None  # tokenizer.json; the Whisper family takes the Whisper model's own by default
+    stage: str = _fixed("scratch")  # "1" | "2" | "scratch"
+    base: str | None = _fixed()  # SMDM base weights (stages 1 and 2)
+    init: str | None = _fixed()  # stage 2: stage-1 adapter (or full decoder); scratch: "random" or a Whisper model
+    config: str | None = _fixed()  # scratch with random init: ModelConfig JSON file or preset name
+    tokenizer: str | None = _fixed()  # tokenizer.json; the Whisper family takes the Whisper model's own by default
     val_data: str | None = None  # separate validation shards; else val_items are held out from data
-    val_items: int = 200
+    val_items: int = _fixed(200)
     wer_items: int = 32  # validation items decoded with Parallel Diffusion Decoding for the WER
-    seq_len: int | None = None  # canvas; None: 256 for the SMDM family, longest target + margin for Whisper
+    seq_len: int | None = _fixed()  # canvas; None: 256 for the SMDM family, longest target + margin for Whisper
     # "fixed": every canvas is seq_len long (upstream). "audio": each batch's canvas is sized to its audio the
     # way decoding sizes it (decoding.DecodingOptions.canvas_length), capped at seq_len: training matches
     # inference with a sized canvas, and short utterances stop paying for a long tail of pads.
-    canvas: str = "fixed"
-    batch_size: int = 16  # per rank and accumulation step
-    grad_accum: int = 1
-    lr: float | None = None  # None: the stage's upstream rule (scaled by global batch / 64)
-    min_lr_ratio: float | None = None  # cosine floor as a fraction of lr (stage 1: 0.1, stage 2: 0.01)
-    warmup: float = 0.1  # fraction of the run if < 1, else steps
-    max_steps: int | None = None  # length of the schedule; None: from epochs
-    epochs: float = 10.0
+    canvas: str = _fixed("fixed")
+    batch_size: int = _fixed(16)  # per rank and accumulation step
+    grad_accum: int = _fixed(1)
+    lr: float | None = _fixed()  # None: the stage's upstream rule (scaled by global batch / 64)
+    min_lr_ratio: float | None = _fixed()  # cosine floor as a fraction of lr (stage 1: 0.1, stage 2: 0.01)
+    warmup: float = _fixed(0.1)  # fraction of the run if < 1, else steps
+    max_steps: int | None = _fixed()  # length of the schedule; None: from epochs
+    epochs: float = _fixed(10.0)
     stop_at: int | None = None  # stop (with a `last` checkpoint) after this step without changing the schedule
     time_limit: float | None = None  # minutes; stop cleanly (with a `last` checkpoint) when exceeded
-    weight_decay: float | None = None
-    betas: tuple[float, float] | None = None
-    adam_eps: float = 1e-8
-    grad_clip: float | None = None
-    mask_range: tuple[float, float] | None = None  # t ~ U(lo, hi)
+    weight_decay: float | None = _fixed()
+    betas: tuple[float, float] | None = _fixed()
+    adam_eps: float = _fixed(1e-8)
+    grad_clip: float | None = _fixed()
+    mask_range: tuple[float, float] | None = _fixed()  # t ~ U(lo, hi)
     # Augmentation of the encoder states (training batches only; the shards hold them precomputed, so this is
     # where SpecAugment-style regularisation can act): up to STATE_MASK_SPANS spans per item, each up to this
     # fraction of its frames, replaced by the item's mean state; and Gaussian noise of this std relative to
     # the item's own std. 0 turns either off.
-    state_time_mask: float = 0.0
-    state_noise: float = 0.0
-    mask_prefix: bool | None = None  # None: SMDM masks BOS like upstream; the Whisper family never masks its prefix
-    ema_decay: float | None = None  # None: 0.995 in stage 2, off otherwise; 0 turns it off
-    layer_decay: float | None = None  # e.g. 0.9 (stage 2 option)
-    freeze_embeddings: bool | None = None  # Whisper family: keep the tied token table fixed (default True)
+    state_time_mask: float = _fixed(0.0)
+    state_noise: float = _fixed(0.0)
+    mask_prefix: bool | None = _fixed()  # None: SMDM masks BOS like upstream; the Whisper family never masks its prefix
+    ema_decay: float | None = _fixed()  # None: 0.995 in stage 2, off otherwise; 0 turns it off
+    layer_decay: float | None = _fixed()  # e.g. 0.9 (stage 2 option)
+    freeze_embeddings: bool | None = _fixed()  # Whisper family: keep the tied token table fixed (default True)
     eval_every: int = 500
     save_every: int = 500
     log_every: int = 10
@@ -105,7 +118,7 @@ class TrainOptions:
     decode_steps: int | None = None
     decode_candidates: int | None = None
     decode_strategy: str | None = None
-    seed: int = 1234
+    seed: int = _fixed(1234)
     device: str | None = None  # None: cuda:LOCAL_RANK where available, else cpu
     # "auto": fp32 on the CPU; on a GPU bf16 autocast where bf16 is native (Ampere on), else fp16 autocast with
     # loss scaling (T4, V100), fp32 products on TF32 tensor cores where there are some.
@@ -116,8 +129,8 @@ class TrainOptions:
 
     def __post_init__(self):
         self.stage = str(self.stage)
-        if self.stage not in STAGES:
-            raise ValueError(f"stage {self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.stage not in TRAIN_STAGES:
+            raise ValueError(f"stage {self.stage!r}: expected one of {', '.join(TRAIN_STAGES)}")
         if self.betas is not None:
             self.betas = tuple(float(b) for b in self.betas)
         if self.mask_range is not None:
@@ -173,6 +186,9 @@ class TrainOptions:
             strategy=self.decode_strategy or ("remask" if smdm else "confidence"),
             seq_len=seq_len, max_seq_len=max_seq_len, seed=self.seed,
         )
+
+
+RESUME_FIXED = tuple(f.name for f in fields(TrainOptions) if f.metadata.get("resume") == "fixed")
 
 
 def autocast_dtype(precision: str, device):
@@ -257,6 +273,21 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int) 
     batches = [perm[b : b + global_batch] for b in range(0, len(perm) - global_batch + 1, global_batch)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [sorted(batches[i], key=lambda i: (lengths[i], i)) for i in order]
+
+
+class EpochOrder:
+    """The global batch (training rows) of each step: `epoch_batches` of the step's epoch, drawn once an epoch."""
+
+    def __init__(self, lengths: list[int], global_batch: int, seed: int):
+        self.lengths, self.global_batch, self.seed = lengths, global_batch, seed
+        self.steps_per_epoch = len(lengths) // global_batch
+        self.epoch, self.batches = None, []
+
+    def rows(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, epoch_batches(self.lengths, self.global_batch, self.seed, epoch)
+        return self.batches[index]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,9 +504,9 @@ def lr_at(step: int, o: TrainOptions, total: int) -> float:
     warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
     if warmup and step < warmup:
         return o.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    done = (step - warmup) / max(1, total - warmup)
     floor = o.lr * o.min_lr_ratio
-    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 class EMA:
@@ -587,15 +618,306 @@ def auto_seq_len(dataset, tokenizer, family: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The run
+# The run: what it is made of, where it stands
 
 
-def _save_atomic(obj, path: Path):
+@dataclass
+class Run:
+    """What a run is made of, fixed once it starts: its options resolved, the ranks, data, model, optimizer."""
+
+    o: TrainOptions
+    group: Group
+    out: Path  # the run folder
+    data: ShardDataset  # the training shards (their encoder spec goes into the model directory)
+    train_batches: Batches
+    val_batches: Batches | None
+    order: EpochOrder
+    decoder: torch.nn.Module
+    names: set[str]  # trainable parameters
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    amp_dtype: torch.dtype | None  # autocast dtype; None: plain fp32
+    scaler: torch.amp.GradScaler  # loss scaling for fp16, a pass-through otherwise
+    tokenizer: Tokenizer
+    tok_cfg: dict
+    tok_file: Path
+    seq_len: int
+    n_fixed: int  # canvas positions never masked (the prefix, unless mask_prefix)
+    global_batch: int
+    total: int  # steps of the schedule
+    model: torch.nn.Module | None = None  # the decoder, wrapped for DDP when there are several ranks
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / LAST_CHECKPOINT
+
+    def autocast(self):
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.group.device.type, dtype=self.amp_dtype)
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what last.pt keeps besides weights and optimizer, and what decides when it stops."""
+
+    step: int = 0  # updates done
+    best: float = float("inf")  # best validation loss so far
+    bad_evals: int = 0  # evaluations since the best one
+    updating: bool = False  # inside an update: an interrupt now would leave it half applied, so nothing is saved
+
+
+@dataclass
+class Meter:
+    """What the log lines report: the mean loss since the last line, tokens per second and time since the start."""
+
+    start: float = field(default_factory=time.time)
+    tokens: int = 0  # seen by this rank
+    loss_sum: float = 0.0
+    n: int = 0
+    last_loss: float | None = None
+    elapsed: float = 0.0  # at the last step
+    tok_s: float = 0.0  # all ranks, at the last step
+
+    def add(self, loss: float, tokens: int, world: int):
+        self.last_loss, self.loss_sum, self.n, self.tokens = loss, self.loss_sum + loss, self.n + 1, self.tokens + tokens
+        self.elapsed = time.time() - self.start
+        self.tok_s = self.tokens * world / max(self.elapsed, 1e-9)
+
+    def minutes(self) -> float:
+        return (time.time() - self.start) / 60
+
+    def describe(self, step: int, total: int, lr: float) -> str:
+        return f"step {step}/{total} loss {self.last_loss:.3f} lr {lr:.2e} {self.tok_s:,.0f} tok/s"
+
+    def line(self, step: int, lr: float, grad_norm, steps_per_epoch: int) -> dict:
+        """The metrics line of this step; the loss mean starts again after it."""
+        record = {"step": step, "loss": self.loss_sum / self.n, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": self.tok_s, "elapsed_s": round(self.elapsed, 2), "epoch": step / steps_per_epoch}
+        self.loss_sum, self.n = 0.0, 0
+        return record
+
+
+class Metrics:
+    """RUN/metrics.jsonl, written by rank 0 (the other ranks write nothing): one JSON record a line, flushed."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def train(options: TrainOptions, console=None) -> dict:
+    """Run (or resume) a training run; returns a summary dict (steps, losses, best validation, outputs).
+    Under torchrun every rank calls it; each trains on its share of every global batch (DDP)."""
+    from .distributed import Group
+
+    try:
+        group = Group.start(options.device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    try:
+        return _train(options, group, console)
+    finally:
+        group.close()  # also after an error, so no rank exits with the group's threads alive
+
+
+def _train(options: TrainOptions, group, console=None) -> dict:
+    """The loop: data, masks, forward and backward, update, log, evaluate, checkpoint (nanoGPT's train.py)."""
+    from .distributed import enable_tf32
+
+    run = build_run(options, group)  # data, validation split, model, optimizer
+    state = start_or_resume(run)  # every rank stops here with rank 0's error, none is left waiting in DDP()
+    run.model = group.data_parallel(run.decoder)
+    if run.o.precision in ("auto", "fp32"):
+        enable_tf32(group.device)  # float32 products on tensor cores where the GPU has them
+    o, log = run.o, Metrics(run.out / METRICS_FILE if group.is_main else None)
+    log.write(start_record(run, state))
+    meter, reason = Meter(), "finished"
+    stop_at = min(run.total, o.stop_at) if o.stop_at else run.total
+    try:
+        with progress(o.progress and group.is_main, console, counts=False) as bar:
+            task = bar.add_task("training", total=stop_at, completed=state.step)
+            while state.step < stop_at:
+                rows = run.order.rows(state.step)  # this step's global batch, the same on every rank
+                masks = step_masks(run, state.step, rows)
+                lr = set_lr(run.optimizer, lr_at(state.step, o, run.total))
+                loss, tokens = forward_backward(run, rows, masks, state.step)
+                if not math.isfinite(loss):
+                    reason = "nan"
+                    log_nan(run, state, loss, log)
+                    break
+                grad_norm = clip_gradients(run)
+                state.updating = True
+                optimizer_step(run)
+                state.step += 1
+                state.updating = False
+                meter.add(loss, tokens, group.world)
+                bar.update(task, completed=state.step, description=meter.describe(state.step, run.total, lr))
+                if state.step % o.log_every == 0 or state.step == stop_at:
+                    log.write(meter.line(state.step, lr, grad_norm, run.order.steps_per_epoch))
+                why = None
+                if run.val_batches is not None and (state.step % o.eval_every == 0 or state.step == run.total):
+                    why = evaluate_and_decide(run, state, log, bar.console)
+                if o.time_limit and meter.minutes() > o.time_limit:
+                    why = "time_limit"
+                # Each rank reads its own clock: all stop when one does.
+                stop = group.any(why is not None) if o.time_limit else why is not None
+                if state.step % o.save_every == 0 or stop or state.step == stop_at:
+                    save_checkpoint(run, state)
+                if stop:
+                    reason = why or reason
+                    break
+    except KeyboardInterrupt:
+        on_interrupt(run, state, log)
+        raise
+    return finish(run, state, meter, reason, log)
+
+
+# ------------------------------------------------------------------------------------------- setting up
+
+
+def build_run(options: TrainOptions, group) -> Run:
+    """A run's data, validation split, model, optimizer and precision; its options resolved for its global batch
+    (every rank and accumulation step together)."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    out = Path(options.output)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    global_batch = options.batch_size * options.grad_accum * group.world
+    o = options.resolved(global_batch)
+    data, val_data = load_shards(o)
+    decoder, tokenizer, tok_cfg, tok_file = build_model(o, data.dim)
+    seq_len = settle_family_defaults(o, decoder, data, tokenizer)
+    val_set, val_idx, train_idx = split_validation(data, val_data, o)
+    train_batches = Batches(data, train_idx, tokenizer, seq_len)
+    val_batches = Batches(val_set, val_idx, tokenizer, seq_len) if val_idx else None
+    if len(train_batches) < global_batch:
+        raise TrainError(f"{', '.join(map(str, _as_list(o.data)))}: {len(train_batches)} training items, "
+                         f"fewer than one global batch of {global_batch}")
+    order = EpochOrder(train_batches.lengths, global_batch, o.seed)
+    decoder.to(group.device)
+    names = trainable_names(decoder, o)
+    for n, p in decoder.named_parameters():
+        p.requires_grad_(n in names)
+    groups = param_groups(decoder, names, o)
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr, betas=o.betas, eps=o.adam_eps
+    )
+    ema = EMA(decoder, names, o.ema_decay) if o.ema_decay else None
+    amp_dtype = autocast_dtype(o.precision, group.device)
+    scaler = torch.amp.GradScaler(group.device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
+    return Run(o=o, group=group, out=out, data=data, train_batches=train_batches, val_batches=val_batches,
+               order=order, decoder=decoder, names=names, optimizer=optimizer, ema=ema, amp_dtype=amp_dtype,
+               scaler=scaler, tokenizer=tokenizer, tok_cfg=tok_cfg, tok_file=tok_file, seq_len=seq_len,
+               n_fixed=0 if o.mask_prefix else len(tokenizer.prefix_ids), global_batch=global_batch,
+               total=o.max_steps or max(1, math.ceil(o.epochs * order.steps_per_epoch)))
+
+
+def load_shards(o: TrainOptions):
+    """(training shards, validation shards or None), both of one encoder width."""
+    from .data import DatasetError, ShardDataset
+
+    try:
+        data = ShardDataset(o.data)
+        val_data = ShardDataset(o.val_data) if o.val_data else None
+    except DatasetError as e:
+        raise TrainError(str(e)) from None
+    if val_data is not None and val_data.dim != data.dim:
+        raise TrainError(f"{o.val_data}: encoder width {val_data.dim} differs from the training shards' {data.dim}")
+    return data, val_data
+
+
+def settle_family_defaults(o: TrainOptions, decoder, data, tokenizer) -> int:
+    """Fill in (in place) the options whose default depends on the decoder family; returns the canvas length."""
+    family = decoder.config.family
+    if o.mask_prefix is None:
+        o.mask_prefix = family == "smdm"  # upstream masks BOS too; the Whisper prefix is a fixed prompt
+    if o.freeze_embeddings is None:
+        o.freeze_embeddings = family == "whisper"
+    seq_len = o.seq_len or auto_seq_len(data, tokenizer, family)
+    if seq_len > decoder.config.block_size:
+        raise TrainError(f"seq_len {seq_len} exceeds the decoder's block_size {decoder.config.block_size}")
+    o.seq_len = seq_len
+    return seq_len
+
+
+def split_validation(data, val_data, o: TrainOptions):
+    """(validation dataset, its items, training items): a fixed random subset of data (by seed) held out, at
+    most a fifth of it, unless separate validation shards are given."""
+    import torch
+
+    if val_data is None and o.val_items > 0:
+        g = torch.Generator().manual_seed(o.seed + 17)
+        perm = torch.randperm(len(data), generator=g).tolist()
+        n_val = min(o.val_items, len(data) // 5)
+        return data, sorted(perm[:n_val]), sorted(perm[n_val:])
+    val_idx = list(range(min(len(val_data), o.val_items))) if val_data else []
+    return val_data, val_idx, list(range(len(data)))
+
+
+# ------------------------------------------------------------------------------------------- resuming
+
+
+def start_or_resume(run: Run) -> RunState:
+    """Step 0 in a folder without a run, or (--resume) where its last.pt stopped. A folder that holds a run
+    already is refused on every rank, so none is left waiting in a collective."""
+    state, error = RunState(), None
+    if run.o.resume:
+        state = load_resume(run)
+    elif run.group.is_main and run.last_path.exists():
+        error = f"{run.out}: holds a run already (last.pt); pass --resume to continue it or use a new folder"
+    run.group.check(error, TrainError)
+    return state
+
+
+def load_resume(run: Run) -> RunState:
+    """last.pt, checked against this run's options, loaded into its model, optimizer, EMA, loss scaler and
+    random generators: the run goes on exactly as if it had not stopped."""
+    import torch
+
+    path = run.last_path
+    if not path.exists():
+        raise TrainError(f"{path}: no checkpoint to resume from")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    record = _options_record(run.o)
+    changed = [k for k in RESUME_FIXED if _norm(ckpt["options"].get(k)) != _norm(record.get(k))]
+    if changed or ckpt["world_global_batch"] != run.global_batch:
+        what = ", ".join(changed) or f"global batch {ckpt['world_global_batch']} -> {run.global_batch}"
+        raise TrainError(f"{path}: cannot resume exactly, options changed ({what})")
+    params = dict(run.decoder.named_parameters())
+    with torch.no_grad():
+        for k, v in ckpt["model"].items():
+            params[k].copy_(v)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return RunState(step=ckpt["step"], best=ckpt["best_val"], bad_evals=ckpt["bad_evals"])
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _options_record(o: TrainOptions) -> dict:
+    d = asdict(o)
+    for k in ("betas", "mask_range"):
+        if d[k] is not None:
+            d[k] = list(d[k])
+    return d
 
 
 def _rng_state():
@@ -616,309 +938,199 @@ def _set_rng_state(state):
     np.random.set_state(state["numpy"])  # a "cuda" entry of an older checkpoint is not needed: ignored
 
 
-def _options_record(o: TrainOptions) -> dict:
-    d = asdict(o)
-    for k in ("betas", "mask_range"):
-        if d[k] is not None:
-            d[k] = list(d[k])
-    return d
+# ------------------------------------------------------------------------------------------- one step
 
 
-def train(options: TrainOptions, console=None) -> dict:
-    """Run (or resume) a training run; returns a summary dict (steps, losses, best validation, outputs).
-    Under torchrun every rank calls it; each trains on its share of every global batch (DDP)."""
-    from .distributed import Group
-
-    try:
-        group = Group.start(options.device)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    try:
-        return _train(options, group, console)
-    finally:
-        group.close()  # also after an error, so no rank exits with the group's threads alive
+def step_masks(run: Run, step: int, rows: list[int]):
+    """The masks of this step's global batch; with --canvas audio cut to the batch's canvas (one length per
+    global batch, so DDP ranks agree)."""
+    o = run.o
+    masks = draw_masks(o.seed, step, run.global_batch, run.seq_len, o.mask_range, run.n_fixed)
+    if o.canvas == "audio":
+        masks = masks[:, : run.train_batches.canvas_length(rows)]
+    return masks
 
 
-def _train(options: TrainOptions, group, console=None) -> dict:
+def set_lr(optimizer, lr: float) -> float:
+    """The step's learning rate in every parameter group (times the group's layer-decay scale); returns lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    return lr
+
+
+def micro_batch(run: Run, rows: list[int], masks, step: int, micro: int):
+    """(target, mask, condition, frames) of one micro-batch on the rank's device, the states augmented."""
+    import torch
+
+    o, batches, device = run.o, run.train_batches, run.group.device
+    target = batches.targets[rows].to(device, torch.long)
+    mask = masks.to(device)
+    target = target[:, : mask.size(1)]
+    cond, frames = batches.conditions(rows, torch.float32)
+    if o.state_time_mask or o.state_noise:
+        cond = augment_states(cond, [batches.lengths[r] for r in rows], o.state_time_mask, o.state_noise, o.seed,
+                              step, micro)
+    return target, mask, cond.to(device), frames.to(device)
+
+
+def forward_backward(run: Run, rows: list[int], masks, step: int) -> tuple[float, int]:
+    """Forward, loss and backward of this rank's micro-batches of one global batch. Returns the loss of the
+    whole global batch (the mean over its masked positions, over every rank) and the tokens this rank saw."""
     import torch
     import torch.nn.functional as F
 
-    from .data import DatasetError, ShardDataset
-    from .distributed import enable_tf32
-
-    rank, world, device, is_main = group.rank, group.world, group.device, group.is_main
-    out = Path(options.output)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    global_batch = options.batch_size * options.grad_accum * world
-    o = options.resolved(global_batch)
-
-    try:
-        data = ShardDataset(o.data)
-        val_data = ShardDataset(o.val_data) if o.val_data else None
-    except DatasetError as e:
-        raise TrainError(str(e)) from None
-    if val_data is not None and val_data.dim != data.dim:
-        raise TrainError(f"{o.val_data}: encoder width {val_data.dim} differs from the training shards' {data.dim}")
-
-    decoder, tokenizer, tok_cfg, tok_file = build_model(o, data.dim)
-    family = decoder.config.family
-    if o.mask_prefix is None:
-        o.mask_prefix = family == "smdm"  # upstream masks BOS too; the Whisper prefix is a fixed prompt
-    if o.freeze_embeddings is None:
-        o.freeze_embeddings = family == "whisper"
-    seq_len = o.seq_len or auto_seq_len(data, tokenizer, family)
-    if seq_len > decoder.config.block_size:
-        raise TrainError(f"seq_len {seq_len} exceeds the decoder's block_size {decoder.config.block_size}")
-    o.seq_len = seq_len
-
-    # Held-out validation split: a fixed random subset (by seed) unless separate shards are given.
-    all_idx = list(range(len(data)))
-    if val_data is None and o.val_items > 0:
-        g = torch.Generator().manual_seed(o.seed + 17)
-        perm = torch.randperm(len(data), generator=g).tolist()
-        n_val = min(o.val_items, len(data) // 5)
-        val_set, val_idx = data, sorted(perm[:n_val])
-        train_idx = sorted(perm[n_val:])
-    else:
-        val_set, val_idx = val_data, list(range(min(len(val_data), o.val_items))) if val_data else []
-        train_idx = all_idx
-    train_batches = Batches(data, train_idx, tokenizer, seq_len)
-    val_batches = Batches(val_set, val_idx, tokenizer, seq_len) if val_idx else None
-    if len(train_batches) < global_batch:
-        raise TrainError(f"{', '.join(map(str, _as_list(o.data)))}: {len(train_batches)} training items, fewer than one global batch of {global_batch}")
-    steps_per_epoch = len(train_batches) // global_batch
-    total = o.max_steps or max(1, math.ceil(o.epochs * steps_per_epoch))
-
-    decoder.to(device)
-    names = trainable_names(decoder, o)
-    for n, p in decoder.named_parameters():
-        p.requires_grad_(n in names)
-    groups = param_groups(decoder, names, o)
-    optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "names"} for g in groups], lr=o.lr, betas=o.betas, eps=o.adam_eps
-    )
-    ema = EMA(decoder, names, o.ema_decay) if o.ema_decay else None
-    n_fixed = 0 if o.mask_prefix else len(tokenizer.prefix_ids)
-
-    step, best, bad_evals = 0, float("inf"), 0
-    last_path = out / LAST_CHECKPOINT
-    amp_dtype = autocast_dtype(o.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
-    error = None
-    if o.resume:
-        if not last_path.exists():
-            raise TrainError(f"{last_path}: no checkpoint to resume from")
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        saved = ckpt["options"]
-        changed = [k for k in RESUME_FIXED if _norm(saved.get(k)) != _norm(_options_record(o).get(k))]
-        if changed or ckpt["world_global_batch"] != global_batch:
-            what = ", ".join(changed) or f"global batch {ckpt['world_global_batch']} -> {global_batch}"
-            raise TrainError(f"{last_path}: cannot resume exactly, options changed ({what})")
-        params = dict(decoder.named_parameters())
-        with torch.no_grad():
-            for k, v in ckpt["model"].items():
-                params[k].copy_(v)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, best, bad_evals = ckpt["step"], ckpt["best_val"], ckpt["bad_evals"]
-        _set_rng_state(ckpt["rng"])
-    elif is_main and last_path.exists():
-        error = f"{out}: holds a run already (last.pt); pass --resume to continue it or use a new folder"
-    group.check(error, TrainError)  # every rank stops with rank 0's error, none is left waiting in DDP()
-
-    model = decoder
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(decoder, device_ids=[device.index] if device.type == "cuda" else None)
-    if o.precision in ("auto", "fp32"):
-        enable_tf32(device)  # float32 products on tensor cores where the GPU has them
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else _null
-
-    metrics = open(out / METRICS_FILE, "a", encoding="utf-8") if is_main else None
-
-    def log(record):
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def save_last(step_done: int):
-        group.on_main(lambda: _save_atomic(last_state(step_done), last_path))
-
-    def last_state(step_done: int) -> dict:
-        return {
-            "model": {k: v.detach().cpu() for k, v in decoder.named_parameters() if k in names},
-            "optimizer": optimizer.state_dict(),
-            "schedule": {"total": total, "warmup": o.warmup, "lr": o.lr, "min_lr_ratio": o.min_lr_ratio},
-            "ema": ema.state_dict() if ema else None,
-            "step": step_done,
-            "data": {"epoch": step_done // steps_per_epoch, "batch_in_epoch": step_done % steps_per_epoch,
-                     "seed": o.seed, "global_batch": global_batch},
-            "best_val": best,
-            "bad_evals": bad_evals,
-            "rng": _rng_state(),
-            "options": _options_record(o),
-            "world_global_batch": global_batch,
-            "config": decoder.config.to_dict(),
-            "scaler": scaler.state_dict(),
-        }
-
-    def save_outputs(tag: str):
-        with _swapped(decoder, ema):
-            write_outputs(decoder, o, out, tokenizer, tok_cfg, tok_file, data.encoder, seq_len)
-        log({"step": step, "saved": tag})
-
-    def evaluate_and_save():
-        nonlocal best, bad_evals
-        with _swapped(decoder, ema):
-            result = evaluate(decoder, val_batches, tokenizer, o, device, autocast, n_fixed)
-        improved = result["val_loss"] < best
-        if improved:
-            best, bad_evals = result["val_loss"], 0
-        else:
-            bad_evals += 1
-        log({"step": step, **result, "best_val_loss": best, "improved": improved})
-        progress.console.print(
-            f"step {step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
-            f"({result['wer_items']} items)" + (" (best)" if improved else ""))
-        if improved:
-            save_outputs("best")
-        return best, bad_evals, bool(o.patience and bad_evals >= o.patience)
-
-    log({"event": "resume" if o.resume else "start", "step": step, "total": total, "world": world,
-         "global_batch": global_batch, "seq_len": seq_len, "train_items": len(train_batches),
-         "val_items": len(val_idx), "trainable": sum(p.numel() for n, p in decoder.named_parameters() if n in names),
-         "truncated_targets": train_batches.truncated, "lr": o.lr, "device": str(device)})
-
-    t_start = time.time()
-    tokens_done, loss_acc, n_acc = 0, 0.0, 0
-    last_loss, stopped = None, "finished"
-    stop_at = min(total, o.stop_at) if o.stop_at else total
-    epoch_cache: dict = {}
-    updating = [False]
-    try:
-        with _progress(o.progress and is_main, console) as progress:
-            task = progress.add_task("training", total=stop_at, completed=step)
-            while step < stop_at:
-                epoch, b_in_epoch = divmod(step, steps_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache = {epoch: epoch_batches(train_batches.lengths, global_batch, o.seed, epoch)}
-                batch_rows = epoch_cache[epoch][b_in_epoch]
-                masks = draw_masks(o.seed, step, global_batch, seq_len, o.mask_range, n_fixed)
-                if o.canvas == "audio":  # one length per global batch, so DDP ranks agree
-                    masks = masks[:, : train_batches.canvas_length(batch_rows)]
-                n_masked = int(masks.sum())
-                lr = lr_at(step, o, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                model.train()
-                step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the GPU: no sync
-                for a in range(o.grad_accum):
-                    m = rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
-                    sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
-                    rows = batch_rows[sl]
-                    target = train_batches.targets[rows].to(device, torch.long)
-                    mask = masks[sl].to(device)
-                    target = target[:, : mask.size(1)]
-                    cond, frames = train_batches.conditions(rows, torch.float32)
-                    if o.state_time_mask or o.state_noise:
-                        cond = augment_states(cond, [train_batches.lengths[r] for r in rows], o.state_time_mask,
-                                              o.state_noise, o.seed, step, m)
-                    cond, frames = cond.to(device), frames.to(device)
-                    idx = torch.where(mask, torch.full_like(target, decoder.config.mask_token_id), target)
-                    sync = a == o.grad_accum - 1
-                    ctx = model.no_sync() if (world > 1 and not sync) else _null()
-                    with ctx:
-                        with autocast():
-                            logits = model(idx, cond, positions=mask, frames=frames)
-                        loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
-                        # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
-                        scaler.scale(loss_sum * (world / max(n_masked, 1))).backward()
-                    step_loss += loss_sum.detach().double()
-                    tokens_done += target.numel()
-                loss = float(group.sum(step_loss)) / max(n_masked, 1)
-                if not math.isfinite(loss):
-                    stopped = "nan"
-                    if is_main:
-                        msg = (f"loss is {loss} at step {step + 1}: stopping; the last good checkpoint is "
-                               f"{last_path if last_path.exists() else 'not written yet'} (try a lower --lr)")
-                        log({"step": step + 1, "event": "nan", "message": msg})
-                    break
-                scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in decoder.parameters() if p.requires_grad],
-                                                           o.grad_clip if o.grad_clip else float("inf"))
-                updating[0] = True  # an interrupt now would leave a half-applied update: not saved
-                scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(decoder)
-                step += 1
-                updating[0] = False
-                last_loss = loss
-                loss_acc += loss
-                n_acc += 1
-                elapsed = time.time() - t_start
-                tok_s = tokens_done * world / max(elapsed, 1e-9)
-                progress.update(task, completed=step,
-                                description=f"step {step}/{total} loss {loss:.3f} lr {lr:.2e} {tok_s:,.0f} tok/s")
-                if step % o.log_every == 0 or step == stop_at:
-                    log({"step": step, "loss": loss_acc / n_acc, "lr": lr, "grad_norm": float(grad_norm),
-                         "tokens_per_s": tok_s, "elapsed_s": round(elapsed, 2), "epoch": step / steps_per_epoch})
-                    loss_acc, n_acc = 0.0, 0
-                stop = False
-                if val_batches is not None and (step % o.eval_every == 0 or step == total):
-                    # Rank 0 evaluates and saves; its decision (or its error) reaches every rank.
-                    best, bad_evals, stop = group.on_main(evaluate_and_save)
-                    if stop:
-                        stopped = "early_stopping"
-                if o.time_limit and (time.time() - t_start) / 60 > o.time_limit:
-                    stop, stopped = True, "time_limit"
-                if o.time_limit:  # each rank reads its own clock: all stop when one does
-                    stop = group.any(stop)
-                if step % o.save_every == 0 or stop or step == stop_at:
-                    save_last(step)
-                if stop:
-                    break
-    except KeyboardInterrupt:
-        # Ctrl-C between updates: keep the progress of every finished step, then let the caller report it.
-        if not updating[0] and world == 1:
-            save_last(step)
-        if metrics:
-            log({"event": "interrupted", "step": step})
-            metrics.close()
-        raise
-    if stopped == "finished" and step < total:
-        stopped = "stop_at"
-    if stopped != "nan" and (val_batches is None or not (out / MODEL_SUBDIR).exists()):
-        group.on_main(lambda: save_outputs("final"))
-    if stopped == "nan":
-        save_last(step)  # the state before the failing step: good weights
-    if metrics:
-        log({"event": "end", "step": step, "reason": stopped, "best_val_loss": best})
-        metrics.close()
-    group.barrier()
-    summary = {"step": step, "total": total, "reason": stopped, "last_loss": last_loss,
-               "best_val_loss": None if best == float("inf") else best, "output": str(out)}
-    if stopped == "nan":
-        raise TrainError(f"loss became NaN at step {step + 1}; stopped, last good checkpoint kept in {last_path}")
-    return summary
+    o, group = run.o, run.group
+    n_masked = max(int(masks.sum()), 1)
+    run.model.train()
+    step_loss = torch.zeros((), dtype=torch.float64, device=group.device)  # summed on the GPU: no sync
+    tokens = 0
+    for a in range(o.grad_accum):
+        m = group.rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
+        sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
+        target, mask, cond, frames = micro_batch(run, rows[sl], masks[sl], step, m)
+        idx = torch.where(mask, torch.full_like(target, run.decoder.config.mask_token_id), target)
+        sync = a == o.grad_accum - 1  # DDP reduces the gradients in the last backward only
+        with run.model.no_sync() if (group.world > 1 and not sync) else contextlib.nullcontext():
+            with run.autocast():
+                logits = run.model(idx, cond, positions=mask, frames=frames)
+            loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
+            # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
+            run.scaler.scale(loss_sum * (group.world / n_masked)).backward()
+        step_loss += loss_sum.detach().double()
+        tokens += target.numel()
+    return float(group.sum(step_loss)) / n_masked, tokens
 
 
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v
+def log_nan(run: Run, state: RunState, loss: float, log: Metrics):
+    if run.group.is_main:
+        last = run.last_path if run.last_path.exists() else "not written yet"
+        msg = f"loss is {loss} at step {state.step + 1}: stopping; the last good checkpoint is {last} (try a lower --lr)"
+        log.write({"step": state.step + 1, "event": "nan", "message": msg})
 
 
-class _null:
-    def __enter__(self):
-        return None
+def clip_gradients(run: Run):
+    """The gradient norm before clipping (clipped to grad_clip, if any); fp16 gradients unscaled first."""
+    import torch
 
-    def __exit__(self, *exc):
-        return False
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients (a no-op without fp16)
+    params = [p for p in run.decoder.parameters() if p.requires_grad]
+    return torch.nn.utils.clip_grad_norm_(params, run.o.grad_clip if run.o.grad_clip else float("inf"))
+
+
+def optimizer_step(run: Run):
+    run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.decoder)
+
+
+# ------------------------------------------------------------------------------------------- evaluating
+
+
+def evaluate_and_decide(run: Run, state: RunState, log: Metrics, console) -> str | None:
+    """Rank 0 evaluates (with the EMA weights), saves the model when it is the best so far and decides on early
+    stopping; its decision (or its error) reaches every rank. Returns "early_stopping" or None."""
+    state.best, state.bad_evals, stop = run.group.on_main(lambda: _evaluate_on_main(run, state, log, console))
+    return "early_stopping" if stop else None
+
+
+def _evaluate_on_main(run: Run, state: RunState, log: Metrics, console) -> tuple[float, int, bool]:
+    """(best validation loss, evaluations since the best, stop early) after this evaluation."""
+    o = run.o
+    with _swapped(run.decoder, run.ema):
+        result = evaluate(run.decoder, run.val_batches, run.tokenizer, o, run.group.device, run.autocast, run.n_fixed)
+    improved = result["val_loss"] < state.best
+    best, bad_evals = (result["val_loss"], 0) if improved else (state.best, state.bad_evals + 1)
+    log.write({"step": state.step, **result, "best_val_loss": best, "improved": improved})
+    console.print(f"step {state.step}: val loss {result['val_loss']:.4f}, WER {result['wer'] * 100:.1f}% "
+                  f"({result['wer_items']} items)" + (" (best)" if improved else ""))
+    if improved:
+        save_model(run, state, log, "best")
+    return best, bad_evals, bool(o.patience and bad_evals >= o.patience)
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(run: Run, state: RunState):
+    """RUN/last.pt (rank 0 writes it, every rank waits): everything --resume needs to go on exactly."""
+    run.group.on_main(lambda: _save_pt(checkpoint_state(run, state), run.last_path))
+
+
+def checkpoint_state(run: Run, state: RunState) -> dict:
+    o, step, steps_per_epoch = run.o, state.step, run.order.steps_per_epoch
+    return {
+        "model": {k: v.detach().cpu() for k, v in run.decoder.named_parameters() if k in run.names},
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": {"total": run.total, "warmup": o.warmup, "lr": o.lr, "min_lr_ratio": o.min_lr_ratio},
+        "ema": run.ema.state_dict() if run.ema else None,
+        "step": step,
+        "data": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+                 "seed": o.seed, "global_batch": run.global_batch},
+        "best_val": state.best,
+        "bad_evals": state.bad_evals,
+        "rng": _rng_state(),
+        "options": _options_record(o),
+        "world_global_batch": run.global_batch,
+        "config": run.decoder.config.to_dict(),
+        "scaler": run.scaler.state_dict(),
+    }
+
+
+def save_model(run: Run, state: RunState, log: Metrics, tag: str):
+    """The model directory and upstream's files, with the EMA weights where there are some."""
+    with _swapped(run.decoder, run.ema):
+        write_outputs(run.decoder, run.o, run.out, run.tokenizer, run.tok_cfg, run.tok_file, run.data.encoder,
+                      run.seq_len)
+    log.write({"step": state.step, "saved": tag})
+
+
+def _save_pt(obj, path: Path):
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ------------------------------------------------------------------------------------------- stopping
+
+
+def start_record(run: Run, state: RunState) -> dict:
+    o, decoder = run.o, run.decoder
+    return {"event": "resume" if o.resume else "start", "step": state.step, "total": run.total,
+            "world": run.group.world, "global_batch": run.global_batch, "seq_len": run.seq_len,
+            "train_items": len(run.train_batches), "val_items": len(run.val_batches) if run.val_batches else 0,
+            "trainable": sum(p.numel() for n, p in decoder.named_parameters() if n in run.names),
+            "truncated_targets": run.train_batches.truncated, "lr": o.lr, "device": str(run.group.device)}
+
+
+def on_interrupt(run: Run, state: RunState, log: Metrics):
+    """Ctrl-C between updates: keep the progress of every finished step (one process only: other ranks may be
+    anywhere), then let the caller report it."""
+    if not state.updating and run.group.world == 1:
+        save_checkpoint(run, state)
+    log.write({"event": "interrupted", "step": state.step})
+    log.close()
+
+
+def finish(run: Run, state: RunState, meter: Meter, reason: str, log: Metrics) -> dict:
+    """The final model (unless a validation kept the best one), last.pt, the end of the metrics; the summary.
+    A NaN loss keeps the weights before the failing step and raises."""
+    if reason == "finished" and state.step < run.total:
+        reason = "stop_at"
+    if reason != "nan" and (run.val_batches is None or not (run.out / MODEL_SUBDIR).exists()):
+        run.group.on_main(lambda: save_model(run, state, log, "final"))
+    if reason == "nan":
+        save_checkpoint(run, state)  # the state before the failing step: good weights
+    log.write({"event": "end", "step": state.step, "reason": reason, "best_val_loss": state.best})
+    log.close()
+    run.group.barrier()
+    if reason == "nan":
+        raise TrainError(f"loss became NaN at step {state.step + 1}; stopped, last good checkpoint kept in "
+                         f"{run.last_path}")
+    return {"step": state.step, "total": run.total, "reason": reason, "last_loss": meter.last_loss,
+            "best_val_loss": None if state.best == float("inf") else state.best, "output": str(run.out)}
 
 
 def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast, n_fixed: int,
@@ -988,22 +1200,15 @@ def write_outputs(decoder, o: TrainOptions, out: Path, tokenizer, tok_cfg: dict,
     if decoder.config.family == "smdm":
         sd = {k: v.detach().cpu().float().clone() for k, v in decoder.state_dict().items()}
         if o.stage == "1":
-            _save_atomic({k: v for k, v in sd.items() if _is_adapter(k, "smdm")}, out / f"{o.name}_stage1_adapter.pt")
+            _save_pt({k: v for k, v in sd.items() if _is_adapter(k, "smdm")}, out / f"{o.name}_stage1_adapter.pt")
         else:
-            _save_atomic(sd, out / f"{o.name}_stage2_decoder.pt")
+            _save_pt(sd, out / f"{o.name}_stage2_decoder.pt")
     defaults = DecodingOptions(seq_len=None, max_seq_len=seq_len).to_dict()
     if decoder.config.family == "whisper":
         chosen = o.decoding_options("whisper", None, seq_len)
         defaults.update(strategy=chosen.strategy, steps=chosen.steps, candidates=chosen.candidates)
     save_model_dir(out / MODEL_SUBDIR, decoder, tok_file, tok_cfg, encoder_spec, defaults,
                    extra={"training": {"stage": o.stage, "seq_len": seq_len, "data": _as_list(o.data)}})
-
-
-def _progress(enabled: bool, console=None):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, console=console)
 
 
 def train_main(**kwargs) -> dict:
