@@ -185,6 +185,8 @@ def test_one_process_group_needs_no_backend():
     assert float(group.sum(torch.tensor(2.5))) == 2.5 and group.any(True) and not group.any(False)
     assert group.broadcast({"a": 1}) == {"a": 1} and group.gather(3) == [3]
     assert group.on_main(lambda: 7) == 7
+    module = torch.nn.Linear(2, 2)
+    assert group.data_parallel(module) is module  # DDP only with several ranks (test_train_ddp runs two)
     with pytest.raises(KeyError):
         group.on_main(lambda: {}["missing"])  # one process: the error itself
     group.check(None)

@@ -4,6 +4,8 @@ the Whisper-initialised family, exact resume, NaN handling and bad input."""
 import json
 import math
 import shutil
+from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,6 +174,30 @@ def test_resume_is_exact(tmp_path, tmp_path_factory):
     assert la == lb
 
 
+def test_resume_fixed_options_are_marked_on_their_fields():
+    """RESUME_FIXED is read from the marks on the TrainOptions fields: what defines the run's trajectory, not
+    where it writes, how often it reports, evaluates or saves, or when it stops."""
+    fixed = {f.name for f in fields(T.TrainOptions) if f.metadata.get("resume") == "fixed"}
+    assert set(T.RESUME_FIXED) == fixed == {
+        "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
+        "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
+        "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask",
+        "state_noise"}
+
+
+def test_a_resume_that_would_change_the_trajectory_is_refused(tmp_path):
+    o = T.TrainOptions(data="d", output=str(tmp_path), stage="1").resolved(8)
+    last = tmp_path / T.LAST_CHECKPOINT
+    run = SimpleNamespace(o=o, last_path=last, global_batch=8)
+    free = {"eval_every": 7, "patience": 1, "stop_at": 3, "output": "elsewhere", "progress": False}
+    torch.save({"options": {**T._options_record(o), **free, "lr": 1.0, "val_items": 3}, "world_global_batch": 8}, last)
+    with pytest.raises(T.TrainError, match=r"cannot resume exactly, options changed \(val_items, lr\)$"):
+        T.load_resume(run)  # the fixed options in the order of their fields; the free ones not named
+    torch.save({"options": {**T._options_record(o), **free}, "world_global_batch": 16}, last)
+    with pytest.raises(T.TrainError, match=r"options changed \(global batch 16 -> 8\)$"):
+        T.load_resume(run)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tmp_path_factory):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -286,6 +312,10 @@ def test_length_grouped_batches_cover_the_epoch_once():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 40  # similar lengths share a batch, so zero padding stays small
     assert batches == T.epoch_batches(lengths, 8, seed=1, epoch=0) != T.epoch_batches(lengths, 8, seed=1, epoch=1)
+    # The training loop's order: step s takes batch s mod 12 of epoch s // 12.
+    order = T.EpochOrder(lengths, 8, seed=1)
+    assert order.steps_per_epoch == 12 and order.rows(3) == batches[3]
+    assert order.rows(12 + 5) == T.epoch_batches(lengths, 8, seed=1, epoch=1)[5] and order.rows(11) == batches[11]
 
 
 @pytest.mark.parametrize("family", ["smdm", "whisper"])

@@ -651,6 +651,16 @@ class Run:
     def last_path(self) -> Path:
         return self.out / LAST_CHECKPOINT
 
+    def eval_due(self, step: int) -> bool:
+        """A validation after this step: every eval_every steps and at the end of the schedule."""
+        return self.val_batches is not None and (step % self.o.eval_every == 0 or step == self.total)
+
+    def gradient_sync(self, micro: int):
+        """Context of micro-batch `micro`'s backward: DDP reduces the gradients over ranks in the last one only."""
+        if self.group.world > 1 and micro != self.o.grad_accum - 1:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
     def autocast(self):
         import torch
 
@@ -661,7 +671,8 @@ class Run:
 
 @dataclass
 class RunState:
-    """Where a run stands: what last.pt keeps besides weights and optimizer, and what decides when it stops."""
+    """Where a run stands: its step and the validation record that early stopping and the best model go by (both
+    kept in last.pt), and whether an update is under way."""
 
     step: int = 0  # updates done
     best: float = float("inf")  # best validation loss so far
@@ -681,8 +692,8 @@ class Meter:
     elapsed: float = 0.0  # at the last step
     tok_s: float = 0.0  # all ranks, at the last step
 
-    def add(self, loss: float, tokens: int, world: int):
-        self.last_loss, self.loss_sum, self.n, self.tokens = loss, self.loss_sum + loss, self.n + 1, self.tokens + tokens
+    def add(self, loss: float, world: int):
+        self.last_loss, self.loss_sum, self.n = loss, self.loss_sum + loss, self.n + 1
         self.elapsed = time.time() - self.start
         self.tok_s = self.tokens * world / max(self.elapsed, 1e-9)
 
@@ -714,6 +725,7 @@ class Metrics:
     def close(self):
         if self.file:
             self.file.close()
+            self.file = None
 
 
 def train(options: TrainOptions, console=None) -> dict:
@@ -732,7 +744,10 @@ def train(options: TrainOptions, console=None) -> dict:
 
 
 def _train(options: TrainOptions, group, console=None) -> dict:
-    """The loop: data, masks, forward and backward, update, log, evaluate, checkpoint (nanoGPT's train.py)."""
+    """The loop: data, masks, forward, loss, backward, update, log, evaluate, checkpoint (nanoGPT's train.py)."""
+    import torch
+    import torch.nn.functional as F
+
     from .distributed import enable_tf32
 
     run = build_run(options, group)  # data, validation split, model, optimizer
@@ -751,7 +766,20 @@ def _train(options: TrainOptions, group, console=None) -> dict:
                 rows = run.order.rows(state.step)  # this step's global batch, the same on every rank
                 masks = step_masks(run, state.step, rows)
                 lr = set_lr(run.optimizer, lr_at(state.step, o, run.total))
-                loss, tokens = forward_backward(run, rows, masks, state.step)
+                n_masked = max(int(masks.sum()), 1)
+                step_loss = torch.zeros((), dtype=torch.float64, device=group.device)  # summed on the GPU: no sync
+                run.model.train()
+                for micro in range(o.grad_accum):  # this rank's micro-batches of the global batch
+                    idx, target, mask, cond, frames = micro_batch(run, rows, masks, state.step, micro)
+                    with run.gradient_sync(micro):
+                        with run.autocast():
+                            logits = run.model(idx, cond, positions=mask, frames=frames)
+                        loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
+                        # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
+                        run.scaler.scale(loss_sum * (group.world / n_masked)).backward()
+                    step_loss += loss_sum.detach().double()
+                    meter.tokens += target.numel()
+                loss = float(group.sum(step_loss)) / n_masked  # over the whole global batch, every rank
                 if not math.isfinite(loss):
                     reason = "nan"
                     log_nan(run, state, loss, log)
@@ -761,13 +789,11 @@ def _train(options: TrainOptions, group, console=None) -> dict:
                 optimizer_step(run)
                 state.step += 1
                 state.updating = False
-                meter.add(loss, tokens, group.world)
+                meter.add(loss, group.world)
                 bar.update(task, completed=state.step, description=meter.describe(state.step, run.total, lr))
                 if state.step % o.log_every == 0 or state.step == stop_at:
                     log.write(meter.line(state.step, lr, grad_norm, run.order.steps_per_epoch))
-                why = None
-                if run.val_batches is not None and (state.step % o.eval_every == 0 or state.step == run.total):
-                    why = evaluate_and_decide(run, state, log, bar.console)
+                why = evaluate_and_decide(run, state, log, bar.console) if run.eval_due(state.step) else None
                 if o.time_limit and meter.minutes() > o.time_limit:
                     why = "time_limit"
                 # Each rank reads its own clock: all stop when one does.
@@ -959,46 +985,24 @@ def set_lr(optimizer, lr: float) -> float:
 
 
 def micro_batch(run: Run, rows: list[int], masks, step: int, micro: int):
-    """(target, mask, condition, frames) of one micro-batch on the rank's device, the states augmented."""
+    """(canvas, target, mask, condition, frames) of this rank's micro-batch `micro` of the global batch (rows,
+    masks), on the rank's device, the encoder states augmented."""
     import torch
 
     o, batches, device = run.o, run.train_batches, run.group.device
+    m = run.group.rank * o.grad_accum + micro  # micro-batch index within the (length-sorted) global batch
+    sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
+    rows = rows[sl]
     target = batches.targets[rows].to(device, torch.long)
-    mask = masks.to(device)
+    mask = masks[sl].to(device)
     target = target[:, : mask.size(1)]
     cond, frames = batches.conditions(rows, torch.float32)
     if o.state_time_mask or o.state_noise:
         cond = augment_states(cond, [batches.lengths[r] for r in rows], o.state_time_mask, o.state_noise, o.seed,
-                              step, micro)
-    return target, mask, cond.to(device), frames.to(device)
-
-
-def forward_backward(run: Run, rows: list[int], masks, step: int) -> tuple[float, int]:
-    """Forward, loss and backward of this rank's micro-batches of one global batch. Returns the loss of the
-    whole global batch (the mean over its masked positions, over every rank) and the tokens this rank saw."""
-    import torch
-    import torch.nn.functional as F
-
-    o, group = run.o, run.group
-    n_masked = max(int(masks.sum()), 1)
-    run.model.train()
-    step_loss = torch.zeros((), dtype=torch.float64, device=group.device)  # summed on the GPU: no sync
-    tokens = 0
-    for a in range(o.grad_accum):
-        m = group.rank * o.grad_accum + a  # micro-batch index within the (length-sorted) global batch
-        sl = slice(m * o.batch_size, (m + 1) * o.batch_size)
-        target, mask, cond, frames = micro_batch(run, rows[sl], masks[sl], step, m)
-        idx = torch.where(mask, torch.full_like(target, run.decoder.config.mask_token_id), target)
-        sync = a == o.grad_accum - 1  # DDP reduces the gradients in the last backward only
-        with run.model.no_sync() if (group.world > 1 and not sync) else contextlib.nullcontext():
-            with run.autocast():
-                logits = run.model(idx, cond, positions=mask, frames=frames)
-            loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
-            # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
-            run.scaler.scale(loss_sum * (group.world / n_masked)).backward()
-        step_loss += loss_sum.detach().double()
-        tokens += target.numel()
-    return float(group.sum(step_loss)) / n_masked, tokens
+                              step, m)
+    cond, frames = cond.to(device), frames.to(device)
+    idx = torch.where(mask, torch.full_like(target, run.decoder.config.mask_token_id), target)
+    return idx, target, mask, cond, frames
 
 
 def log_nan(run: Run, state: RunState, loss: float, log: Metrics):
