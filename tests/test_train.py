@@ -374,3 +374,48 @@ def test_fp16_loss_scaling_trains_and_resumes_exactly(tmp_path, tmp_path_factory
         assert torch.equal(a["model"][k], b["model"][k]), k
     la, _ = _losses(tmp_path / "a")
     assert la == _losses(tmp_path / "b")[0] and all(math.isfinite(x) for x in la)
+
+
+def test_ctrl_c_keeps_the_finished_steps_never_a_half_applied_update(tmp_path, tmp_path_factory, monkeypatch):
+    """An interrupt between updates saves last.pt at the last finished step, and --resume then goes on as if
+    nothing had happened; an interrupt inside an update saves nothing (the weights may be half updated)."""
+    from whisfusion_cli.tokenizer import Tokenizer
+
+    shards = speech_shards(tmp_path_factory)
+    tok = make_word_tokenizer(tmp_path / "tokenizer.json")
+    cfg = tiny_smdm_config(tmp_path / "config.json", Tokenizer(tok).vocab_size)
+    opts = dict(data=str(shards), config=str(cfg), tokenizer=str(tok), batch_size=4, seq_len=12, max_steps=6,
+                lr=3e-3, warmup=2, val_items=0, save_every=100, log_every=1, progress=False)
+
+    def interrupt(name, at_call):
+        real, calls = getattr(T, name), []
+
+        def fn(*args):
+            calls.append(None)
+            if len(calls) == at_call:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(T, name, fn)
+
+    def events(run):
+        return [json.loads(line) for line in (run / T.METRICS_FILE).read_text().splitlines()]
+
+    interrupt("clip_gradients", 4)  # after the backward of step 4, before its update
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.TrainOptions(output=str(tmp_path / "a"), **opts))
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=False)["step"] == 3
+    assert events(tmp_path / "a")[-1] == {"event": "interrupted", "step": 3}
+    interrupt("optimizer_step", 2)  # inside the update of step 2
+    with pytest.raises(KeyboardInterrupt):
+        T.train(T.TrainOptions(output=str(tmp_path / "b"), **opts))
+    assert not (tmp_path / "b" / "last.pt").exists()
+    assert events(tmp_path / "b")[-1] == {"event": "interrupted", "step": 1}
+    monkeypatch.undo()
+    T.train(T.TrainOptions(output=str(tmp_path / "a"), resume=True, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "c"), **opts))
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    c = torch.load(tmp_path / "c" / "last.pt", weights_only=False)
+    assert a["step"] == c["step"] == 6 and all(torch.equal(a["model"][k], c["model"][k]) for k in c["model"])
+    loss = lambda run: [e["loss"] for e in events(run) if "loss" in e]
+    assert loss(tmp_path / "a") == loss(tmp_path / "c")

@@ -809,7 +809,8 @@ def _train(options: TrainOptions, group, console=None) -> dict:
     return finish(run, state, meter, reason, log)
 
 
-# ------------------------------------------------------------------------------------------- setting up
+# ----------------------------------------------------------------------------------------------------------
+# Setting up
 
 
 def build_run(options: TrainOptions, group) -> Run:
@@ -892,7 +893,17 @@ def split_validation(data, val_data, o: TrainOptions):
     return val_data, val_idx, list(range(len(data)))
 
 
-# ------------------------------------------------------------------------------------------- resuming
+def start_record(run: Run, state: RunState) -> dict:
+    o, decoder = run.o, run.decoder
+    return {"event": "resume" if o.resume else "start", "step": state.step, "total": run.total,
+            "world": run.group.world, "global_batch": run.global_batch, "seq_len": run.seq_len,
+            "train_items": len(run.train_batches), "val_items": len(run.val_batches) if run.val_batches else 0,
+            "trainable": sum(p.numel() for n, p in decoder.named_parameters() if n in run.names),
+            "truncated_targets": run.train_batches.truncated, "lr": o.lr, "device": str(run.group.device)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming
 
 
 def start_or_resume(run: Run) -> RunState:
@@ -964,7 +975,8 @@ def _set_rng_state(state):
     np.random.set_state(state["numpy"])  # a "cuda" entry of an older checkpoint is not needed: ignored
 
 
-# ------------------------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------------------------------------
+# One step
 
 
 def step_masks(run: Run, step: int, rows: list[int]):
@@ -1006,9 +1018,11 @@ def micro_batch(run: Run, rows: list[int], masks, step: int, micro: int):
 
 
 def log_nan(run: Run, state: RunState, loss: float, log: Metrics):
+    """The metrics line of a step whose loss is not finite: where the last good weights are."""
     if run.group.is_main:
         last = run.last_path if run.last_path.exists() else "not written yet"
-        msg = f"loss is {loss} at step {state.step + 1}: stopping; the last good checkpoint is {last} (try a lower --lr)"
+        msg = (f"loss is {loss} at step {state.step + 1}: stopping; the last good checkpoint is {last} "
+               f"(try a lower --lr)")
         log.write({"step": state.step + 1, "event": "nan", "message": msg})
 
 
@@ -1029,7 +1043,8 @@ def optimizer_step(run: Run):
         run.ema.update(run.decoder)
 
 
-# ------------------------------------------------------------------------------------------- evaluating
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating
 
 
 def evaluate_and_decide(run: Run, state: RunState, log: Metrics, console) -> str | None:
@@ -1052,89 +1067,6 @@ def _evaluate_on_main(run: Run, state: RunState, log: Metrics, console) -> tuple
     if improved:
         save_model(run, state, log, "best")
     return best, bad_evals, bool(o.patience and bad_evals >= o.patience)
-
-
-# ------------------------------------------------------------------------------------------- saving
-
-
-def save_checkpoint(run: Run, state: RunState):
-    """RUN/last.pt (rank 0 writes it, every rank waits): everything --resume needs to go on exactly."""
-    run.group.on_main(lambda: _save_pt(checkpoint_state(run, state), run.last_path))
-
-
-def checkpoint_state(run: Run, state: RunState) -> dict:
-    o, step, steps_per_epoch = run.o, state.step, run.order.steps_per_epoch
-    return {
-        "model": {k: v.detach().cpu() for k, v in run.decoder.named_parameters() if k in run.names},
-        "optimizer": run.optimizer.state_dict(),
-        "schedule": {"total": run.total, "warmup": o.warmup, "lr": o.lr, "min_lr_ratio": o.min_lr_ratio},
-        "ema": run.ema.state_dict() if run.ema else None,
-        "step": step,
-        "data": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                 "seed": o.seed, "global_batch": run.global_batch},
-        "best_val": state.best,
-        "bad_evals": state.bad_evals,
-        "rng": _rng_state(),
-        "options": _options_record(o),
-        "world_global_batch": run.global_batch,
-        "config": run.decoder.config.to_dict(),
-        "scaler": run.scaler.state_dict(),
-    }
-
-
-def save_model(run: Run, state: RunState, log: Metrics, tag: str):
-    """The model directory and upstream's files, with the EMA weights where there are some."""
-    with _swapped(run.decoder, run.ema):
-        write_outputs(run.decoder, run.o, run.out, run.tokenizer, run.tok_cfg, run.tok_file, run.data.encoder,
-                      run.seq_len)
-    log.write({"step": state.step, "saved": tag})
-
-
-def _save_pt(obj, path: Path):
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-# ------------------------------------------------------------------------------------------- stopping
-
-
-def start_record(run: Run, state: RunState) -> dict:
-    o, decoder = run.o, run.decoder
-    return {"event": "resume" if o.resume else "start", "step": state.step, "total": run.total,
-            "world": run.group.world, "global_batch": run.global_batch, "seq_len": run.seq_len,
-            "train_items": len(run.train_batches), "val_items": len(run.val_batches) if run.val_batches else 0,
-            "trainable": sum(p.numel() for n, p in decoder.named_parameters() if n in run.names),
-            "truncated_targets": run.train_batches.truncated, "lr": o.lr, "device": str(run.group.device)}
-
-
-def on_interrupt(run: Run, state: RunState, log: Metrics):
-    """Ctrl-C between updates: keep the progress of every finished step (one process only: other ranks may be
-    anywhere), then let the caller report it."""
-    if not state.updating and run.group.world == 1:
-        save_checkpoint(run, state)
-    log.write({"event": "interrupted", "step": state.step})
-    log.close()
-
-
-def finish(run: Run, state: RunState, meter: Meter, reason: str, log: Metrics) -> dict:
-    """The final model (unless a validation kept the best one), last.pt, the end of the metrics; the summary.
-    A NaN loss keeps the weights before the failing step and raises."""
-    if reason == "finished" and state.step < run.total:
-        reason = "stop_at"
-    if reason != "nan" and (run.val_batches is None or not (run.out / MODEL_SUBDIR).exists()):
-        run.group.on_main(lambda: save_model(run, state, log, "final"))
-    if reason == "nan":
-        save_checkpoint(run, state)  # the state before the failing step: good weights
-    log.write({"event": "end", "step": state.step, "reason": reason, "best_val_loss": state.best})
-    log.close()
-    run.group.barrier()
-    if reason == "nan":
-        raise TrainError(f"loss became NaN at step {state.step + 1}; stopped, last good checkpoint kept in "
-                         f"{run.last_path}")
-    return {"step": state.step, "total": run.total, "reason": reason, "last_loss": meter.last_loss,
-            "best_val_loss": None if state.best == float("inf") else state.best, "output": str(run.out)}
 
 
 def evaluate(decoder, val: Batches, tokenizer, o: TrainOptions, device, autocast, n_fixed: int,
@@ -1195,6 +1127,43 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(run: Run, state: RunState):
+    """RUN/last.pt (rank 0 writes it, every rank waits): everything --resume needs to go on exactly."""
+    run.group.on_main(lambda: _save_pt(checkpoint_state(run, state), run.last_path))
+
+
+def checkpoint_state(run: Run, state: RunState) -> dict:
+    o, step, steps_per_epoch = run.o, state.step, run.order.steps_per_epoch
+    return {
+        "model": {k: v.detach().cpu() for k, v in run.decoder.named_parameters() if k in run.names},
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": {"total": run.total, "warmup": o.warmup, "lr": o.lr, "min_lr_ratio": o.min_lr_ratio},
+        "ema": run.ema.state_dict() if run.ema else None,
+        "step": step,
+        "data": {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+                 "seed": o.seed, "global_batch": run.global_batch},
+        "best_val": state.best,
+        "bad_evals": state.bad_evals,
+        "rng": _rng_state(),
+        "options": _options_record(o),
+        "world_global_batch": run.global_batch,
+        "config": run.decoder.config.to_dict(),
+        "scaler": run.scaler.state_dict(),
+    }
+
+
+def save_model(run: Run, state: RunState, log: Metrics, tag: str):
+    """The model directory and upstream's files, with the EMA weights where there are some."""
+    with _swapped(run.decoder, run.ema):
+        write_outputs(run.decoder, run.o, run.out, run.tokenizer, run.tok_cfg, run.tok_file, run.data.encoder,
+                      run.seq_len)
+    log.write({"step": state.step, "saved": tag})
+
+
 def write_outputs(decoder, o: TrainOptions, out: Path, tokenizer, tok_cfg: dict, tok_file, encoder_spec: dict,
                   seq_len: int) -> None:
     """Our model directory, plus upstream's flat .pt dicts for the SMDM family (stage 1: adapter only)."""
@@ -1213,6 +1182,45 @@ def write_outputs(decoder, o: TrainOptions, out: Path, tokenizer, tok_cfg: dict,
         defaults.update(strategy=chosen.strategy, steps=chosen.steps, candidates=chosen.candidates)
     save_model_dir(out / MODEL_SUBDIR, decoder, tok_file, tok_cfg, encoder_spec, defaults,
                    extra={"training": {"stage": o.stage, "seq_len": seq_len, "data": _as_list(o.data)}})
+
+
+def _save_pt(obj, path: Path):
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stopping
+
+
+def on_interrupt(run: Run, state: RunState, log: Metrics):
+    """Ctrl-C between updates: keep the progress of every finished step (one process only: other ranks may be
+    anywhere), then let the caller report it."""
+    if not state.updating and run.group.world == 1:
+        save_checkpoint(run, state)
+    log.write({"event": "interrupted", "step": state.step})
+    log.close()
+
+
+def finish(run: Run, state: RunState, meter: Meter, reason: str, log: Metrics) -> dict:
+    """The final model (unless a validation kept the best one), last.pt, the end of the metrics; the summary.
+    A NaN loss keeps the weights before the failing step and raises."""
+    if reason == "finished" and state.step < run.total:
+        reason = "stop_at"
+    if reason != "nan" and (run.val_batches is None or not (run.out / MODEL_SUBDIR).exists()):
+        run.group.on_main(lambda: save_model(run, state, log, "final"))
+    if reason == "nan":
+        save_checkpoint(run, state)  # the state before the failing step: good weights
+    log.write({"event": "end", "step": state.step, "reason": reason, "best_val_loss": state.best})
+    log.close()
+    run.group.barrier()
+    if reason == "nan":
+        raise TrainError(f"loss became NaN at step {state.step + 1}; stopped, last good checkpoint kept in "
+                         f"{run.last_path}")
+    return {"step": state.step, "total": run.total, "reason": reason, "last_loss": meter.last_loss,
+            "best_val_loss": None if state.best == float("inf") else state.best, "output": str(run.out)}
 
 
 def train_main(**kwargs) -> dict:
