@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     import torch
 
     from whisfusion_cli.bench import BenchOptions, FasterWhisperSystem, corpus_error_rates, parse_system
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe
     from whisfusion_cli.vad import VadOptions
 
     torch.set_num_threads(args.threads)

