@@ -80,7 +80,7 @@ def joined_words(split: str) -> list[tuple[str, np.ndarray]]:
 
 def piper_words(split: str, limit: int) -> list[list[tuple[str, np.ndarray]]]:
     """Sentences of the split spoken word by word by piper: [[(word, its speech), ...], ...]."""
-    from whisfusion_cli.corpus import _piper_voice
+    from corpus import _piper_voice  # scripts/corpus.py, beside this script
 
     rows = [json.loads(line) for line in (REALSPEECH / "asterisk.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["transcript_status"] == "package_file" and not re.search(r"[0-9#*]", r["text"])]

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .audio import CHUNK_LENGTH, ENCODER_FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .choices import ENCODER_BACKENDS, ENCODER_MODES
 
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
@@ -46,8 +47,6 @@ FRAME_MARGIN = 10
 SHORT_MIN_SECONDS = 1.0
 SHORT_MIN_MEL_FRAMES = int(SHORT_MIN_SECONDS * SAMPLE_RATE / HOP_LENGTH)
 
-MODES = ("full", "pad_trim", "short")
-BACKENDS = ("torch", "ctranslate2", "auto")
 DEFAULT_SOURCE = "tiny.en"
 DEFAULT_BATCH_SIZE = 8
 # Whisper's log-mel: Slaney-scale triangular filters over 0-8 kHz with Slaney area normalisation (librosa's
@@ -116,17 +115,17 @@ def log_mel_spectrogram(audio: "torch.Tensor", n_mels: int) -> "torch.Tensor":
 class EncoderOptions:
     """How audio becomes encoder states."""
 
-    mode: str = "full"  # one of MODES
+    mode: str = "full"  # one of choices.ENCODER_MODES
     int8: bool = False  # torch dynamic int8 quantisation of the encoder's Linear layers (CPU only)
     threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder call
-    backend: str = "torch"  # one of BACKENDS
+    backend: str = "torch"  # one of choices.ENCODER_BACKENDS
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"encoder backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.mode not in ENCODER_MODES:
+            raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(ENCODER_MODES)}")
+        if self.backend not in ENCODER_BACKENDS:
+            raise ValueError(f"encoder backend {self.backend!r} is not one of {', '.join(ENCODER_BACKENDS)}")
         if self.batch_size < 1:
             raise ValueError(f"encoder batch_size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
@@ -355,10 +354,8 @@ def load_encoder(
 
 
 __all__ = [
-    "BACKENDS",
     "EncoderOptions",
     "FRAME_MARGIN",
-    "MODES",
     "WhisperAudioEncoder",
     "frames_for_duration",
     "load_encoder",
