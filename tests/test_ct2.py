@@ -1,4 +1,5 @@
-"""CTranslate2 Whisper models (ct2.py) and Whisper sources (whisper_source.py): parity with ctranslate2 itself on real speech, quantised formats, errors."""
+"""CTranslate2 Whisper models (ct2.py) and Whisper sources (whisper_source.py): parity with ctranslate2 itself on
+real speech, quantised formats, errors."""
 
 from __future__ import annotations
 
