@@ -152,7 +152,7 @@ def int8_on_speech(model_dir: str, repeats: int) -> dict:
 
     from whisfusion_cli.audio import load_audio
     from whisfusion_cli.bench import corpus_error_rates
-    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli.loading import load_model
     from whisfusion_cli.model import quantize_decoder
 
     clips_dir = Path(__file__).resolve().parent.parent / "tests" / "data" / "audio"
@@ -196,7 +196,8 @@ def mixed_lengths(repeats: int, batch: int = 8) -> dict:
 
     from whisfusion_cli.audio import stream_audio
     from whisfusion_cli.bench import corpus_error_rates
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions
     from whisfusion_cli.vad import VadOptions, iter_windows
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

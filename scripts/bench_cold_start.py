@@ -115,7 +115,8 @@ def child_whisfusion(files: list[Path], threads: int) -> dict:
     import torch
 
     from whisfusion_cli.audio import load_audio
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions
     from whisfusion_cli.vad import VadOptions, iter_windows
 
     t1 = time.perf_counter()
@@ -241,7 +242,7 @@ def main() -> None:
         print(json.dumps(times))
         return
     sys.path.insert(0, str(ROOT))
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
 
     tiny_en = str(tiny_en_dir())
     jobs = {"jfk": [JFK], "folder": [args.folder]}

@@ -5,7 +5,7 @@
 # Test sets (none of them chose anything for the model they report on):
 #   asterisk_report  66 Asterisk sentences held out from training and tuning (scripts/asterisk.py WORK/asterisk)
 #   realspeech       13 clips of other speakers, tests/data/audio (they chose 0.1.0's decoding defaults)
-#   synth_heldout    150 clips of the held-out synthetic voices (python -m whisfusion_cli.corpus --split test)
+#   synth_heldout    150 clips of the held-out synthetic voices (python scripts/corpus.py --split test)
 # RTFx counts audio / transcription wall time; model_load_s is reported beside it and added in the card.
 set -euo pipefail
 NEW=${1:?new model dir}; OLD=${2:?old model dir}; W=${3:-work_data}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from whisfusion_cli.encoder import BACKENDS
+from whisfusion_cli.choices import ENCODER_BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / "tests" / "data" / "audio"
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
                     help="Whisfusion with (--no-int8: without) the int8 decoder and encoder (default: the model's "
                          "choice, as `whisfusion transcribe`)")
-    ap.add_argument("--encoder-backend", default=None, choices=BACKENDS,
+    ap.add_argument("--encoder-backend", default=None, choices=ENCODER_BACKENDS,
                     help="Whisfusion's encoder backend (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=8, help="Whisfusion windows per batch")
     ap.add_argument("--candidates", "-k", type=int, default=None, help="override the model's K")
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     import torch
 
     from whisfusion_cli.bench import BenchOptions, FasterWhisperSystem, corpus_error_rates, parse_system
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe
     from whisfusion_cli.vad import VadOptions
 
     torch.set_num_threads(args.threads)

@@ -69,7 +69,7 @@ def main() -> None:
     import soundfile as sf
     import torch
 
-    from whisfusion_cli.ct2_import import load_whisper
+    from whisfusion_cli.whisper_source import load_whisper
     from whisfusion_cli.encoder import SAMPLE_RATE, EncoderOptions, WhisperAudioEncoder
 
     torch.set_num_threads(args.threads)

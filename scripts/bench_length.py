@@ -121,7 +121,7 @@ def main(argv=None):
     lengths = [int(x) for x in args.lengths.split(",") if x]
     torch.set_num_threads(args.threads)
 
-    from whisfusion_cli.ct2_import import load_whisper
+    from whisfusion_cli.whisper_source import load_whisper
     from whisfusion_cli.train import whisper_decoder_from_pretrained
 
     hf = load_whisper("tiny.en").eval()

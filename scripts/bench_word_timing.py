@@ -80,7 +80,7 @@ def joined_words(split: str) -> list[tuple[str, np.ndarray]]:
 
 def piper_words(split: str, limit: int) -> list[list[tuple[str, np.ndarray]]]:
     """Sentences of the split spoken word by word by piper: [[(word, its speech), ...], ...]."""
-    from whisfusion_cli.corpus import _piper_voice
+    from corpus import _piper_voice  # scripts/corpus.py, beside this script
 
     rows = [json.loads(line) for line in (REALSPEECH / "asterisk.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["transcript_status"] == "package_file" and not re.search(r"[0-9#*]", r["text"])]
@@ -131,8 +131,8 @@ def build(args) -> list[tuple[np.ndarray, list[tuple[str, float, float]]]]:
 
 
 def run_whisfusion(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float, dict]:
-    from whisfusion_cli.checkpoint import load_model
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+    from whisfusion_cli.loading import Pipeline, load_model
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe
 
     model = load_model(args.model, int8=None)
     if args.heads:
@@ -161,7 +161,7 @@ def run_whisfusion(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, 
 def run_faster_whisper(audio: list[np.ndarray], args) -> tuple[list[list[tuple[str, float, float]]], float, dict]:
     from faster_whisper import WhisperModel
 
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
 
     model = WhisperModel(str(tiny_en_dir()), device="cpu", compute_type="int8", cpu_threads=args.threads)
 

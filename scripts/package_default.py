@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from whisfusion_cli.checkpoint import INT8_ON_CPU, load_model_dir, save_model_dir
-from whisfusion_cli.ct2_import import load_whisper
+from whisfusion_cli.checkpoint import save_model_dir
+from whisfusion_cli.loading import INT8_ON_CPU, load_model_dir
+from whisfusion_cli.whisper_source import load_whisper
 
 TOKEN_TABLE = "embed_tokens.weight"
 TINY_EN_TOKEN_TABLE = "model.decoder.embed_tokens.weight"

@@ -18,7 +18,7 @@ import time
 import torch
 
 from whisfusion_cli.bench import corpus_error_rates
-from whisfusion_cli.checkpoint import load_model
+from whisfusion_cli.loading import load_model
 from whisfusion_cli.data import ShardDataset, read_dataset
 from whisfusion_cli.decoding import decode_windows, words_from_tokens
 from whisfusion_cli.model import quantize_decoder

@@ -124,7 +124,7 @@ def _whisfusion_model(tmp_path_factory) -> str:
     import torch
 
     from whisfusion_cli.checkpoint import save_model_dir
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
     from whisfusion_cli.model import ModelConfig, build_decoder
     from whisfusion_cli.tokenizer import TokenizerConfig
 

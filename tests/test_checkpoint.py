@@ -1,4 +1,4 @@
-"""Checkpoint loading: upstream layouts, overlays, our model directory, and every bad-file case."""
+"""Checkpoint files: upstream layouts, overlays, our model directory's format, and every bad-file case."""
 
 import json
 import os
@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from whisfusion_cli.checkpoint import CheckpointError, load_decoder, load_model_dir, save_model_dir
+from whisfusion_cli.checkpoint import CheckpointError, load_decoder, save_model_dir
+from whisfusion_cli.loading import load_model_dir
 from whisfusion_cli.model import PRESETS, DiffusionDecoder, ModelConfig, count_parameters, is_adapter_key
 
 
@@ -161,10 +162,30 @@ def test_model_dir_roundtrip(tmp_path, parity_dir, config):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tok.json"))
     dec = load_decoder(parity_dir / "weights.pt", config=config)
+    training = {"stage": "2", "data": [str(tmp_path / "shards" / "train3"), "relative/train4"]}
     out = save_model_dir(tmp_path / "m", dec, tmp_path / "tok.json", {"kind": "custom"}, {"source": "tiny.en"},
-                         {"candidates": 2})
+                         {"candidates": 2}, extra={"training": training})
     dec2, cfg = load_model_dir(out)
     assert cfg["encoder"] == {"source": "tiny.en"} and cfg["decoding"] == {"candidates": 2}
     for (k, a), (_, b) in zip(dec.state_dict().items(), dec2.state_dict().items()):
         assert torch.equal(a, b), k
-    assert (out / "tokenizer.json").is_file() and not list(out.glob("*.tmp"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # The config says which shard folders trained it, not where they were on the training machine.
+    assert cfg["training"] == {"stage": "2", "data": ["train3", "train4"]}
+    with pytest.raises(CheckpointError, match="a model directory, not a weights file; .*load_model_dir"):
+        load_decoder(out)
+
+
+def test_the_shipped_model_config_holds_no_machine_path():
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    for config in DEFAULT_MODEL_DIR.parent.rglob("config.json"):
+        paths = [s for s in strings(json.loads(config.read_text())) if s.startswith(("/", "~")) or ":\\" in s]
+        assert not paths, f"{config}: {paths}"

@@ -53,19 +53,19 @@ def test_transcription_imports_neither_transformers_nor_librosa(tmp_path):
 
 
 def test_default_model_reads_tiny_en_once_and_keeps_no_float_copy(monkeypatch):
-    from whisfusion_cli import ct2_import
-    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli import ct2, whisper_source
+    from whisfusion_cli.loading import load_model
 
     reads = []
-    real = ct2_import._read_ct2_raw
-    monkeypatch.setattr(ct2_import, "_read_ct2_raw", lambda path: reads.append(path) or real(path))
+    real = ct2._read_ct2_raw
+    monkeypatch.setattr(ct2, "_read_ct2_raw", lambda path: reads.append(path) or real(path))
     model = load_model(None, int8=None)  # the model's own choice: int8 on the CPU
     assert len(reads) == 1  # the token table and the encoder come from one read of model.bin
     assert model.int8 and model.encoder.source == "tiny.en"
     for module in (model.decoder, model.encoder.encoder):
         assert not any(isinstance(m, torch.nn.Linear) for m in module.modules())
     # The decoder's token table is tiny.en's, exactly.
-    table = ct2_import.open_whisper("tiny.en").tensor(ct2_import.TOKEN_TABLE)
+    table = whisper_source.open_whisper("tiny.en").tensor(whisper_source.TOKEN_TABLE)
     assert torch.equal(model.decoder.embed_tokens.weight, table)
 
 
@@ -78,7 +78,8 @@ class TransformersEncoder:
 
         from transformers import WhisperFeatureExtractor
 
-        from whisfusion_cli.ct2_import import ct2_to_transformers, tiny_en_dir
+        from whisfusion_cli.ct2 import ct2_to_transformers
+        from whisfusion_cli.whisper_source import tiny_en_dir
 
         encoder = ct2_to_transformers(tiny_en_dir()).model.encoder.eval()
         if int8:
@@ -115,7 +116,7 @@ class TransformersEncoder:
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's eager quantisation API moves to torchao
 @pytest.mark.parametrize("int8", [True, False])
 def test_same_transcripts_as_with_transformers_encoder(int8):
-    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli.loading import load_model
     from whisfusion_cli.transcribe import TranscribeOptions, transcribe
 
     torch.set_num_threads(1)

@@ -1,14 +1,18 @@
 """The offline-TTS corpus generator: manifest, audio format, determinism, resume, held-out voices."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from whisfusion_cli import corpus
-from whisfusion_cli.corpus import CorpusError, CorpusOptions, build_corpus
+# The generator is developer tooling in scripts/, not part of the package (docs/LAYOUT.md). On sys.path
+# (not loaded by file) so that the spawned worker processes import it by name too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import corpus  # noqa: E402
+from corpus import CorpusError, CorpusOptions, build_corpus  # noqa: E402
 
 needs_tts = pytest.mark.skipif(not corpus.voice_catalogue(),
                                reason="no offline TTS engine installed (espeak-ng, flite, pico2wave or festival)")

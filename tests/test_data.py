@@ -5,10 +5,8 @@ SMDM config) are shared with test_train.py and test_train_ddp.py.
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +56,7 @@ def make_tiny_whisper(root: Path, d_model: int = TINY_DIM) -> Path:
     tokenizer beside it, saved as a model directory."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
 
     if (root / "config.json").exists():
         return root
@@ -199,12 +197,12 @@ def test_preprocess_short_mode_round_trip_and_bad_files(tmp_path, tmp_path_facto
     assert len(dataset) == n and dataset.dim == TINY_DIM
     # The stored states are the encoder's output for that clip (rounded to bf16), and cover only the audio.
     encoder = load_encoder(spec)
-    item = dataset[5]
+    states = dataset.states(5)
     audio = load_audio(ds / "utt005.wav")
     expected = encoder.encode([audio])[0]
-    assert item["states"].dtype == torch.bfloat16 and item["text"] == SENTENCES[5]
-    assert item["states"].shape == expected.shape == (encoder.output_frames(len(audio)), TINY_DIM)
-    torch.testing.assert_close(item["states"].float(), expected, atol=0.05, rtol=0.02)
+    assert states.dtype == torch.bfloat16 and dataset.items[5].text == SENTENCES[5]
+    assert states.shape == expected.shape == (encoder.output_frames(len(audio)), TINY_DIM)
+    torch.testing.assert_close(states.float(), expected, atol=0.05, rtol=0.02)
     cond, mask = data.collate_states([dataset.states(0), dataset.states(1)])
     assert cond.shape[1] == max(dataset.items[0].frames, dataset.items[1].frames)
     assert mask.sum(1).tolist() == [dataset.items[0].frames, dataset.items[1].frames]
@@ -222,17 +220,16 @@ def test_preprocess_full_mode_keeps_all_1500_frames(tmp_path, tmp_path_factory):
     assert ShardDataset(tmp_path / "out").states(2).shape == (1500, TINY_DIM)
 
 
-def _run_preprocess(ds, out, whisper, env_extra=None):
-    code = (
-        "import sys; from whisfusion_cli.data import PreprocessOptions, preprocess; "
-        f"preprocess(PreprocessOptions(input={str(ds)!r}, output={str(out)!r}, shard_size=5, progress=False, "
-        f"encoder={{'source': {str(whisper)!r}, 'mode': 'short'}}))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+class Crash(Exception):
+    """Stands for the process dying after its first shard (a kill: no index is written)."""
 
 
-def test_preprocess_resume_after_a_crash_gives_identical_shards(tmp_path, tmp_path_factory):
+def _preprocess(ds, out, whisper):
+    return preprocess(PreprocessOptions(input=str(ds), output=str(out), shard_size=5, progress=False,
+                                        encoder={"source": str(whisper), "mode": "short"}))
+
+
+def test_preprocess_resume_after_a_crash_gives_identical_shards(tmp_path, tmp_path_factory, monkeypatch):
     base = tmp_path_factory.getbasetemp()
     speech = make_speech(base / "speech")
     whisper = make_tiny_whisper(base / "tiny-whisper")
@@ -242,19 +239,25 @@ def test_preprocess_resume_after_a_crash_gives_identical_shards(tmp_path, tmp_pa
         for ext in (".wav", ".txt"):
             shutil.copy(speech / f"utt{i:03d}{ext}", ds)
     crashed = tmp_path / "crashed"
-    r = _run_preprocess(ds, crashed, whisper, {data.STOP_AFTER_ENV: "1"})  # dies after its first shard
-    assert r.returncode == 3, r.stderr
+    write_shard = data.ShardWriter.write
+
+    def write_then_die(self, index, *args, **kwargs):
+        write_shard(self, index, *args, **kwargs)
+        raise Crash(f"died after shard {index}")
+
+    monkeypatch.setattr(data.ShardWriter, "write", write_then_die)
+    with pytest.raises(Crash):
+        _preprocess(ds, crashed, whisper)
+    monkeypatch.undo()
     assert sorted(p.name for p in crashed.glob("shard-*")) == ["shard-00000.safetensors"]
     assert not (crashed / "index.json").exists()
-    (crashed / ".shard-00001.safetensors.tmp-99").write_bytes(b"half a shard")  # a write cut short
+    (crashed / ".shard-00001.safetensors.x7k2q9.tmp").write_bytes(b"half a shard")  # a write cut short by a kill
     first = (crashed / "shard-00000.safetensors").stat().st_mtime_ns
-    r = _run_preprocess(ds, crashed, whisper)
-    assert r.returncode == 0, r.stderr
+    _preprocess(ds, crashed, whisper)
     assert (crashed / "shard-00000.safetensors").stat().st_mtime_ns == first  # finished shards are skipped
     assert not list(crashed.glob(".shard-*"))
     clean = tmp_path / "clean"
-    preprocess(PreprocessOptions(input=str(ds), output=str(clean), shard_size=5, progress=False,
-                                 encoder={"source": str(whisper), "mode": "short"}))
+    _preprocess(ds, clean, whisper)
     names = sorted(p.name for p in clean.glob("shard-*"))
     assert names == sorted(p.name for p in crashed.glob("shard-*")) and len(names) == 3
     for name in names:

@@ -170,7 +170,8 @@ def test_sized_canvas_lengths():
 def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
     from tiny_model import make_model_dir
 
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe
 
     model_dir = make_model_dir(tmp_path)
     pipe = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu", int8=True))
@@ -196,8 +197,9 @@ def test_int8_on_cpu_is_the_models_choice_unless_asked(tmp_path):
 
     from tiny_model import make_model_dir
 
-    from whisfusion_cli.checkpoint import CONFIG_FILE, INT8_ON_CPU, load_model
-    from whisfusion_cli.transcribe import Pipeline, TranscribeOptions
+    from whisfusion_cli.checkpoint import CONFIG_FILE
+    from whisfusion_cli.loading import INT8_ON_CPU, Pipeline, load_model
+    from whisfusion_cli.transcribe import TranscribeOptions
 
     model_dir = make_model_dir(tmp_path)
     plain = Pipeline.load(TranscribeOptions(model=str(model_dir), device="cpu"))
@@ -222,7 +224,8 @@ def test_int8_on_cpu_is_the_models_choice_unless_asked(tmp_path):
 def test_embedded_default_runs_int8_on_cpu():
     """The shipped model was measured as accurate int8 as float32 (docs/MODEL_CARD.md), so the CPU default is
     int8; the flag is in its config, not in code."""
-    from whisfusion_cli.checkpoint import DEFAULT_MODEL_DIR, INT8_ON_CPU, read_model_config
+    from whisfusion_cli.checkpoint import read_model_config
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR, INT8_ON_CPU
 
     assert read_model_config(DEFAULT_MODEL_DIR)["runtime"][INT8_ON_CPU] is True
 

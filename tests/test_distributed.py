@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from whisfusion_cli import distributed as D
 from whisfusion_cli import train as T
-from whisfusion_cli.transcribe import resolve_device
+from whisfusion_cli.devices import resolve_device
 
 PACKAGE = Path(D.__file__).parent
 

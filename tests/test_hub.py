@@ -85,7 +85,7 @@ def test_download_into_cache_then_transcribe_offline(registry, hf_env, monkeypat
     assert hub.cached_path("tiny-whisfusion") == model_dir
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
 
-    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli.loading import load_model
 
     loaded = load_model("tiny-whisfusion")
     for key, value in registry["state_dict"].items():

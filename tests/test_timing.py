@@ -9,7 +9,8 @@ import torch
 
 from whisfusion_cli import model as model_module
 from whisfusion_cli.timing import Word, dtw, speech_runs, split_words
-from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, transcribe
+from whisfusion_cli.loading import Pipeline
+from whisfusion_cli.transcribe import TranscribeOptions, transcribe
 
 from conftest import DATA
 

@@ -13,7 +13,8 @@ from test_data import (SENTENCES, TINY_DIM, TINY_EN_DIM, make_tiny_whisper, make
                        tiny_smdm_config)
 
 from whisfusion_cli import train as T
-from whisfusion_cli.checkpoint import load_decoder, load_model_dir, load_state_dict_file
+from whisfusion_cli.checkpoint import load_decoder, load_state_dict_file
+from whisfusion_cli.loading import load_model_dir
 from whisfusion_cli.data import ShardDataset
 from whisfusion_cli.model import build_decoder, is_adapter_key
 
@@ -129,7 +130,7 @@ def test_whisper_family_from_pretrained_decoder(tmp_path, tmp_path_factory):
     assert config["decoder"]["output_vocab_size"] == 50257 and config["decoding"]["strategy"] == "confidence"
     assert config["decoding"]["max_seq_len"] == summary_seq_len(run)
     # Pre-trained weights were loaded; the tied token table stayed frozen; everything else trained.
-    from whisfusion_cli.ct2_import import load_whisper
+    from whisfusion_cli.whisper_source import load_whisper
 
     hf = {k[len("model.decoder."):]: v for k, v in load_whisper(whisper_dir).state_dict().items()
           if k.startswith("model.decoder.")}
@@ -222,7 +223,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tmp_path_fa
 
 
 def test_bad_input_is_reported(tmp_path, tmp_path_factory):
-    from whisfusion_cli.ct2_import import tiny_en_dir
+    from whisfusion_cli.whisper_source import tiny_en_dir
 
     shards, tok, cfg, base = _smdm_setup(tmp_path, tmp_path_factory)
     with pytest.raises(T.TrainError, match="missing shard index"):

@@ -16,7 +16,9 @@ import torch
 from tiny_model import make_model_dir
 from whisfusion_cli import transcribe as tr
 from whisfusion_cli.audio import load_audio
-from whisfusion_cli.transcribe import Pipeline, TranscribeOptions, parse_schedule, resolve_device, transcribe
+from whisfusion_cli.devices import resolve_device
+from whisfusion_cli.loading import Pipeline
+from whisfusion_cli.transcribe import TranscribeOptions, parse_schedule, transcribe
 from whisfusion_cli.vad import VadOptions
 
 AUDIO = Path(__file__).parent / "data" / "audio"
@@ -30,7 +32,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from whisfusion_cli.checkpoint import load_model
+    from whisfusion_cli.loading import load_model
 
     torch.set_num_threads(1)
     return load_model(str(model_dir))

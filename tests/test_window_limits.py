@@ -53,7 +53,7 @@ def _two_utterances(tmp_path, pause_s: float) -> Path:
 def test_model_config_splits_windows_at_shorter_pauses(tmp_path):
     """audio.split_silence_s: a pause that long ends a window (one utterance per window, as the model was
     trained), unless the user chose a splitting pause; without it two utterances 1.5 s apart share a window."""
-    from whisfusion_cli.transcribe import Pipeline
+    from whisfusion_cli.loading import Pipeline
     from whisfusion_cli.vad import vad_options
 
     model_dir = make_model_dir(tmp_path)

@@ -8,10 +8,10 @@ import re
 import pytest
 
 from whisfusion_cli import writers
-from whisfusion_cli.timing import Word
-from whisfusion_cli.transcribe import Segment, TranscriptionResult, WindowResult
+from whisfusion_cli.timing import Segment, Word
+from whisfusion_cli.transcribe import TranscriptionResult, WindowResult
 from whisfusion_cli.writers import (SubtitleOptions, format_timestamp, get_writer, parse_formats, read_record,
-                                    subtitle_cues, write_atomic, write_record)
+                                    subtitle_cues, write_record)
 
 SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
 VTT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
@@ -187,16 +187,21 @@ def test_parse_formats():
         parse_formats(",")
 
 
-def test_write_atomic_never_leaves_a_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "out.txt"
-    write_atomic(target, "old complete transcript\n")
+def _result(text: str) -> TranscriptionResult:
+    return TranscriptionResult("talk.wav", "talk", segments=[Segment(0, 0.0, 2.0, text)])
+
+
+def test_an_interrupted_write_never_leaves_a_partial_transcript(tmp_path, monkeypatch):
+    write = get_writer("txt", tmp_path)
+    old = _result("old complete transcript")
+    (target,) = write(old, "out")
 
     def crash(src, dst):
         raise KeyboardInterrupt  # Ctrl-C between writing the temp file and renaming it
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        write_atomic(target, "new transcript that never lands\n" * 1000)
+        write(_result("new transcript that never lands " * 1000), "out")
     monkeypatch.undo()
     assert target.read_text() == "old complete transcript\n"
     assert os.listdir(tmp_path) == ["out.txt"]

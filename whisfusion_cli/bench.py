@@ -49,7 +49,7 @@ from . import first_line
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .data import DatasetError, Item, dataset_fingerprint, read_dataset
-from .writers import write_atomic
+from .fileio import write_atomic
 
 # Duration buckets (seconds, [low, high)) of the latency table: the paper's split around 20 s.
 BUCKETS = ((0.0, 10.0, "0-10 s"), (10.0, 20.0, "10-20 s"), (20.0, 30.0, "20-30 s"), (30.0, math.inf, ">30 s"))
@@ -355,7 +355,7 @@ class Hypothesis:
 
 def _device_dtype(options: BenchOptions):
     """(torch.device, torch.dtype) the same way `whisfusion transcribe` resolves them."""
-    from .transcribe import resolve_device
+    from .devices import resolve_device
 
     try:
         return resolve_device(options.device, options.dtype)
@@ -373,8 +373,8 @@ class WhisfusionSystem:
     defaults overridden by the spec, window i of a file seeded with seed + i."""
 
     def __init__(self, spec: SystemSpec, options: BenchOptions):
-        from .checkpoint import load_model
-        from .transcribe import Pipeline, parse_pad_context
+        from .loading import Pipeline, load_model
+        from .transcribe import parse_pad_context
 
         device, dtype = _device_dtype(options)
         enc_opts = {key: spec.params["encoder_" + key] for key in ("mode", "backend") if "encoder_" + key in spec.params}
@@ -436,7 +436,7 @@ class WhisperSystem:
     def __init__(self, spec: SystemSpec, options: BenchOptions):
         from transformers import WhisperFeatureExtractor
 
-        from .ct2_import import WhisperLoadError, load_whisper, load_whisper_tokenizer
+        from .whisper_source import WhisperLoadError, load_whisper, load_whisper_tokenizer
 
         device, self.dtype = _device_dtype(options)
         self.device = str(device)
@@ -505,7 +505,7 @@ class FasterWhisperSystem:
         except ImportError:
             raise BenchError(f"system {spec.text!r}: faster-whisper is not installed "
                              f"(pip install 'whisfusion[baselines]')") from None
-        from .ct2_import import TINY_EN_NAME, WhisperLoadError, tiny_en_dir
+        from .whisper_source import TINY_EN_NAME, WhisperLoadError, tiny_en_dir
 
         try:
             path = str(tiny_en_dir()) if spec.model == TINY_EN_NAME else spec.model
@@ -769,7 +769,7 @@ def _partial_key(spec: SystemSpec, fingerprint: str, options: BenchOptions, env:
     model_files = []
     path = Path(spec.model).expanduser()
     if spec.kind == "whisfusion" and spec.model == "default":
-        from .checkpoint import DEFAULT_MODEL_DIR
+        from .loading import DEFAULT_MODEL_DIR
 
         path = DEFAULT_MODEL_DIR
     if path.is_dir():

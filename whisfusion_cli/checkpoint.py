@@ -1,4 +1,4 @@
-"""Reading and writing decoder weights: upstream files, SMDM base overlays, and our model directory.
+"""Decoder weight files: upstream files, SMDM base overlays, and our model directory's format.
 
 Upstream loads its files non-strictly and silently ignores what does not fit. We apply the same overlay
 (SMDM base, then a stage-2 or stage-1 file on top) but check the union: every parameter must be covered,
@@ -10,24 +10,21 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
+import shutil
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import first_line
+from .fileio import atomic_path, write_atomic
 from .model import PRESETS, DecoderBase, ModelConfig, build_decoder, is_adapter_key
 
 MODEL_FORMAT = "whisfusion-model"
 MODEL_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
-# Config key (section "runtime"): run this model int8-quantised by default on the CPU. A model sets it when
-# int8 was measured as accurate as float32 for it (docs/MODEL_CARD.md for the embedded one).
-INT8_ON_CPU = "int8_on_cpu"
+TOKENIZER_FILE = "tokenizer.json"
 # Wrappers that training scripts put around a state dict (upstream unwraps "state_dict").
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
@@ -130,10 +127,11 @@ def check_and_load(model: DecoderBase, sd: dict, source: str, assign: bool = Fal
 
 def load_decoder(path, config=None, dtype: torch.dtype = torch.float32, device="cpu", base=None) -> DecoderBase:
     """A decoder in eval mode from an upstream file (.pt flat dict, {"state_dict": ...}, .safetensors), a stage-1
-    adapter over an SMDM `base`, an SMDM base with a stage-2 overlay, or one of our model directories."""
+    adapter over an SMDM `base`, or an SMDM base with a stage-2 overlay. (One of our model directories, which
+    may borrow tensors from a Whisper, is loading.load_model_dir's.)"""
     path = Path(path)
     if path.is_dir():
-        return load_model_dir(path, device=device, dtype=dtype)[0]
+        raise CheckpointError(f"{path}: a model directory, not a weights file; load it with loading.load_model_dir")
     cfg = read_config(config if config is not None else _sibling_config(path))
     model = build_decoder(cfg)
     sd = {}
@@ -167,13 +165,13 @@ def save_model_dir(
     storage_dtype: torch.dtype = torch.float32,
     extra: dict | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors + tokenizer.json atomically (each file via a temp + rename).
+    """Write config.json + model.safetensors + tokenizer.json, each file atomically.
 
     external: {state-dict key: {"source": whisper name, "key": key in that model}} for frozen tensors that are
     read from another installed model at load time instead of being stored (keeps the shipped model small).
+    extra: more config sections; the shard folders of a "training" section are recorded by their names only,
+    so a shipped config holds no path of the machine that trained it.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -185,7 +183,7 @@ def save_model_dir(
         if k not in external
     }
     tok_config = dict(tokenizer_config)
-    tok_config["file"] = "tokenizer.json"
+    tok_config["file"] = TOKENIZER_FILE
     config = {
         "format": MODEL_FORMAT,
         "version": MODEL_FORMAT_VERSION,
@@ -194,34 +192,25 @@ def save_model_dir(
         "encoder": dict(encoder_spec),
         "decoding": dict(decoding_defaults or {}),
         "external_weights": external,
-        **(extra or {}),
+        **_portable(extra or {}),
     }
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    _publish(tmp, out / WEIGHTS_FILE)
-    if Path(tokenizer_file).resolve() != (out / "tokenizer.json").resolve():
-        tmp = out / "tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_file, tmp)
-        _publish(tmp, out / "tokenizer.json")
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=1))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    if Path(tokenizer_file).resolve() != (out / TOKENIZER_FILE).resolve():
+        with atomic_path(out / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(tokenizer_file, tmp)
+    write_atomic(out / CONFIG_FILE, json.dumps(config, indent=1))
     return out
 
 
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-        tmp = f.name
-    _publish(tmp, path)
-
-
-def _publish(tmp, path) -> None:
-    """Rename a finished temp file into place with ordinary permissions (temp files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+def _portable(extra: dict) -> dict:
+    """`extra` with the training data folders as folder names (`/data/shards/train3` -> `train3`)."""
+    training = extra.get("training")
+    if not isinstance(training, dict) or not training.get("data"):
+        return extra
+    data = training["data"]
+    names = [Path(str(p)).name for p in data] if isinstance(data, (list, tuple)) else Path(str(data)).name
+    return {**extra, "training": {**training, "data": names}}
 
 
 def read_model_config(path) -> dict:
@@ -236,106 +225,3 @@ def read_model_config(path) -> dict:
     if config.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{cfg_path}: not a whisfusion model config (format {config.get('format')!r})")
     return config
-
-
-def load_model_dir(path, device="cpu", dtype: torch.dtype | None = None, memo: dict | None = None):
-    """(decoder in eval mode, config dict) from one of our model directories.
-
-    The decoder is built without weights (meta device) and then holds the tensors read from the files, so
-    no randomly initialised copy is made first. memo: Whisper checkpoints already open
-    (ct2_import.open_whisper), shared with the encoder's loading so their file is indexed once."""
-    path = Path(path)
-    config = read_model_config(path)
-    cfg = read_config(config["decoder"])
-    with torch.device("meta"):
-        model = build_decoder(cfg)
-    sd = load_state_dict_file(path / WEIGHTS_FILE)
-    external = config.get("external_weights") or {}
-    if external:
-        sd.update(_external_tensors(external, memo))
-    check_and_load(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                   str(path / WEIGHTS_FILE), assign=True)
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), config
-
-
-def _external_tensors(external: dict, memo: dict | None = None) -> dict:
-    """Frozen tensors a model directory takes from an installed Whisper (e.g. tiny.en's token table), read
-    from that Whisper's file alone: no Whisper model is built."""
-    from .ct2_import import open_whisper
-
-    memo = {} if memo is None else memo
-    out = {}
-    for key, ref in external.items():
-        checkpoint = open_whisper(ref["source"], memo)
-        if ref["key"] not in checkpoint:
-            raise CheckpointError(f"external weight {ref['key']} not found in {ref['source']}")
-        out[key] = checkpoint.tensor(ref["key"])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Whole models: decoder + tokenizer + encoder + decoding defaults
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    decoder: DecoderBase
-    tokenizer: object
-    encoder: object
-    decoding: object
-    config: dict = field(default_factory=dict)
-    int8: bool = False  # decoder and encoder Linear layers dynamically quantised to int8
-
-
-def resolve_model(name_or_path=None) -> Path:
-    """A model directory for None (the embedded default), a path, or a registered name (from the HF cache)."""
-    if name_or_path is None or str(name_or_path) == "default":
-        if not (DEFAULT_MODEL_DIR / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{DEFAULT_MODEL_DIR}: the embedded default model is missing from this install")
-        return DEFAULT_MODEL_DIR
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: --model expects a model directory or a registered name")
-        return path
-    from . import hub
-
-    return Path(hub.cached_path(str(name_or_path)))
-
-
-def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dict | None = None,
-               int8: bool | None = False) -> LoadedModel:
-    """The model `name_or_path` (None: the embedded default) on device. int8: dynamic int8 quantisation of the
-    decoder's and the encoder's Linear layers (CPU, float32 only); None: the model's own choice
-    (`runtime.int8_on_cpu` in its config) where it runs in float32 on the CPU, float elsewhere."""
-    from dataclasses import fields as dc_fields
-
-    from .decoding import DecodingOptions
-    from .encoder import load_encoder
-    from .tokenizer import Tokenizer, TokenizerConfig
-
-    if int8 and torch.device(device).type != "cpu":
-        raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
-    path = resolve_model(name_or_path)
-    whisper_memo: dict = {}  # the token table and the encoder of one Whisper come from one read of its file
-    decoder, config = load_model_dir(path, device=device, dtype=dtype, memo=whisper_memo)
-    tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))
-    tokenizer = Tokenizer(path / tok_cfg.file, tok_cfg)
-    known = {f.name for f in dc_fields(DecodingOptions)}
-    dec_cfg = {k: (tuple(v) if k == "schedule" else v) for k, v in config.get("decoding", {}).items() if k in known}
-    enc_spec = dict(config.get("encoder", {}))
-    enc_spec.update(encoder_options or {})
-    if int8 is None:
-        int8 = bool((config.get("runtime") or {}).get(INT8_ON_CPU)) and decoder.device.type == "cpu" \
-            and decoder.dtype == torch.float32
-    if int8:
-        from .model import quantize_decoder
-
-        enc_spec["int8"] = True
-        # In place: the float Linear weights are dropped as their int8 copies are made. Raises ValueError
-        # off the CPU or for a non-float32 decoder.
-        decoder = quantize_decoder(decoder, inplace=True)
-    encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32, memo=whisper_memo)
-    name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
-    return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config, int8)

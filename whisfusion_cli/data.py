@@ -19,11 +19,12 @@ import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import first_line
+from .choices import STORE_DTYPES
+from .fileio import atomic_path, write_atomic
 
 FORMAT = "whisfusion-shards"
 FORMAT_VERSION = 1
@@ -35,11 +36,9 @@ META_KEY = "whisfusion"
 DEFAULT_SHARD_SIZE = 512  # utterances per shard: ~100 MB of 3 s clips in "short" mode at d=768, fp16
 DEFAULT_BATCH_SIZE = 8
 MAX_SECONDS = 30.0  # one Whisper window; longer utterances are reported and skipped
-STORE_DTYPES = ("float16", "bfloat16", "float32")
 UPSTREAM_BYTES_PER_ITEM = 1500 * 768 * 2  # one bf16 [1500, 768] file per utterance (SPEC section 4)
 MANIFEST_AUDIO_KEYS = ("audio", "audio_filepath", "path", "file", "filename", "wav")
 MANIFEST_TEXT_KEYS = ("text", "transcript", "sentence", "transcription")
-STOP_AFTER_ENV = "WHISFUSION_PREPROCESS_STOP_AFTER"  # tests: exit after writing k shards (a simulated crash)
 
 
 class DatasetError(Exception):
@@ -284,9 +283,8 @@ class ShardWriter:
             ],
             "skipped": skipped,
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"states": tensor, "offsets": offsets}, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"states": tensor, "offsets": offsets}, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
         return meta
 
 
@@ -303,10 +301,8 @@ def read_shard_meta(path: Path) -> dict:
     return json.loads(meta)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def preprocess(options: PreprocessOptions, encoder=None, console=None) -> dict:
@@ -355,11 +351,11 @@ def _preprocess_ranks(options: PreprocessOptions, encoder, console, group) -> di
                 f"{out}: holds shards of a different run (differs in {', '.join(diff)}); use a new output folder"
             )
     elif rank == 0:
-        _write_json_atomic(plan_path, plan)
+        _write_json(plan_path, plan)
 
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if not (out / SHARD_PATTERN.format(i)).exists()]
-    for stale in out.glob(".shard-*.tmp-*"):  # left by a killed run; never renamed, so never trusted
+    for stale in out.glob(".shard-*.tmp"):  # left by a killed run; never renamed, so never trusted
         if int(stale.name.split(".")[1].split("-")[1]) % world == rank:
             stale.unlink(missing_ok=True)
 
@@ -383,6 +379,8 @@ def _preprocess_ranks(options: PreprocessOptions, encoder, console, group) -> di
 
 def _encode_shards(options: PreprocessOptions, encoder, console, group, items: list[Item], todo: list[int],
                    n_mine: int) -> None:
+    from .display import progress
+
     out = Path(options.output)
     if todo:
         if encoder is None:
@@ -391,16 +389,12 @@ def _encode_shards(options: PreprocessOptions, encoder, console, group, items: l
             spec = {"batch_size": options.batch_size, **options.encoder}
             encoder = load_encoder(spec, device=group.device)
         writer = ShardWriter(encoder, options)
-        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         total = sum(len(items[i * options.shard_size : (i + 1) * options.shard_size]) for i in todo)
-        with _progress(options.progress and group.is_main, console) as progress:
-            task = progress.add_task(f"encoding ({len(todo)}/{n_mine} shards left)", total=total)
-            for done, i in enumerate(todo, 1):
+        with progress(options.progress and group.is_main, console) as bar:
+            task = bar.add_task(f"encoding ({len(todo)}/{n_mine} shards left)", total=total)
+            for i in todo:
                 shard_items = items[i * options.shard_size : (i + 1) * options.shard_size]
-                writer.write(i, shard_items, out / SHARD_PATTERN.format(i), on_item=lambda n: progress.advance(task, n))
-                if stop_after and done >= stop_after:
-                    sys.stdout.flush()
-                    os._exit(3)  # simulated crash for the resume test: no cleanup, no index
+                writer.write(i, shard_items, out / SHARD_PATTERN.format(i), on_item=lambda n: bar.advance(task, n))
 
 
 def write_index(out: Path, plan: dict) -> dict:
@@ -439,7 +433,7 @@ def write_index(out: Path, plan: dict) -> dict:
         "source": plan["source"],
         "dataset": plan["dataset"],
     }
-    _write_json_atomic(out / INDEX_FILE, index)
+    _write_json(out / INDEX_FILE, index)
     return index
 
 
@@ -462,13 +456,6 @@ def print_size_report(index: dict, console=None) -> None:
             console.print(f"  {s['audio']}: {s['error']}")
         if len(index["skipped"]) > 20:
             console.print(f"  ... and {len(index['skipped']) - 20} more (all listed in index.json)")
-
-
-def _progress(enabled: bool, console=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, console=console)
 
 
 def preprocess_main(**kwargs) -> dict:
@@ -528,7 +515,6 @@ class ShardDataset:
                 for row, it in enumerate(meta["items"]):
                     self.items.append(ShardItem(it["id"], it["text"], it["frames"], it["duration"], s, row))
         self._handles: dict = {}
-        self._pid = None
 
     @staticmethod
     def _read_index(root: Path) -> dict:
@@ -550,8 +536,6 @@ class ShardDataset:
     def _handle(self, shard: int):
         from safetensors import safe_open
 
-        if self._pid != os.getpid():  # data-loader workers open their own handles
-            self._handles, self._pid = {}, os.getpid()
         h = self._handles.get(shard)
         if h is None:
             f = safe_open(str(self._files[shard]), framework="pt")
@@ -564,14 +548,6 @@ class ShardDataset:
         f, offsets = self._handle(item.shard)
         return f.get_slice("states")[offsets[item.row] : offsets[item.row + 1]]
 
-    def __getitem__(self, i: int) -> dict:
-        item = self.items[i]
-        return {"index": i, "id": item.id, "text": item.text, "states": self.states(i), "duration": item.duration}
-
-    def __getstate__(self):  # picklable for data-loader workers: handles are reopened there
-        state = dict(self.__dict__)
-        state["_handles"], state["_pid"] = {}, None
-        return state
 
 
 def collate_states(states: list, dtype=None):

@@ -2,7 +2,7 @@
 
 The features are Whisper's log-mel spectrogram (the filterbank computed here once, the STFT in torch) and
 the encoder is model.AudioEncoder, with its weights read straight from the source's file
-(ct2_import.open_whisper: the bundled tiny.en's CTranslate2 model.bin, or a transformers directory such as
+(whisper_source.open_whisper: the bundled tiny.en's CTranslate2 model.bin, or a transformers directory such as
 whisper-small's): neither transformers nor librosa is imported, and no Whisper decoder is ever built.
 
 Three modes trade fidelity to upstream Whisper against speed:
@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .audio import CHUNK_LENGTH, ENCODER_FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .choices import ENCODER_BACKENDS, ENCODER_MODES
 
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
     import torch
 
-    from .ct2_import import WhisperCheckpoint
+    from .whisper_source import WhisperCheckpoint
 
 # Whisper's audio contract lives in audio.py; the encoder's conv stem halves the mel frame rate.
 CONV_STRIDE = 2  # 100 mel frames/s -> ENCODER_FRAMES_PER_SECOND (50)
@@ -46,8 +47,6 @@ FRAME_MARGIN = 10
 SHORT_MIN_SECONDS = 1.0
 SHORT_MIN_MEL_FRAMES = int(SHORT_MIN_SECONDS * SAMPLE_RATE / HOP_LENGTH)
 
-MODES = ("full", "pad_trim", "short")
-BACKENDS = ("torch", "ctranslate2", "auto")
 DEFAULT_SOURCE = "tiny.en"
 DEFAULT_BATCH_SIZE = 8
 # Whisper's log-mel: Slaney-scale triangular filters over 0-8 kHz with Slaney area normalisation (librosa's
@@ -116,17 +115,17 @@ def log_mel_spectrogram(audio: "torch.Tensor", n_mels: int) -> "torch.Tensor":
 class EncoderOptions:
     """How audio becomes encoder states."""
 
-    mode: str = "full"  # one of MODES
+    mode: str = "full"  # one of choices.ENCODER_MODES
     int8: bool = False  # torch dynamic int8 quantisation of the encoder's Linear layers (CPU only)
     threads: int | None = None  # torch intra-op threads; None leaves torch's setting alone
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder call
-    backend: str = "torch"  # one of BACKENDS
+    backend: str = "torch"  # one of choices.ENCODER_BACKENDS
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"encoder backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.mode not in ENCODER_MODES:
+            raise ValueError(f"encoder mode {self.mode!r} is not one of {', '.join(ENCODER_MODES)}")
+        if self.backend not in ENCODER_BACKENDS:
+            raise ValueError(f"encoder backend {self.backend!r} is not one of {', '.join(ENCODER_BACKENDS)}")
         if self.batch_size < 1:
             raise ValueError(f"encoder batch_size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
@@ -136,7 +135,7 @@ class EncoderOptions:
 class WhisperAudioEncoder:
     """A frozen Whisper encoder with its features: `.encode(list of audio) -> list of [F_i, d]`.
 
-    model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a ct2_import
+    model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a whisper_source
     WhisperCheckpoint already open, or a transformers Whisper model or encoder object (its weights are used,
     the object is left alone)."""
 
@@ -149,7 +148,7 @@ class WhisperAudioEncoder:
     ):
         import torch
 
-        from .ct2_import import open_whisper
+        from .whisper_source import open_whisper
 
         self.options = options or EncoderOptions()
         self.device = torch.device(device)
@@ -287,7 +286,7 @@ def _ctranslate2_encoder(checkpoint: "WhisperCheckpoint", options: EncoderOption
     to torch)."""
     import torch
 
-    from .ct2_import import CT2_MODEL_FILE
+    from .ct2 import CT2_MODEL_FILE
 
     required = options.backend == "ctranslate2"
     directory = checkpoint.ct2_dir
@@ -337,9 +336,9 @@ def load_encoder(
 
     Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
     "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
-    memo: checkpoints already open (ct2_import.open_whisper), e.g. the one the decoder's token table came from.
+    memo: checkpoints already open (whisper_source.open_whisper), e.g. the one the decoder's token table came from.
     """
-    from .ct2_import import open_whisper
+    from .whisper_source import open_whisper
 
     if not isinstance(spec, dict) or "source" not in spec:
         raise ValueError(f"encoder spec must be a dict with a 'source' key, got {spec!r}")
@@ -355,10 +354,8 @@ def load_encoder(
 
 
 __all__ = [
-    "BACKENDS",
     "EncoderOptions",
     "FRAME_MARGIN",
-    "MODES",
     "WhisperAudioEncoder",
     "frames_for_duration",
     "load_encoder",

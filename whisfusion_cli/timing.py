@@ -18,7 +18,8 @@ convention, about 7 s).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -211,5 +212,38 @@ def split_words(words: list[Word], max_seconds: float = MAX_SEGMENT_SECONDS,
     return runs
 
 
-__all__ = ["MAX_SEGMENT_SECONDS", "PAUSE_SECONDS", "Word", "align_words", "dtw", "speech_runs", "split_words",
-           "spread_words", "token_frames"]
+@dataclass
+class Segment:
+    """A stretch of speech: a sentence, or the words up to a pause or up to the longest segment."""
+
+    id: int
+    start: float  # seconds from the start of the file
+    end: float
+    text: str
+    score: float | None = None  # mean confidence of the window's chosen candidate
+    tokens: list[int] = field(default_factory=list)
+    window: int = 0  # index of the window it came from (TranscriptionResult.windows)
+    seek: int = 0  # start of that window in mel frames (100 per second), as Whisper's "seek"
+    avg_logprob: float = 0.0  # mean log confidence of its tokens
+    words: list[Word] | None = None  # with word timestamps
+
+    @property
+    def compression_ratio(self) -> float:
+        """Whisper's: UTF-8 length of the text over its zlib-compressed length (repetitions compress well)."""
+        data = self.text.encode("utf-8")
+        return len(data) / len(zlib.compress(data)) if data else 0.0
+
+    def to_dict(self) -> dict:
+        """openai-whisper's segment. `temperature` 0.0: the chosen candidate is an argmax decode;
+        `no_speech_prob` 0.0: segments come only from windows the VAD found speech in (docs/OUTPUTS.md)."""
+        d = {"id": self.id, "seek": self.seek, "start": round(self.start, 3), "end": round(self.end, 3),
+             "text": self.text, "tokens": list(self.tokens), "temperature": 0.0,
+             "avg_logprob": round(self.avg_logprob, 4), "compression_ratio": round(self.compression_ratio, 4),
+             "no_speech_prob": 0.0}
+        if self.words is not None:
+            d["words"] = [w.to_dict() for w in self.words]
+        return d
+
+
+__all__ = ["MAX_SEGMENT_SECONDS", "PAUSE_SECONDS", "Segment", "Word", "align_words", "dtw", "speech_runs",
+           "split_words", "spread_words", "token_frames"]

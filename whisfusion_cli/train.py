@@ -295,7 +295,7 @@ class EpochOrder:
 
 
 def _whisper_tokenizer_file(name: str) -> Path:
-    from .ct2_import import TINY_EN_NAME, tiny_en_dir
+    from .whisper_source import TINY_EN_NAME, tiny_en_dir
 
     path = tiny_en_dir() if name == TINY_EN_NAME else Path(name).expanduser()
     f = path / "tokenizer.json"
@@ -345,7 +345,7 @@ def whisper_decoder_from_pretrained(name: str, condition_dim: int):
     `model.decoder.`), its mask embedding set to the mean token embedding."""
     import torch
 
-    from .ct2_import import load_whisper
+    from .whisper_source import load_whisper
     from .model import ModelConfig, build_decoder
 
     hf = load_whisper(name)
@@ -416,7 +416,7 @@ def build_model(o: TrainOptions, data_dim: int):
         else:
             path = Path(init)
             if path.is_dir() and (path / "config.json").is_file() and "whisfusion-model" in (path / "config.json").read_text():
-                from .checkpoint import load_model_dir
+                from .loading import load_model_dir
 
                 decoder, _ = load_model_dir(path)
                 decoder.train()

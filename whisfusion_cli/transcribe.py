@@ -22,10 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +32,18 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from . import __version__
-from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND, SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
+from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
+from .devices import resolve_device
 from .distributed import in_halves_on_oom
 from .encoder import MAX_ENCODER_FRAMES
-from .timing import MAX_SEGMENT_SECONDS, Word, align_words, speech_runs, split_words, spread_words
-from .vad import FRAME_SECONDS as VAD_FRAME_SECONDS, VadOptions, Window, iter_windows
+from .loading import DEFAULT_BATCH_SIZE, DEFAULT_LANGUAGE, Pipeline
+from .timing import MAX_SEGMENT_SECONDS, Segment, Word
+from .vad import VadOptions, Window, iter_windows
 from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
 if TYPE_CHECKING:
-    import torch
+    from .loading import LoadedModel
 
-    from .checkpoint import LoadedModel
-
-DEFAULT_BATCH_SIZE = 8
 # Windows gathered (across files) before they are encoded and decoded: up to this many batches' worth, so
 # the decoder can sort them by length into batches of similar windows (less padding), but no more encoder
 # states than one batch of 30 s windows (memory stays that of one batch; an encoder that always returns 30 s
@@ -54,11 +51,7 @@ DEFAULT_BATCH_SIZE = 8
 POOL_BATCHES = 4
 MIN_AUDIO_SECONDS = 0.1  # shorter than the shortest spoken word
 STREAM_BLOCK_SECONDS = 10.0  # audio decoded per read while streaming a file
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 STATUS_OK, STATUS_SILENT, STATUS_SKIPPED, STATUS_ERROR = "ok", "silent", "skipped", "error"
-DEFAULT_LANGUAGE = "en"  # every released model is English-only; a model config may say otherwise ("language")
-MIN_LOG_PROB = math.log(1e-10)  # floor of a token's log confidence in avg_logprob
 RECORD_FORMAT = "whisfusion-outputs"
 
 
@@ -102,39 +95,6 @@ class TranscribeOptions:
             rank, world = self.shard
             if not 0 <= rank < world:
                 raise ValueError(f"shard {self.shard}: need 0 <= rank < world")
-
-
-@dataclass
-class Segment:
-    """A stretch of speech: a sentence, or the words up to a pause or up to the longest segment."""
-
-    id: int
-    start: float  # seconds from the start of the file
-    end: float
-    text: str
-    score: float | None = None  # mean confidence of the window's chosen candidate
-    tokens: list[int] = field(default_factory=list)
-    window: int = 0  # index of the window it came from (TranscriptionResult.windows)
-    seek: int = 0  # start of that window in mel frames (100 per second), as Whisper's "seek"
-    avg_logprob: float = 0.0  # mean log confidence of its tokens
-    words: list[Word] | None = None  # with word timestamps
-
-    @property
-    def compression_ratio(self) -> float:
-        """Whisper's: UTF-8 length of the text over its zlib-compressed length (repetitions compress well)."""
-        data = self.text.encode("utf-8")
-        return len(data) / len(zlib.compress(data)) if data else 0.0
-
-    def to_dict(self) -> dict:
-        """openai-whisper's segment. `temperature` 0.0: the chosen candidate is an argmax decode;
-        `no_speech_prob` 0.0: segments come only from windows the VAD found speech in (docs/OUTPUTS.md)."""
-        d = {"id": self.id, "seek": self.seek, "start": round(self.start, 3), "end": round(self.end, 3),
-             "text": self.text, "tokens": list(self.tokens), "temperature": 0.0,
-             "avg_logprob": round(self.avg_logprob, 4), "compression_ratio": round(self.compression_ratio, 4),
-             "no_speech_prob": 0.0}
-        if self.words is not None:
-            d["words"] = [w.to_dict() for w in self.words]
-        return d
 
 
 @dataclass
@@ -194,162 +154,6 @@ class TranscriptionResult:
                 "windows": [w.to_dict() for w in self.windows],
             },
         }
-
-
-# ------------------------------------------------------------------------------------------ devices
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> "tuple[torch.device, torch.dtype]":
-    """(device, dtype) for the options; a one-line ValueError for a combination that cannot run."""
-    import torch
-
-    from .distributed import half_dtype, rank_device
-
-    dtype = DTYPE_ALIASES.get((dtype or "auto").lower(), (dtype or "auto").lower())
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    dev = rank_device(device)  # "cuda" is cuda:LOCAL_RANK under torchrun
-    if dtype == "auto":
-        # The 16-bit float the chosen GPU runs natively (bf16 from Ampere on, fp16 on a T4 or V100, where bf16
-        # is emulated and CTranslate2's encoder refuses it).
-        dtype = "float32" if dev.type == "cpu" else str(half_dtype(dev)).replace("torch.", "")
-    if dev.type == "cpu" and dtype != "float32":
-        # No native bf16/fp16 matmul on common CPUs: orders of magnitude slower, and not what we test.
-        raise ValueError(f"--dtype {dtype} is only supported on a GPU; use float32 on the CPU")
-    return dev, getattr(torch, dtype)
-
-
-# ------------------------------------------------------------------------------------------ pipeline
-
-
-class Pipeline:
-    """A loaded model (decoder, tokenizer, encoder, decoding defaults) and the options it runs with."""
-
-    def __init__(self, model: "LoadedModel", decoding_overrides: dict | None = None):
-        from .decoding import words_from_tokens
-
-        self.model = model
-        overrides = _clean_overrides(decoding_overrides or {})
-        self.decoding = dataclasses.replace(model.decoding, **overrides)
-        if self.decoding.shortlist_int8 and model.decoder.device.type != "cpu":
-            if overrides.get("shortlist_int8"):
-                raise ValueError("--shortlist-int8 runs on the CPU only; drop it on a GPU")
-            # The model's CPU default does not apply on a GPU; the results record what ran.
-            self.decoding = dataclasses.replace(self.decoding, shortlist_int8=False)
-        self.prefix_ids = list(model.tokenizer.prefix_ids)
-        self.pad_id = model.tokenizer.pad_id
-        self._words = words_from_tokens(model.tokenizer)
-        self._to_words = self._words if self.decoding.selection != "confidence" else None
-        self.language = model.config.get("language") or DEFAULT_LANGUAGE
-
-    @classmethod
-    def load(cls, options: TranscribeOptions) -> "Pipeline":
-        import torch
-
-        from .checkpoint import load_model
-
-        device, dtype = resolve_device(options.device, options.dtype)
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        encoder_options = {"batch_size": options.batch_size}  # windows per encoder call, as per decoder batch
-        if options.encoder_backend is not None:
-            encoder_options["backend"] = options.encoder_backend
-        model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options,
-                           int8=options.int8)
-        return cls(model, options.decoding)
-
-    def vad_options(self, base: VadOptions) -> VadOptions:
-        """The VAD windows this model wants. A model trained on short utterances carries in its config a
-        shorter maximum window (`audio.max_window_s`, a limit: a longer one asked for is cut to it), since it
-        transcribes long windows worse, and a shorter pause that splits windows (`audio.split_silence_s`,
-        used where `base` keeps VadOptions' default), so a window holds one utterance, as in training."""
-        audio = self.model.config.get("audio") or {}
-        limit, split = audio.get("max_window_s"), audio.get("split_silence_s")
-        if limit and limit < base.max_window_s:
-            base = base.with_max_window(limit)
-        if split and base.split_silence_s == VadOptions.split_silence_s:
-            base = base.with_split_silence(split)
-        return base
-
-    def encode(self, clips: list[np.ndarray]):
-        return self.model.encoder.encode(clips)
-
-    @property
-    def alignment_heads(self) -> list[tuple[int, int]]:
-        """The (layer, head) pairs whose cross-attention times words: the model config's `alignment_heads`,
-        else (as openai-whisper does for models without a measured set) every head of the upper half."""
-        heads = self.model.config.get("alignment_heads")
-        if heads:
-            return [(int(layer), int(head)) for layer, head in heads]
-        c = self.model.decoder.config
-        return [(layer, head) for layer in range(c.n_layer // 2, c.n_layer) for head in range(c.n_head)]
-
-    def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE,
-               word_timestamps: bool = False):
-        from .decoding import decode_windows
-
-        # Up to batch_size windows share a forward per step, sorted by length; each has its own seed, so a
-        # window decodes the same (up to float rounding) whatever else is in the batch.
-        return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
-                              durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size,
-                              alignment_heads=self.alignment_heads if word_timestamps else None)
-
-    def text(self, result) -> str:
-        return self.model.tokenizer.decode(result.text_tokens)
-
-    def segments(self, window: Window, index: int, result, word_timestamps: bool, max_seconds: float) -> list[Segment]:
-        """A decoded window's text as segments (ids to be numbered by the caller): words timed by the
-        alignment heads' attention, or spread over the window without word timestamps."""
-        groups = self._words(result.text_tokens)
-        decode = self.model.tokenizer._tok.decode
-        texts = [" " + decode(list(g)).strip() for g in groups]
-        probs = result.token_confidences or [result.score] * len(result.text_tokens)
-        starts = np.cumsum([0] + [len(g) for g in groups])  # each word's first token
-        if word_timestamps and result.alignment is not None:
-            words = align_words(result.alignment.numpy(), groups, texts, probs, window.start, window.end,
-                                lead=len(self.prefix_ids), speech=window.speech, frame_seconds=VAD_FRAME_SECONDS)
-        else:
-            means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
-            runs = speech_runs(window.speech, window.start, VAD_FRAME_SECONDS) if window.speech else None
-            words = spread_words(texts, means, window.start, window.end, runs)
-        # Tokens that decode to nothing (a special token the text leaves out) are no words.
-        spoken = [k for k, t in enumerate(texts) if t.strip()]
-        probs = [p for k in spoken for p in probs[starts[k] : starts[k + 1]]]
-        groups, words = [groups[k] for k in spoken], [words[k] for k in spoken]
-        out, k, t0 = [], 0, 0  # words and tokens before the run
-        for run in split_words(words, max_seconds):
-            tokens = [t for g in groups[k : k + len(run)] for t in g]
-            logp = [math.log(p) if p > 0 else MIN_LOG_PROB for p in probs[t0 : t0 + len(tokens)]]
-            text = self.model.tokenizer.decode(self.prefix_ids + tokens)
-            start, end = _at_least_a_frame(run[0].start, run[-1].end, window)
-            out.append(Segment(0, start, end, text, result.score, tokens, index,
-                               round(window.start * FRAMES_PER_SECOND), float(np.mean(np.maximum(logp, MIN_LOG_PROB))),
-                               run if word_timestamps else None))
-            k, t0 = k + len(run), t0 + len(tokens)
-        return out
-
-
-def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, float]:
-    """A segment's (start, end), at least one encoder frame long and inside its window (a subtitle cue that
-    ends where it starts is shown by no player)."""
-    frame = 1.0 / ENCODER_FRAMES_PER_SECOND
-    if end - start >= frame:
-        return start, end
-    end = min(window.end, start + frame)
-    return (start if end - start >= frame else max(window.start, end - frame)), end
-
-
-def _clean_overrides(overrides: dict) -> dict:
-    from .decoding import DecodingOptions
-
-    known = {f.name for f in dataclasses.fields(DecodingOptions)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown decoding option(s) {', '.join(sorted(unknown))}")
-    out = dict(overrides)
-    if "schedule" in out and out["schedule"] is not None:
-        out["schedule"] = tuple(float(x) for x in out["schedule"])
-    return out
 
 
 def parse_pad_context(text: str) -> int | None:
@@ -640,7 +444,8 @@ def _model_identity(name: str, config: dict) -> dict:
 
 def _model_identity_from_options(model: str | None) -> dict:
     """The identity of the model `options.model` names, from its config file (the weights are not read)."""
-    from .checkpoint import DEFAULT_MODEL_DIR, CheckpointError, read_model_config, resolve_model
+    from .checkpoint import CheckpointError, read_model_config
+    from .loading import DEFAULT_MODEL_DIR, resolve_model
 
     try:
         path = resolve_model(model)

