@@ -119,7 +119,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 def _whisfusion_model(tmp_path_factory) -> str:
     """The embedded default model when this checkout has it, else a small random Whisper-family model directory
     (tiny.en's tokenizer and encoder, a 1-layer decoder): its transcripts are noise, its timings are real."""
-    if (bench.Path(bench.__file__).parent / "assets" / "default" / "config.json").is_file():
+    if (Path(bench.__file__).parents[1] / "assets" / "default" / "config.json").is_file():
         return "default"
     import torch
 
