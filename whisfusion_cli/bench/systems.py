@@ -206,17 +206,8 @@ class FasterWhisperSystem:
         self.beams = int(spec.params.get("beams", 1))
         self.eot = int(self.model.hf_tokenizer.token_to_id("<|endoftext|>") or 50256)
         self._encoder_s = 0.0
-        encode, extract = self.model.encode, self.model.feature_extractor
-
-        def timed_encode(*a, **k):
-            t = time.perf_counter()
-            try:
-                return encode(*a, **k)
-            finally:
-                self._encoder_s += time.perf_counter() - t
-
-        self.model.encode = timed_encode
-        self.model.feature_extractor = _TimedCallable(extract, self)
+        self.model.encode = _TimedCallable(self.model.encode, self)
+        self.model.feature_extractor = _TimedCallable(self.model.feature_extractor, self)
         self.info = {"beams": self.beams, "engine": "faster-whisper", "compute_type": compute_type,
                      "cpu_threads": options.threads}
 
@@ -236,8 +227,8 @@ class FasterWhisperSystem:
 
 
 class _TimedCallable:
-    """Wraps faster-whisper's feature extractor: calls add to the owner's encoder time, attributes
-    (sampling_rate, hop_length, ...) pass through."""
+    """Wraps faster-whisper's feature extractor or its `encode`: calls add to the owner's encoder time,
+    attributes (sampling_rate, hop_length, ...) pass through."""
 
     def __init__(self, inner, owner):
         self._inner, self._owner = inner, owner
