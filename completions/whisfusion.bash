@@ -44,7 +44,7 @@ _whisfusion() {
         case "$prev" in
         --output|-o) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         --encoder) COMPREPLY=(); return ;;
-        --encoder-mode) COMPREPLY=($(compgen -W "short pad_trim full" -- "$cur")); return ;;
+        --encoder-mode) COMPREPLY=($(compgen -W "full pad_trim short" -- "$cur")); return ;;
         --dtype) COMPREPLY=(); return ;;
         --shard-size) COMPREPLY=(); return ;;
         --batch-size) COMPREPLY=(); return ;;

@@ -50,7 +50,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from download' -l help -d 'Sho
 complete -c whisfusion -n '__fish_seen_subcommand_from download' -a 'whisfusion whisfusion-stage1 smdm-base tinyllama-tokenizer whisfusion-stage1-adapter whisfusion-stage2 whisper-small'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l output -s o -r -a '(__fish_complete_directories)' -d 'Shard folder to write (or resume)'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l encoder -x -d 'Whisper encoder: tiny.en, a model dir or a hub name'
-complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l encoder-mode -x -a 'short pad_trim full' -d 'short (fast, audio-length input), pad_trim, or full (upstream)'
+complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l encoder-mode -x -a 'full pad_trim short' -d 'short (fast, audio-length input), pad_trim, or full (upstream)'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l int8 -d 'int8 dynamic quantisation of the encoder (CPU)'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l dtype -x -d 'Storage dtype: float16, bfloat16 or float32'
 complete -c whisfusion -n '__fish_seen_subcommand_from preprocess' -l shard-size -x -d 'Utterances per shard'

@@ -5,7 +5,7 @@ The recording is built at run time from the real-speech clips of tests/data/audi
 clips, ~75 s): the clips in order, --repeats times, with --gap seconds of silence between clips, written
 to a temporary WAV; the reference is the clips' transcripts joined. Whisfusion runs through the public API
 (`whisfusion_cli.transcribe`: VAD windows, encoder, Parallel Diffusion Decoding) on the file; faster-whisper
-runs as `whisfusion bench` runs it (bench.FasterWhisperSystem: greedy, temperature 0, no previous-text
+runs as `whisfusion bench` runs it (bench.systems.FasterWhisperSystem: greedy, temperature 0, no previous-text
 conditioning, no VAD) on the same file's samples, reading included. Model loading is not timed; one
 unmeasured warm-up on a short clip precedes the timed runs, and each system's time is the best of --runs.
 
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from whisfusion_cli.bench import BenchOptions, FasterWhisperSystem, corpus_error_rates, parse_system
+    from whisfusion_cli.bench import BenchOptions, corpus_error_rates, parse_system
+    from whisfusion_cli.bench.systems import FasterWhisperSystem
     from whisfusion_cli.loading import Pipeline
     from whisfusion_cli.transcribe import TranscribeOptions, transcribe
     from whisfusion_cli.vad import VadOptions

@@ -99,6 +99,20 @@ def test_parse_system_specs():
             parse_system(bad)
 
 
+def test_whisfusion_specs_take_the_decoding_fields():
+    """The decoding keys come from DecodingOptions itself; values become the field's type."""
+    from whisfusion_cli.bench.options import decoding_overrides
+
+    s = parse_system("whisfusion:default,temperature=0.5,max_seq_len=96,shortlist_int8=1,pad_context=off,canvas=auto")
+    assert decoding_overrides(s) == {"seed": 0, "temperature": 0.5, "max_seq_len": 96, "shortlist_int8": True,
+                                     "pad_context": None, "seq_len": None}
+    assert decoding_overrides(parse_system("whisfusion:default,seed=3,selection=mbr")) == {"seed": 3, "selection": "mbr"}
+    with pytest.raises(BenchError, match="temperature='hot' must be a number"):
+        parse_system("whisfusion:default,temperature=hot")
+    with pytest.raises(BenchError, match="unknown option 'schedule'"):  # its commas would split the spec
+        parse_system("whisfusion:default,schedule=1")
+
+
 def test_bad_inputs_fail_with_one_line(tmp_path):
     with pytest.raises(BenchError, match="no such file"):
         bench.run_bench(bench.BenchOptions(dataset=str(tmp_path / "missing"), systems=["whisper:tiny.en"],
@@ -119,7 +133,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 def _whisfusion_model(tmp_path_factory) -> str:
     """The embedded default model when this checkout has it, else a small random Whisper-family model directory
     (tiny.en's tokenizer and encoder, a 1-layer decoder): its transcripts are noise, its timings are real."""
-    if (bench.Path(bench.__file__).parent / "assets" / "default" / "config.json").is_file():
+    if (Path(bench.__file__).parents[1] / "assets" / "default" / "config.json").is_file():
         return "default"
     import torch
 

@@ -323,3 +323,71 @@ def test_ctrl_c_leaves_only_complete_outputs_and_the_rerun_resumes(model_dir, tm
     assert rerun.returncode == 0, rerun.stderr
     skipped = len([s for s in done if (out / f"{s}.srt").exists()])
     assert f"{skipped} skipped" in rerun.stderr and len(list(out.glob("*.json"))) == n_files
+
+
+# Parameters that set no field of their command's options dataclass, each with what it does instead.
+NOT_FIELDS = {
+    "transcribe": {"inputs",  # the paths transcribe() takes
+                   "quiet"},  # the display only
+    "preprocess": {"dataset",  # PreprocessOptions.input (a builtin's name as a parameter)
+                   "quiet"},  # PreprocessOptions.progress = not quiet
+    "train": {"quiet"},  # TrainOptions.progress = not quiet
+    "bench": {"fresh"},  # BenchOptions.resume = not fresh
+}
+# `download` takes hub.download's arguments and has no options dataclass. The app's own flags: --version, and
+# typer's --install-completion / --show-completion.
+APP_FLAGS = ["version", "install_completion", "show_completion"]
+
+
+def _command_fields() -> dict[str, set[str]]:
+    import dataclasses
+
+    from whisfusion_cli.bench import BenchOptions
+    from whisfusion_cli.data import PreprocessOptions
+    from whisfusion_cli.decoding import DecodingOptions
+    from whisfusion_cli.encoder import EncoderOptions
+    from whisfusion_cli.train import TrainOptions
+    from whisfusion_cli.transcribe import TranscribeOptions
+    from whisfusion_cli.vad import VadOptions
+    from whisfusion_cli.writers import SubtitleOptions
+
+    def names(*classes):
+        return {f.name for c in classes for f in dataclasses.fields(c)}
+
+    return {
+        "transcribe": names(TranscribeOptions, DecodingOptions, VadOptions, SubtitleOptions),
+        # data.preprocess_main fills the encoder spec from encoder_source, encoder_<EncoderOptions field>
+        "preprocess": names(PreprocessOptions) | {f"encoder_{n}" for n in names(EncoderOptions) | {"source"}},
+        "train": names(TrainOptions),
+        "bench": names(BenchOptions),
+    }
+
+
+def test_every_cli_option_maps_to_a_field_of_its_options():
+    import typer
+
+    group = typer.main.get_command(app)
+    assert [p.name for p in group.params] == APP_FLAGS
+    fields = _command_fields()
+    assert set(group.commands) == set(fields) | {"download"}
+    for name, allowed in fields.items():
+        params = {p.name for p in group.commands[name].params}
+        assert params - allowed - NOT_FIELDS[name] == set(), name
+        assert NOT_FIELDS[name] <= params and not NOT_FIELDS[name] & allowed, name
+
+
+def test_transcribe_flags_at_their_defaults_are_the_default_options():
+    """Every transcribe flag is consumed (an unknown name would fail TranscribeOptions) and the CLI's
+    defaults are the Python API's."""
+    import typer
+
+    from whisfusion_cli.transcribe import TranscribeOptions, options_from_flags
+
+    command = typer.main.get_command(app).commands["transcribe"]
+    flags = {p.name: p.default for p in command.params if p.name not in NOT_FIELDS["transcribe"]}
+    assert options_from_flags(**flags) == TranscribeOptions()
+    changed = options_from_flags(**{**flags, "steps": 3, "seq_len": "auto", "pad_context": "4", "max_window_s": 20.0,
+                                    "max_line_width": 40, "max_segment_s": 5.0, "device": "cpu"})
+    assert changed.decoding == {"steps": 3, "seq_len": None, "pad_context": 4}
+    assert changed.vad.max_window_s == 20.0 and changed.subtitles.max_line_width == 40
+    assert changed.max_segment_s == 5.0 and changed.device == "cpu"

@@ -220,17 +220,17 @@ def test_out_of_memory_splits_the_batch_in_halves():
 
 
 def test_bench_times_and_measures_the_chosen_gpu(gpus, monkeypatch):
-    from whisfusion_cli import bench
+    from whisfusion_cli.bench import memory
 
     calls = []
     for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, str(device))) or 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    bench._sync("cuda:2")
-    meter = bench.MemoryMeter("cuda:2")
+    memory.sync("cuda:2")
+    meter = memory.MemoryMeter("cuda:2")
     meter.start()
     assert meter.stop()["cuda_max_allocated_mb"] == 0
     assert calls == [("synchronize", "cuda:2"), ("reset_peak_memory_stats", "cuda:2"),
                      ("max_memory_allocated", "cuda:2")]
-    bench._sync("cpu")  # nothing to wait for
+    memory.sync("cpu")  # nothing to wait for
     assert len(calls) == 3

@@ -10,22 +10,46 @@ PACKAGE = Path(__file__).resolve().parents[1] / "whisfusion_cli"
 MAX_FUNCTION_LINES = 100
 
 
+def _files() -> list[Path]:
+    """The package's source files, its subpackages' (bench/) included."""
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    """`audio`, `bench` (bench/__init__.py), `bench.metrics`; the package's own __init__ is `__init__`."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
 def _modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+    return {_module_name(p): ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in _files()}
 
 
-def _imports(tree: ast.Module, names: set[str]) -> set[str]:
-    """The package modules `tree` imports, at any depth (`from . import x`, `from .x import y`, absolute)."""
+def _imports(name: str, tree: ast.Module, names: set[str]) -> set[str]:
+    """The package modules module `name` imports, at any depth (`from . import x`, `from .x import y`,
+    `from ..x import y` in a subpackage, absolute)."""
+    package = name.split(".")[:-1] if name != "__init__" else []
+    if name in names and any(n.startswith(name + ".") for n in names):  # a subpackage's __init__
+        package = name.split(".")
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             module = node.module or ""
-            if node.level == 1 or module.startswith("whisfusion_cli"):
-                head = module.removeprefix("whisfusion_cli").lstrip(".").split(".")[0]
-                if head:
-                    found.add(head)
-                else:  # from . import a, b
-                    found.update(alias.name for alias in node.names)
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+            elif module.startswith("whisfusion_cli"):
+                base, module = [], module.removeprefix("whisfusion_cli").lstrip(".")
+            else:
+                continue
+            target = base + (module.split(".") if module else [])
+            candidates = [target + [alias.name] for alias in node.names] if not module else [target]
+            for parts in candidates:  # the longest prefix that names a module
+                for n in range(len(parts), 0, -1):
+                    if ".".join(parts[:n]) in names:
+                        found.add(".".join(parts[:n]))
+                        break
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("whisfusion_cli."):
@@ -35,7 +59,7 @@ def _imports(tree: ast.Module, names: set[str]) -> set[str]:
 
 def test_no_import_cycle():
     modules = _modules()
-    graph = {name: _imports(tree, set(modules)) - {name} for name, tree in modules.items()}
+    graph = {name: _imports(name, tree, set(modules)) - {name} for name, tree in modules.items()}
     cycles, state = [], {}
 
     def visit(node, path):
@@ -79,11 +103,11 @@ def _code_lines(path: Path) -> list[tuple[int, str]]:
 
 def test_no_six_line_block_repeated():
     seen, repeats = {}, []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in _files():
         lines = _code_lines(path)
         for i in range(len(lines) - 5):
             block = tuple(text for _, text in lines[i:i + 6])
-            place = (path.name, lines[i][0])
+            place = (str(path.relative_to(PACKAGE)), lines[i][0])
             first = seen.setdefault(block, place)
             if first != place and (first[0] != place[0] or place[1] - first[1] >= 6):
                 repeats.append(f"{first[0]}:{first[1]} ~ {place[0]}:{place[1]}")

@@ -17,6 +17,7 @@ from tiny_model import make_model_dir
 from whisfusion_cli import transcribe as tr
 from whisfusion_cli.audio import load_audio
 from whisfusion_cli.devices import resolve_device
+from whisfusion_cli.display import Reporter
 from whisfusion_cli.loading import Pipeline
 from whisfusion_cli.transcribe import TranscribeOptions, parse_schedule, transcribe
 from whisfusion_cli.vad import VadOptions
@@ -197,7 +198,7 @@ def test_bad_files_each_get_one_line_and_the_rest_finish(model, tmp_path):
     assert by_name["cards_001.flac"].status == by_name["goforward.flac"].status == "ok"
 
 
-class InterruptAfter(tr.Reporter):
+class InterruptAfter(Reporter):
     def __init__(self, n):
         self.n = n
         self.done = 0

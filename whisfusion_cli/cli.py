@@ -15,13 +15,9 @@ from typing import List, Optional
 import typer
 
 from . import __version__, first_line
+from .choices import (ALL_FORMATS, DEVICES, DTYPES, ENCODER_BACKENDS, ENCODER_MODES, OUTPUT_FORMATS, SELECTIONS, STRATEGIES,
+                      TRAIN_STAGES)
 
-FORMAT_NAMES = ("txt", "vtt", "srt", "tsv", "json", "all")
-SELECTION_NAMES = ("confidence", "mbr", "rover")
-STRATEGY_NAMES = ("remask", "confidence")
-DEVICE_NAMES = ("auto", "cpu", "cuda")
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
-ENCODER_BACKEND_NAMES = ("torch", "ctranslate2", "auto")  # encoder.BACKENDS, without importing it for --help
 EXIT_FAILED = 1  # some input failed, or the run could not start
 EXIT_USAGE = 2  # bad options (click's own convention)
 EXIT_INTERRUPTED = 130
@@ -103,7 +99,8 @@ def transcribe(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", file_okay=False,
                                               help="Write one file per input and format here (default: print "
                                               "to stdout)."),
-    output_format: str = typer.Option("txt", "--output-format", "-f", autocompletion=_complete(FORMAT_NAMES),
+    output_format: str = typer.Option("txt", "--output-format", "-f",
+                                      autocompletion=_complete(OUTPUT_FORMATS + (ALL_FORMATS,)),
                                       help="txt, vtt, srt, tsv, json, all, or a comma-separated list."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs whose outputs already exist."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows per batch, across files."),
@@ -112,9 +109,9 @@ def transcribe(
                                              help="Parallel candidates K (model default if unset)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", metavar="R1,R2,...",
                                            help="Mask ratio per step, e.g. 1.0,0.9,0.85,0.8."),
-    selection: Optional[str] = typer.Option(None, "--selection", autocompletion=_complete(SELECTION_NAMES),
+    selection: Optional[str] = typer.Option(None, "--selection", autocompletion=_complete(SELECTIONS),
                                             help="Candidate selection: confidence, mbr or rover."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGY_NAMES),
+    strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGIES),
                                            help="Unmasking: remask (upstream) or confidence."),
     refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the "
                                          "confidence fill: re-predict the least sure tokens (model default if unset)."),
@@ -128,25 +125,25 @@ def transcribe(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
-    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICE_NAMES),
+    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES),
                                help="auto, cpu, cuda (or cuda:N)."),
-    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
+    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
     int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder "
                                         "and encoder (CPU only; faster, tokens may differ slightly). Default: the "
                                         "model's choice (the embedded model: int8 on the CPU)."),
     encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
-                                                  autocompletion=_complete(ENCODER_BACKEND_NAMES),
+                                                  autocompletion=_complete(ENCODER_BACKENDS),
                                                   help="torch, ctranslate2 (CTranslate2's Whisper "
                                                   "encoder) or auto (model default if unset)."),
     vad: bool = typer.Option(True, "--vad/--no-vad",
                              help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
-    max_window: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
-                                               help="Longest window (at most 30 s and the model's own limit)."),
-    split_silence: Optional[float] = typer.Option(None, "--split-silence", metavar="SECONDS",
-                                                  help="A pause this long ends a window (default: the model's, "
-                                                  "else 2 s)."),
+    max_window_s: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
+                                                 help="Longest window (at most 30 s and the model's own limit)."),
+    split_silence_s: Optional[float] = typer.Option(None, "--split-silence", metavar="SECONDS",
+                                                    help="A pause this long ends a window (default: the model's, "
+                                                    "else 2 s)."),
     word_timestamps: bool = typer.Option(False, "--word-timestamps", help="Time every word (from the decoder's "
                                          "cross-attention); segments and JSON get per-word times."),
     max_line_width: Optional[int] = typer.Option(None, "--max-line-width", min=1, metavar="CHARS",
@@ -156,73 +153,45 @@ def transcribe(
                                                  "--max-line-width)."),
     highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each word as it is "
                                          "spoken (needs --word-timestamps)."),
-    max_cue_duration: float = typer.Option(7.0, "--max-cue-duration", min=0.5, metavar="SECONDS",
-                                           help="Longest segment (subtitle cue); segments also end at sentence "
-                                           "ends and pauses."),
+    max_segment_s: float = typer.Option(7.0, "--max-cue-duration", min=0.5, metavar="SECONDS",
+                                        help="Longest segment (subtitle cue); segments also end at sentence "
+                                        "ends and pauses."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
 ):
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
-    from .audio import AudioError
-    from .transcribe import (
-        STATUS_ERROR, STATUS_SILENT, STATUS_SKIPPED, RichReporter, TranscribeOptions, parse_pad_context, parse_schedule,
-        resolve_device,
-        transcribe as run,
-    )
-    from .vad import vad_options
-    from .writers import SubtitleOptions, get_writer, parse_formats
+    flags = dict(locals())  # each parameter is named for the options field it sets (tests/test_cli.py checks)
+    from .transcribe import STATUS_ERROR, options_from_flags
 
+    inputs, quiet = flags.pop("inputs"), flags.pop("quiet")
     try:
-        formats = parse_formats(output_format)
-        if output_dir is None and len(formats) > 1:
-            raise ValueError(f"--output-format {output_format} writes several files: give --output-dir")
-        if selection is not None and selection not in SELECTION_NAMES:
-            raise ValueError(f"--selection must be one of {', '.join(SELECTION_NAMES)}")
-        if strategy is not None and strategy not in STRATEGY_NAMES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGY_NAMES)}")
-        if encoder_backend is not None and encoder_backend not in ENCODER_BACKEND_NAMES:
-            raise ValueError(f"--encoder-backend must be one of {', '.join(ENCODER_BACKEND_NAMES)}")
-        decoding = {}
-        for key, value in (("steps", steps), ("candidates", candidates), ("selection", selection),
-                           ("strategy", strategy), ("refine", refine), ("shortlist", shortlist),
-                           ("shortlist_int8", shortlist_int8),
-                           ("seed", seed)):
-            if value is not None:
-                decoding[key] = value
-        if schedule is not None:
-            decoding["schedule"] = parse_schedule(schedule)
-        if pad_context is not None:
-            decoding["pad_context"] = parse_pad_context(pad_context)
-        if seq_len is not None:
-            if seq_len.lower() == "auto":
-                decoding["seq_len"] = None
-            elif seq_len.isdigit() and int(seq_len) >= 2:
-                decoding["seq_len"] = int(seq_len)
-            else:
-                raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {seq_len!r}")
-        dev, _ = resolve_device(device, dtype)  # a CPU run asked for bf16, or a GPU that is not there: fail early
-        if int8 is True and dev.type != "cpu":
-            raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
-        options = TranscribeOptions(
-            model=model, device=device, dtype=dtype, batch_size=batch_size, threads=threads, int8=int8,
-            encoder_backend=encoder_backend, decoding=decoding, vad=vad_options(vad, max_window, split_silence),
-            output_dir=output_dir, output_format=output_format, overwrite=overwrite,
-            word_timestamps=word_timestamps, max_segment_s=max_cue_duration,
-            subtitles=SubtitleOptions(max_line_width, max_line_count, highlight_words),
-        )
-        group = _transcribe_group(device, output_dir)
-        if group is not None:
-            options.shard = (group.rank, group.world)
+        options = options_from_flags(**flags)
+        group = _transcribe_group(options)
     except ValueError as e:
         _err(f"error: {e}")
         raise typer.Exit(EXIT_USAGE)
+    display = not quiet and (group is None or group.is_main)
+    counts, audio_seconds, elapsed = _transcribe_and_print(inputs, options, display)
+    counts, audio_seconds, ranks = _across_ranks(group, counts, audio_seconds)
+    if display:
+        _err(_summary(counts, audio_seconds, elapsed, ranks))
+    if counts[STATUS_ERROR]:
+        raise typer.Exit(EXIT_FAILED)
 
-    reporter = None if quiet or (group is not None and not group.is_main) else RichReporter()
+
+def _transcribe_and_print(inputs: List[str], options, display: bool) -> tuple[dict, float, float]:
+    """Run `transcribe` and print each result (to stdout without --output-dir), its notes and errors (stderr);
+    (counts per status, audio seconds, wall seconds). display: the progress display and the notes."""
+    from .audio import AudioError
+    from .display import RichReporter
+    from .transcribe import STATUS_ERROR, STATUS_OK, STATUS_SILENT, STATUS_SKIPPED, transcribe as run
+    from .writers import get_writer, parse_formats
+
+    reporter = RichReporter() if display else None
     note = reporter.print if reporter else (lambda message: None)
-    printer = None if output_dir is not None else get_writer(formats[0], ".", options.subtitles).writers[0]
-    counts = {"ok": 0, STATUS_SILENT: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0}
-    n_printed = 0
-    audio_seconds = 0.0
-    t0 = time.perf_counter()
+    fmt = parse_formats(options.output_format)[0]
+    printer = None if options.output_dir is not None else get_writer(fmt, ".", options.subtitles).writers[0]
+    counts = {STATUS_OK: 0, STATUS_SILENT: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0}
+    n_printed, audio_seconds, t0 = 0, 0.0, time.perf_counter()
     many = len(inputs) > 1 or any(Path(i).is_dir() or any(c in i for c in "*?[") for i in inputs)
     try:
         for result in run(inputs, options, reporter=reporter):
@@ -238,7 +207,7 @@ def transcribe(
             if result.status == STATUS_SILENT:
                 note(f"note: {result.path}: no speech detected; empty transcript")
             if printer is not None:
-                _print_result(printer, result, many, formats[0], first=n_printed == 0)
+                _print_result(printer, result, many, fmt, first=n_printed == 0)
                 n_printed += 1
     except KeyboardInterrupt:
         if reporter:
@@ -250,33 +219,42 @@ def transcribe(
             reporter.stop()
         _err(f"error: {first_line(e, limit=None)}")
         raise typer.Exit(EXIT_FAILED)
-    elapsed = time.perf_counter() - t0
-    ranks = ""
-    if group is not None:  # rank 0 reports for all ranks; every rank exits 1 if any file failed anywhere
-        shares = group.gather((counts, audio_seconds))
-        counts = {k: sum(c[k] for c, _ in shares) for k in counts}
-        audio_seconds, ranks = sum(a for _, a in shares), f" on {group.world} ranks"
-        group.barrier()
-        group.close()
-    if not quiet and (group is None or group.is_main):
-        speed = f", {audio_seconds / elapsed:.1f} audio-s/s" if audio_seconds and elapsed > 0 else ""
-        skipped = f", {counts[STATUS_SKIPPED]} skipped (outputs exist; --overwrite to redo)" if counts[STATUS_SKIPPED] else ""
-        _err(f"{counts['ok'] + counts[STATUS_SILENT]} transcribed ({counts[STATUS_SILENT]} silent){skipped}, "
-             f"{counts[STATUS_ERROR]} failed in {elapsed:.1f} s{ranks}{speed}")
-    if counts[STATUS_ERROR]:
-        raise typer.Exit(EXIT_FAILED)
+    return counts, audio_seconds, time.perf_counter() - t0
 
 
-def _transcribe_group(device: str, output_dir):
+def _summary(counts: dict, audio_seconds: float, elapsed: float, ranks: str) -> str:
+    from .transcribe import STATUS_ERROR, STATUS_OK, STATUS_SILENT, STATUS_SKIPPED
+
+    speed = f", {audio_seconds / elapsed:.1f} audio-s/s" if audio_seconds and elapsed > 0 else ""
+    skipped = f", {counts[STATUS_SKIPPED]} skipped (outputs exist; --overwrite to redo)" if counts[STATUS_SKIPPED] else ""
+    return (f"{counts[STATUS_OK] + counts[STATUS_SILENT]} transcribed ({counts[STATUS_SILENT]} silent){skipped}, "
+            f"{counts[STATUS_ERROR]} failed in {elapsed:.1f} s{ranks}{speed}")
+
+
+def _transcribe_group(options):
     """Under torchrun (WORLD_SIZE > 1): the ranks' group, each rank transcribing its share of the files on
-    its own device; None in a single process."""
+    its own device (set as `options.shard`); None in a single process."""
     from .distributed import Group, Ranks
 
     if Ranks.from_env().world == 1:
         return None
-    if output_dir is None:
+    if options.output_dir is None:
         raise ValueError("under torchrun every rank writes its own files: give --output-dir")
-    return Group.start(device)
+    group = Group.start(options.device)
+    options.shard = (group.rank, group.world)
+    return group
+
+
+def _across_ranks(group, counts: dict, audio_seconds: float) -> tuple[dict, float, str]:
+    """Rank 0 reports for all ranks, and every rank exits 1 if any file failed anywhere: the counts and the
+    audio seconds summed over the ranks, and the summary's " on N ranks" (in one process: as they are)."""
+    if group is None:
+        return counts, audio_seconds, ""
+    shares = group.gather((counts, audio_seconds))
+    counts = {k: sum(c[k] for c, _ in shares) for k in counts}
+    group.barrier()
+    group.close()
+    return counts, sum(a for _, a in shares), f" on {group.world} ranks"
 
 
 def _print_result(printer, result, many: bool, fmt: str, first: bool) -> None:
@@ -345,10 +323,6 @@ def _print_list(hub, local_dir) -> None:
 # --------------------------------------------------------------- commands implemented in other modules
 
 
-ENCODER_MODE_NAMES = ("short", "pad_trim", "full")
-STAGE_NAMES = ("1", "2", "scratch")
-
-
 def _pair(text: Optional[str], name: str):
     if text is None:
         return None
@@ -386,10 +360,10 @@ def preprocess(
     dataset: str = typer.Argument(..., metavar="DATASET", help="LibriSpeech-layout tree, JSONL/CSV manifest "
                                   "(audio, text, optional start/end/id), or folder of audio with same-name .txt."),
     output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Shard folder to write (or resume)."),
-    encoder: str = typer.Option("tiny.en", "--encoder", help="Whisper encoder: tiny.en, a model dir or a hub name."),
-    encoder_mode: str = typer.Option("short", "--encoder-mode", autocompletion=_complete(ENCODER_MODE_NAMES),
+    encoder_source: str = typer.Option("tiny.en", "--encoder", help="Whisper encoder: tiny.en, a model dir or a hub name."),
+    encoder_mode: str = typer.Option("short", "--encoder-mode", autocompletion=_complete(ENCODER_MODES),
                                      help="short (fast, audio-length input), pad_trim, or full (upstream)."),
-    int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the encoder (CPU)."),
+    encoder_int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the encoder (CPU)."),
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or float32."),
     shard_size: int = typer.Option(512, "--shard-size", min=1, help="Utterances per shard."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per encoder call."),
@@ -397,15 +371,15 @@ def preprocess(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or size report."),
 ):
     """Encode a dataset's audio once with the frozen Whisper encoder into safetensors shards for training."""
+    flags = dict(locals())  # each parameter is named for the options field it sets (tests/test_cli.py checks)
     from .data import preprocess_main
 
-    if encoder_mode not in ENCODER_MODE_NAMES:
-        raise typer.BadParameter(f"choose from {', '.join(ENCODER_MODE_NAMES)}", param_hint="--encoder-mode")
-    spec = {"source": encoder, "mode": encoder_mode, **({"int8": True} if int8 else {})}
-    _run_training_job(preprocess_main, dict(input=dataset, output=str(output), encoder=spec, dtype=dtype,
-                                            shard_size=shard_size, batch_size=batch_size, device=device,
-                                            progress=not quiet),
-                      "finished shards are kept; run the same command again to resume")
+    if encoder_mode not in ENCODER_MODES:
+        raise typer.BadParameter(f"choose from {', '.join(ENCODER_MODES)}", param_hint="--encoder-mode")
+    # The encoder spec records int8 only when it is on, as shards made before it have it.
+    flags.update(input=flags.pop("dataset"), output=str(output), encoder_int8=encoder_int8 or None,
+                 progress=not flags.pop("quiet"))
+    _run_training_job(preprocess_main, flags, "finished shards are kept; run the same command again to resume")
 
 
 @app.command(
@@ -423,7 +397,7 @@ def train(
     data: List[str] = typer.Option(..., "--data", help="Shard folder from `whisfusion preprocess` (repeat to "
                                    "train on several)."),
     output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Run folder."),
-    stage: str = typer.Option("scratch", "--stage", autocompletion=_complete(STAGE_NAMES),
+    stage: str = typer.Option("scratch", "--stage", autocompletion=_complete(TRAIN_STAGES),
                               help="1 (adapter only), 2 (full decoder), scratch (random or Whisper init)."),
     base: Optional[str] = typer.Option(None, "--base", help="SMDM base weights (stages 1 and 2)."),
     init: Optional[str] = typer.Option(None, "--init", help="Stage 2: stage-1 adapter or full decoder. Scratch: "
@@ -476,23 +450,15 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ):
     """Train the masked-diffusion decoder on preprocessed shards: upstream's stage 1 / stage 2, or from scratch."""
+    flags = dict(locals())  # each parameter is named for the options field it sets (tests/test_cli.py checks)
     from .train import train_main
 
-    if stage not in STAGE_NAMES:
-        raise typer.BadParameter(f"choose from {', '.join(STAGE_NAMES)}", param_hint="--stage")
-    kwargs = dict(
-        data=data if len(data) > 1 else data[0], output=str(output), stage=stage, base=base, init=init, config=config, tokenizer=tokenizer,
-        val_data=val_data, val_items=val_items, wer_items=wer_items, seq_len=seq_len, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, max_steps=max_steps, epochs=epochs,
-        stop_at=stop_at, time_limit=time_limit, weight_decay=weight_decay, betas=_pair(betas, "--betas"),
-        grad_clip=grad_clip, mask_range=_pair(mask_range, "--mask-range"), ema_decay=ema_decay,
-        layer_decay=layer_decay, freeze_embeddings=freeze_embeddings, eval_every=eval_every, save_every=save_every,
-        log_every=log_every, patience=patience or None, decode_steps=decode_steps,
-        decode_candidates=decode_candidates, canvas=canvas, state_time_mask=state_time_mask, state_noise=state_noise,
-        seed=seed, device=device, precision=precision, resume=resume,
-        name=name, progress=not quiet,
-    )
-    _run_training_job(train_main, kwargs, f"continue with the same command plus --resume (from {output}/last.pt)")
+    if stage not in TRAIN_STAGES:
+        raise typer.BadParameter(f"choose from {', '.join(TRAIN_STAGES)}", param_hint="--stage")
+    flags.update(data=data if len(data) > 1 else data[0], output=str(output), betas=_pair(betas, "--betas"),
+                 mask_range=_pair(mask_range, "--mask-range"), patience=patience or None,
+                 progress=not flags.pop("quiet"))
+    _run_training_job(train_main, flags, f"continue with the same command plus --resume (from {output}/last.pt)")
 
 
 @app.command(
@@ -502,9 +468,9 @@ def train(
     "      -s whisper:tiny.en -s whisper:tiny.en,beams=5 -s faster-whisper:tiny.en,compute_type=int8\n"
     "  whisfusion bench --check          (CI: the bundled example clips, then consistency checks)\n\n"
     "\b\nSystem specs: KIND:MODEL,key=value,...\n"
-    "  whisfusion      model (default|DIR|name), steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, shortlist_int8, int8 (0|1), pad_context, seed,\n"
-    "                  encoder_mode, encoder_backend, label\n"
+    "  whisfusion      model (default|DIR|name), int8 (0|1), encoder_mode, encoder_backend, label, and any\n"
+    "                  one-word decoding option: steps, candidates, selection, seq_len|canvas (N|auto),\n"
+    "                  strategy, refine, shortlist, shortlist_int8 (0|1), pad_context (N|off), seed, ...\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "
@@ -515,7 +481,7 @@ def bench(
     dataset: Optional[str] = typer.Argument(None, metavar="DATASET",
                                             help="LibriSpeech-layout tree, JSONL/CSV manifest, or folder of audio "
                                             "with .txt transcripts (optional with --check)."),
-    system: List[str] = typer.Option([], "--system", "-s", metavar="SPEC",
+    systems: List[str] = typer.Option([], "--system", "-s", metavar="SPEC",
                                      help="A system to run (repeatable). Default: the embedded Whisfusion model, "
                                      "Whisper tiny.en greedy, and faster-whisper tiny.en int8 if installed."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N utterances."),
@@ -524,9 +490,9 @@ def bench(
                                          "0 with --check)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Measured passes; timings are medians."),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for torch and CTranslate2."),
-    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICE_NAMES),
+    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES),
                                help="auto, cpu, cuda (or cuda:N)."),
-    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPE_NAMES),
+    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
     output_dir: Path = typer.Option(Path("bench-results"), "--output-dir", "-o", file_okay=False,
                                     help="Where results and plots go."),
@@ -537,12 +503,12 @@ def bench(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no table."),
 ):
     """Benchmark Whisfusion against Whisper baselines: WER (two conventions), RTFx, latency, tokens/s, memory."""
+    flags = dict(locals())  # each parameter is named for the options field it sets (tests/test_cli.py checks)
     from .bench import BenchError, bench_main
 
+    flags.update(systems=list(systems), output_dir=str(output_dir), resume=not flags.pop("fresh"))
     try:
-        bench_main(dataset=dataset, systems=list(system), limit=limit, warmup=warmup,
-                   repeats=repeats, threads=threads, device=device, dtype=dtype, output_dir=str(output_dir),
-                   plots=plots, resume=not fresh, check=check, quiet=quiet)
+        bench_main(**flags)
     except KeyboardInterrupt:
         _err("interrupted: finished systems are saved; run the same command again to resume")
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -1,5 +1,8 @@
-"""The device and dtype a run asks for ("auto", "cuda", "cuda:N", "cpu"; "auto", "float32", "bf16", ...) made
-concrete, with a one-line error for a combination that cannot run."""
+"""Which device and float type a run uses: `--device` and `--dtype` resolved once, the same way for
+`whisfusion transcribe`, bench and the Python API.
+
+torch is imported inside the function, so the CLI can import this module for `--help`.
+"""
 
 from __future__ import annotations
 

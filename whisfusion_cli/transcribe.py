@@ -1,9 +1,9 @@
 """Files -> windows -> batches -> transcripts.
 
 `transcribe(paths, options)` expands files, folders and globs (numpy arrays of 16 kHz mono float samples and
-open file objects are inputs too), streams each file (audio.stream_audio), cuts it into windows at pauses
-(vad.iter_windows), batches windows from many files through the encoder and the decoder
-(decoding.decode_windows), splits each window's text into segments at sentence ends and pauses (timing.py,
+open file objects are inputs too); its driver, `Transcriber`, streams each file (audio.stream_audio), cuts it
+into windows at pauses (vad.iter_windows), batches windows from many files through the encoder and the
+decoder (decoding.decode_windows), splits each window's text into segments at sentence ends and pauses (timing.py,
 with word timestamps from the decoder's cross-attention when asked), and yields one `TranscriptionResult`
 per input, in input order, as soon as it is complete. Memory is bounded by the batch: a file of hours is
 never held whole.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,12 +32,14 @@ import numpy as np
 
 from . import __version__
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
+from .choices import ENCODER_BACKENDS, SELECTIONS, STRATEGIES
 from .devices import resolve_device
+from .display import Reporter
 from .distributed import in_halves_on_oom
 from .encoder import MAX_ENCODER_FRAMES
 from .loading import DEFAULT_BATCH_SIZE, DEFAULT_LANGUAGE, Pipeline
 from .timing import MAX_SEGMENT_SECONDS, Segment, Word
-from .vad import VadOptions, Window, iter_windows
+from .vad import VadOptions, Window, iter_windows, vad_options
 from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
 if TYPE_CHECKING:
@@ -177,87 +178,47 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return values
 
 
-# ----------------------------------------------------------------------------------------- progress
+def parse_seq_len(text: str) -> int | None:
+    """'auto' -> None (the canvas sized to the audio), '64' -> 64: DecodingOptions.seq_len from the command line."""
+    text = str(text)
+    if text.lower() == "auto":
+        return None
+    if text.isdigit() and int(text) >= 2:
+        return int(text)
+    raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {text!r}")
 
 
-class Reporter:
-    """What the driver tells the outside world; the default does nothing."""
-
-    def start(self, n_files: int, total_seconds: float | None) -> None: ...
-
-    def advance(self, audio_seconds: float, tokens: int) -> None: ...
-
-    def file_done(self, result: TranscriptionResult) -> None: ...
-
-    def stop(self) -> None: ...
+# DecodingOptions fields whose command-line form is a string to parse; the others arrive typed.
+DECODING_PARSERS = {"schedule": parse_schedule, "pad_context": parse_pad_context, "seq_len": parse_seq_len}
+# The VadOptions fields the command line sets (vad.vad_options derives the others from them); `vad` is
+# TranscribeOptions.vad, on or off.
+VAD_FLAGS = ("max_window_s", "split_silence_s")
 
 
-class RichReporter(Reporter):
-    """Files done, audio seconds processed, live audio-seconds per second and tokens per second, and an ETA."""
+def options_from_flags(**flags) -> TranscribeOptions:
+    """TranscribeOptions from the command line's flags, each named as the field it sets: a field of
+    TranscribeOptions, of DecodingOptions (None: the model's default), of VadOptions or of SubtitleOptions.
+    A one-line ValueError for a bad value or combination, before anything is loaded."""
+    from .decoding import DecodingOptions
 
-    def __init__(self, console=None):
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        self.progress = None
-
-    def start(self, n_files, total_seconds):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.t_first = None  # throughput counts from the first processed window, not from model loading
-        self.audio = 0.0
-        self.tokens = 0
-        self.files_done = 0
-        self.n_files = n_files
-        self.total = total_seconds
-        if not self.console.is_terminal:  # a log file or a pipe gets the summary, not frames of a live display
-            return
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]transcribing"), BarColumn(),
-            TextColumn("{task.fields[files]}"), TextColumn("{task.fields[audio]}"),
-            TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
-        )
-        self.task = self.progress.add_task("transcribe", total=total_seconds or None, **self._fields())
-        self.progress.start()
-
-    def _fields(self) -> dict:
-        elapsed = max(time.perf_counter() - (self.t_first or time.perf_counter()), 1e-6)
-        total = f"/{_clock(self.total)}" if self.total else ""
-        return {
-            "files": f"{self.files_done}/{self.n_files} files",
-            "audio": f"{_clock(self.audio)}{total} audio",
-            "speed": f"{self.audio / elapsed:.1f} audio-s/s {self.tokens / elapsed:.0f} tok/s",
-        }
-
-    def advance(self, audio_seconds, tokens):
-        if self.t_first is None:
-            self.t_first = time.perf_counter()
-        self.audio += audio_seconds
-        self.tokens += tokens
-        if self.progress:
-            self.progress.update(self.task, advance=audio_seconds, **self._fields())
-
-    def file_done(self, result):
-        self.files_done += 1
-        if self.progress:
-            self.progress.update(self.task, **self._fields())
-
-    def print(self, message: str) -> None:
-        if self.progress:  # above the live display
-            self.progress.console.print(message, markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def stop(self):
-        if self.progress:
-            self.progress.stop()
-            self.progress = None
+    formats = parse_formats(flags["output_format"])
+    if flags["output_dir"] is None and len(formats) > 1:
+        raise ValueError(f"--output-format {flags['output_format']} writes several files: give --output-dir")
+    for name, choices in (("selection", SELECTIONS), ("strategy", STRATEGIES), ("encoder_backend", ENCODER_BACKENDS)):
+        if flags.get(name) is not None and flags[name] not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
+    given = {f.name: flags.pop(f.name) for f in dataclasses.fields(DecodingOptions) if f.name in flags}
+    decoding = {name: DECODING_PARSERS.get(name, _as_given)(value) for name, value in given.items() if value is not None}
+    dev, _ = resolve_device(flags["device"], flags["dtype"])  # bf16 on a CPU, a GPU that is not there: fail early
+    if flags.get("int8") is True and dev.type != "cpu":
+        raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
+    vad = vad_options(flags.pop("vad"), *(flags.pop(name) for name in VAD_FLAGS))
+    subtitles = SubtitleOptions(**{f.name: flags.pop(f.name) for f in dataclasses.fields(SubtitleOptions)})
+    return TranscribeOptions(**flags, decoding=decoding, vad=vad, subtitles=subtitles)
 
 
-def _clock(seconds: float | None) -> str:
-    s = int(round(seconds or 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+def _as_given(value):
+    return value
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -265,7 +226,7 @@ def _clock(seconds: float | None) -> str:
 
 @dataclass
 class _Job:
-    """One input file in flight."""
+    """One input in flight."""
 
     input: InputFile
     result: TranscriptionResult
@@ -278,6 +239,137 @@ class _Job:
     @property
     def ready(self) -> bool:
         return self.result.status == STATUS_ERROR or (not self.reading and self.pending == 0)
+
+
+@dataclass
+class _Queued:
+    """A window with speech, waiting in the pool for the encoder."""
+
+    job: _Job
+    index: int  # in its input's windows
+    window: Window
+    samples: np.ndarray
+
+
+class Transcriber:
+    """The driver: inputs -> VAD windows -> pooled batches through the encoder and the decoder -> one
+    TranscriptionResult per input, in input order, each as soon as it and the inputs before it are done.
+
+    Windows of many inputs share a batch. `transcribe()` runs it over files and folders; bench runs it over
+    one in-memory clip at a time, so that it times what `whisfusion transcribe` runs. model: a loaded model
+    or Pipeline; None loads `options.model` when the first input needs it."""
+
+    def __init__(self, options: TranscribeOptions, model: "LoadedModel | Pipeline | None" = None,
+                 reporter: Reporter | None = None):
+        self.options = options
+        self.reporter = reporter or Reporter()
+        self.pipeline: Pipeline | None = model if isinstance(model, Pipeline) else None
+        if model is not None and self.pipeline is None:
+            self.pipeline = Pipeline(model, options.decoding)
+        self.writer = None
+        if options.output_dir is not None:
+            self.writer = get_writer(options.output_format, options.output_dir, options.subtitles)
+        self.settings = run_settings(options, model) if self.writer is not None else None
+        self.jobs: deque[_Job] = deque()
+        self.pool: list[_Queued] = []
+
+    def run(self, inputs: Iterable[InputFile]) -> Iterator[TranscriptionResult]:
+        """A result per input (`audio.InputFile`: a path, or a label and an in-memory source)."""
+        for f in inputs:
+            yield from self._read(f)
+        self._flush()
+        yield from self._finished()
+
+    def _read(self, f: InputFile) -> Iterator[TranscriptionResult]:
+        result = TranscriptionResult(str(f.path), f.output_name)
+        if self.writer is not None and not self.options.overwrite and _resumed(result, self.writer, self.settings):
+            self.jobs.append(_Job(f, result, reading=False))
+            yield from self._finished()
+            return
+        job = _Job(f, result, t0=time.perf_counter())
+        self.jobs.append(job)
+        try:
+            yield from self._windows(job)
+        except AudioError as e:
+            result.status, result.error = STATUS_ERROR, str(e)
+            job.pending = 0
+            self.pool = [q for q in self.pool if q.job is not job]
+        job.reading = False
+        yield from self._finished()
+
+    def _windows(self, job: _Job) -> Iterator[TranscriptionResult]:
+        """Cut one input into windows and queue them; a full pool is encoded and decoded on the way."""
+        f, options = job.input, self.options
+        if f.source is None:
+            info = audio_info(f.path)
+            if info.duration is not None:
+                _check_duration(f.path, info.duration, options)
+        pipeline = self._loaded()
+        n_samples = 0
+        for w, samples in iter_windows(f.blocks(STREAM_BLOCK_SECONDS), pipeline.vad_options(options.vad)):
+            n_samples = w.end_sample
+            if self._queue(job, w, samples):
+                self._flush()
+                yield from self._finished()
+        _check_duration(f.path, n_samples / SAMPLE_RATE, options)
+        job.result.duration = n_samples / SAMPLE_RATE
+        job.result.__dict__.update(self._meta())
+
+    def _loaded(self) -> Pipeline:
+        if self.pipeline is None:
+            self.pipeline = Pipeline.load(self.options)
+            self.reporter.advance(0.0, 0)  # the clock for throughput starts now, after loading the model
+        return self.pipeline
+
+    def _queue(self, job: _Job, w: Window, samples: np.ndarray) -> bool:
+        """Add a window to its input (a silent one is done at once) and to the pool; True when the pool is full."""
+        index = len(job.windows)
+        job.windows.append(WindowResult(index, w.start, w.end, w.silent))
+        job.segments.append([] if w.silent else None)
+        if w.silent:
+            self.reporter.advance(w.duration, 0)
+            return False
+        job.pending += 1
+        self.pool.append(_Queued(job, index, w, samples))
+        batch_size = self.options.batch_size
+        pooled_frames = sum(self.pipeline.model.encoder.output_frames(len(q.samples)) for q in self.pool)
+        return (len(self.pool) >= batch_size * POOL_BATCHES
+                or pooled_frames + MAX_ENCODER_FRAMES > batch_size * MAX_ENCODER_FRAMES)
+
+    def _flush(self) -> None:
+        """Encode and decode the pooled windows; each becomes its input's window result and segments."""
+        live = [q for q in self.pool if q.job.result.status != STATUS_ERROR]
+        self.pool = []
+        if not live:
+            return
+        pipeline, options, reporter = self.pipeline, self.options, self.reporter
+        with reporter.timed("encode"):  # halves a batch the device has no memory for, as decode_windows does
+            conditions = in_halves_on_oom(pipeline.encode, [q.samples for q in live], "window")
+        seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + q.index for q in live]
+        with reporter.timed("decode"):
+            results = pipeline.decode(conditions, [q.window.duration for q in live], seeds, options.batch_size,
+                                      options.word_timestamps)
+        reporter.decoded(results)
+        for q, r in zip(live, results):
+            w, job = q.window, q.job
+            job.windows[q.index] = WindowResult(q.index, w.start, w.end, False, r.score, r.scores.tolist(), r.selected)
+            job.segments[q.index] = pipeline.segments(w, q.index, r, options.word_timestamps, options.max_segment_s)
+            job.pending -= 1
+            reporter.advance(w.duration, len(r.text_tokens))
+
+    def _finished(self) -> Iterator[TranscriptionResult]:
+        while self.jobs and self.jobs[0].ready:
+            result = _finish(self.jobs.popleft(), self.writer, self.settings)
+            self.reporter.file_done(result)
+            yield result
+
+    def _meta(self) -> dict:
+        """What a result records of the run: model, decoding, VAD, encoder."""
+        pipeline = self.pipeline
+        return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
+                "vad": dataclasses.asdict(pipeline.vad_options(self.options.vad)),
+                "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8,
+                "language": pipeline.language, "word_timestamps": self.options.word_timestamps}
 
 
 def transcribe(
@@ -308,7 +400,7 @@ def transcribe(
     total = _total_seconds(files) if type(reporter) is not Reporter else None
     reporter.start(len(files), total)
     try:
-        yield from _run(files, options, model, reporter)
+        yield from Transcriber(options, model, reporter).run(files)
     finally:
         reporter.stop()
 
@@ -325,91 +417,6 @@ def _total_seconds(files: list[InputFile]) -> float | None:
             continue
         total += d or 0.0
     return total or None
-
-
-def _run(files, options: TranscribeOptions, model, reporter: Reporter) -> Iterator[TranscriptionResult]:
-    writer = None
-    if options.output_dir is not None:
-        writer = get_writer(options.output_format, options.output_dir, options.subtitles)
-    pipeline: Pipeline | None = model if isinstance(model, Pipeline) else None
-    if model is not None and pipeline is None:
-        pipeline = Pipeline(model, options.decoding)
-    settings = run_settings(options, model) if writer is not None else None
-    jobs: deque[_Job] = deque()
-    batch: list[tuple[_Job, int, Window, np.ndarray]] = []
-
-    def meta() -> dict:
-        return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
-                "vad": dataclasses.asdict(pipeline.vad_options(options.vad)),
-                "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8,
-                "language": pipeline.language, "word_timestamps": options.word_timestamps}
-
-    def flush_batch():
-        nonlocal batch
-        live = [b for b in batch if b[0].result.status != STATUS_ERROR]
-        batch = []
-        if not live:
-            return
-        conditions = in_halves_on_oom(pipeline.encode, [b[3] for b in live], "window")  # as decode_windows does
-        seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + b[1] for b in live]
-        results = pipeline.decode(conditions, [b[2].duration for b in live], seeds, options.batch_size,
-                                  options.word_timestamps)
-        for (job, idx, w, _), r in zip(live, results):
-            job.windows[idx] = WindowResult(idx, w.start, w.end, False, r.score, r.scores.tolist(), r.selected)
-            job.segments[idx] = pipeline.segments(w, idx, r, options.word_timestamps, options.max_segment_s)
-            job.pending -= 1
-            reporter.advance(w.duration, len(r.text_tokens))
-
-    def finished() -> Iterator[TranscriptionResult]:
-        while jobs and jobs[0].ready:
-            job = jobs.popleft()
-            res = _finish(job, writer, settings)
-            reporter.file_done(res)
-            yield res
-
-    for f in files:
-        result = TranscriptionResult(str(f.path), f.output_name)
-        if writer is not None and not options.overwrite and _resumed(result, writer, settings):
-            jobs.append(_Job(f, result, reading=False))
-            yield from finished()
-            continue
-        job = _Job(f, result, t0=time.perf_counter())
-        jobs.append(job)
-        try:
-            if f.source is None:
-                info = audio_info(f.path)
-                if info.duration is not None:
-                    _check_duration(f.path, info.duration, options)
-            if pipeline is None:
-                pipeline = Pipeline.load(options)
-                reporter.advance(0.0, 0)  # the clock for throughput starts now, after loading the model
-            n_samples = 0
-            for w, samples in iter_windows(f.blocks(STREAM_BLOCK_SECONDS), pipeline.vad_options(options.vad)):
-                idx = len(job.windows)
-                n_samples = w.end_sample
-                job.windows.append(WindowResult(idx, w.start, w.end, w.silent))
-                job.segments.append([] if w.silent else None)
-                if w.silent:
-                    reporter.advance(w.duration, 0)
-                    continue
-                job.pending += 1
-                batch.append((job, idx, w, samples))
-                pooled_frames = sum(pipeline.model.encoder.output_frames(len(b[3])) for b in batch)
-                if (len(batch) >= options.batch_size * POOL_BATCHES
-                        or pooled_frames + MAX_ENCODER_FRAMES > options.batch_size * MAX_ENCODER_FRAMES):
-                    flush_batch()
-                    yield from finished()
-            _check_duration(f.path, n_samples / SAMPLE_RATE, options)
-            result.duration = n_samples / SAMPLE_RATE
-            result.__dict__.update(meta())
-        except AudioError as e:
-            result.status, result.error = STATUS_ERROR, str(e)
-            job.pending = 0
-            batch[:] = [b for b in batch if b[0] is not job]
-        job.reading = False
-        yield from finished()
-    flush_batch()
-    yield from finished()
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -529,6 +536,7 @@ def transcribe_file(path, options: TranscribeOptions | None = None, model=None) 
 
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Reporter", "RichReporter", "Segment", "SubtitleOptions",
-    "TranscribeOptions", "TranscriptionResult", "WindowResult", "Word", "parse_pad_context", "run_settings", "parse_schedule", "resolve_device", "transcribe", "transcribe_file",
+    "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Segment", "SubtitleOptions", "TranscribeOptions",
+    "Transcriber", "TranscriptionResult", "WindowResult", "Word", "options_from_flags", "parse_pad_context",
+    "parse_schedule", "parse_seq_len", "run_settings", "transcribe", "transcribe_file",
 ]
