@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-
 @dataclass
 class Trace:
     """The reference/test path's hooks into one window's decoding (decoding.decode_traced).
@@ -48,14 +47,18 @@ class ReferenceForward:
         return self.decoder(x, condition=self.condition)
 
     def run(self, x, windows: list[int], ragged=None) -> "_ReferencePass":
+        """Every row through the whole decoder; the pass answers for the rows of `windows` (as
+        forward.SharedForward.run, which runs those rows only)."""
         if ragged is not None and (ragged.lengths is not None or ragged.frames is not None):
             raise ValueError("the reference forward decodes windows of one shape only")
         return _ReferencePass(self.logits(x), windows, self.K)
 
     def argmax(self, x, m):
+        """Every position's argmax (the loop keeps those of the masked positions m)."""
         return self.logits(x).argmax(-1)
 
     def confident(self, x):
+        """(max softmax probability, argmax) of every position."""
         return torch.softmax(self.logits(x).float(), dim=-1).max(-1)
 
 
