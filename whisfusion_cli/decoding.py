@@ -166,10 +166,19 @@ class DecodingOptions:
         return dataclasses.replace(self, **{name: self.parse(name, text) for name, text in fields.items()})
 
 
-def _integer(text: str, least: int | None):
-    ok = re.fullmatch(r"-?\d+", text) is not None and (least is None or int(text) >= least)
-    words = {None: "an integer", 1: "a positive integer", 0: "a non-negative integer"}.get(least, f"an integer >= {least}")
-    return (int(text) if ok else None), words
+# The string-form parsers of DecodingOptions.parse: text -> (value or None when malformed, what was expected).
+
+
+def _integer(least: int | None):
+    """Integers >= least (None: any)."""
+    words = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}
+    expected = words.get(least, f"an integer >= {least}")
+
+    def parse(text: str):
+        ok = re.fullmatch(r"-?\d+", text) is not None and (least is None or int(text) >= least)
+        return (int(text) if ok else None), expected
+
+    return parse
 
 
 def _number(text: str):
@@ -197,12 +206,11 @@ def _choice(names):
     return lambda text: ((text if text in names else None), "one of " + ", ".join(names))
 
 
-_TYPE_PARSERS = {"int": lambda t: _integer(t, 1), "float": _number, "bool": _boolean}
-_FIELD_PARSERS = {
-    "seq_len": lambda t: _integer(t, MIN_SEQ_LEN), "pad_context": lambda t: _integer(t, 0),
-    "refine": lambda t: _integer(t, 0), "shortlist": lambda t: _integer(t, 0), "canvas_margin": lambda t: _integer(t, 0),
-    "seed": lambda t: _integer(t, None),
-    "schedule": _schedule, "strategy": _choice(STRATEGIES), "selection": _choice(SELECTIONS),
+_TYPE_PARSERS = {"int": _integer(1), "float": _number, "bool": _boolean}  # by the field's annotation
+_FIELD_PARSERS = {  # the fields whose form is not their annotation's
+    "seq_len": _integer(MIN_SEQ_LEN), "canvas_margin": _integer(0), "refine": _integer(0), "shortlist": _integer(0),
+    "pad_context": _integer(0), "seed": _integer(None), "schedule": _schedule, "strategy": _choice(STRATEGIES),
+    "selection": _choice(SELECTIONS),
 }
 
 
