@@ -1,9 +1,9 @@
 """Decoder speed, measured side by side in one run (issue: fast decoding).
 
-1. Exact mode vs a straightforward reimplementation of upstream's loop (`_generate_with_timing`: the
-   condition expanded to K rows, a full forward with cross-attention keys/values recomputed at every step,
-   logits for every position), on the 170M preset with random weights, K=15, 4 steps, one 30 s window,
-   canvas 256. Same masks for both; tokens must be identical. Prints both times and the ratio.
+1. Exact mode vs upstream's loop (`_generate_with_timing`, whisfusion_cli.upstream through its
+   ReferenceForward: the condition expanded to K rows, a full forward with cross-attention keys/values
+   recomputed at every step, logits for every position), on the 170M preset with random weights, K=15,
+   4 steps, one 30 s window, canvas 256. Same masks for both; tokens must be identical. Prints both times and the ratio.
 2. Peak memory per window for K = 1, 4, 15 (fast exact mode, 170M preset).
 3. Optionally (--length-sweep, with a model directory) decode time against transcript length for
    Whisfusion and for Whisper greedy, with a PNG plot.
@@ -22,31 +22,18 @@ import time
 
 import torch
 
-from whisfusion_cli.decoding import DecodingOptions, parallel_diffusion_decode
+from whisfusion_cli.decoding import DecodingOptions, decode_traced, parallel_diffusion_decode
 from whisfusion_cli.model import PRESETS, DiffusionDecoder, ModelConfig
+from whisfusion_cli.upstream import Trace
 
 
-@torch.no_grad()
 def upstream_loop(model, condition, masks, steps, pad_id=2, bos_id=1):
-    """What upstream does, written plainly: expand the condition to K, full forward per step."""
+    """What upstream does (upstream.remask through upstream.ReferenceForward: the condition expanded to K, a
+    full forward per step) -> (tokens, confidences, selected candidate)."""
     K, L = masks[0].shape
-    mask_id = model.config.mask_token_id
-    cond = condition.expand(K, *condition.shape[1:])
-    canvas = torch.full((K, L), mask_id, dtype=torch.long, device=condition.device)
-    canvas[:, 0] = bos_id
-    for s in range(steps):
-        m = masks[s].to(condition.device)
-        x = canvas.clone()
-        x[m] = mask_id
-        logits = model(x, condition=cond)
-        if s == steps - 1:
-            confidences, pred = torch.softmax(logits.float(), -1).max(-1)
-        else:
-            pred = logits.argmax(-1)
-        canvas = torch.where(m, pred, x)
-    valid = canvas != pad_id
-    scores = (confidences * valid).sum(1) / valid.sum(1).clamp(min=1)
-    return canvas, confidences, int(torch.argmax(scores))
+    options = DecodingOptions(candidates=K, steps=steps, seq_len=L)
+    out = decode_traced(model, condition, options, Trace(masks=masks, reference=True), [bos_id], pad_id)
+    return out.tokens, out.confidences, out.selected
 
 
 def peak_rss_mb() -> float:
@@ -87,14 +74,13 @@ def main(argv=None):
           f"frames={args.frames}, threads={args.threads}", flush=True)
 
     # Warm-up (allocator, kernels) on a tiny call, then each variant once, interleaved order fixed.
-    parallel_diffusion_decode(model, condition[:, :16], options=DecodingOptions(candidates=2, steps=1, seq_len=8),
-                              seq_len=8)
+    parallel_diffusion_decode(model, condition[:, :16], DecodingOptions(candidates=2, steps=1, seq_len=8))
     t0 = time.perf_counter()
     ref_tokens, ref_conf, ref_sel = upstream_loop(model, condition, masks, args.steps)
     t_ref = time.perf_counter() - t0
     print(f"upstream loop (reference): {t_ref:8.2f} s", flush=True)
     t0 = time.perf_counter()
-    out = parallel_diffusion_decode(model, condition, seq_len=args.canvas, masks=masks, options=options)
+    out = decode_traced(model, condition, options, Trace(masks=masks))
     t_fast = time.perf_counter() - t0
     print(f"whisfusion exact mode   : {t_fast:8.2f} s", flush=True)
     same = torch.equal(out.tokens, ref_tokens) and out.selected == ref_sel
@@ -141,8 +127,7 @@ def _memory_child(K, canvas, frames, layers, steps):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss_mb("VmRSS")
-    parallel_diffusion_decode(model, cond, options=DecodingOptions(candidates=K, steps=steps, seq_len=canvas, seed=0),
-                              seq_len=canvas)
+    parallel_diffusion_decode(model, cond, DecodingOptions(candidates=K, steps=steps, seq_len=canvas, seed=0))
     print(_rss_mb("VmHWM") - base)
 
 

@@ -63,7 +63,8 @@ def _decoder_170m(device, dtype):
 
 def parity(device) -> dict:
     from whisfusion_cli.checkpoint import load_decoder
-    from whisfusion_cli.decoding import DecodingOptions, parallel_diffusion_decode
+    from whisfusion_cli.decoding import DecodingOptions, decode_traced
+    from whisfusion_cli.upstream import Trace
 
     folder = REPO / "tests" / "data" / "decoder_parity"
     io = torch.load(folder / "io.pt", weights_only=True)
@@ -80,9 +81,8 @@ def parity(device) -> dict:
         if dtype == torch.float32:
             options = DecodingOptions(candidates=pdd["K"], steps=pdd["steps"], seq_len=pdd["seq_len"],
                                       schedule=tuple(pdd["mask_ratio_schedule"]))
-            result = parallel_diffusion_decode(dec, io["condition"][0:1].to(device), seq_len=pdd["seq_len"],
-                                               bos_id=pdd["bos_id"], pad_id=pdd["pad_id"], masks=list(pdd["masks"]),
-                                               options=options)
+            result = decode_traced(dec, io["condition"][0:1].to(device), options, Trace(masks=list(pdd["masks"])),
+                                   prefix_ids=[pdd["bos_id"]], pad_id=pdd["pad_id"])
             same = torch.equal(result.tokens, pdd["final_tokens"]) and result.selected == pdd["selected_index"]
             out[name] = {"max_abs_err": err, "argmax_agree": agree, "pdd_identical": same,
                          "ok": err <= PARITY_FLOAT_TOL and same}
@@ -97,7 +97,8 @@ def parity(device) -> dict:
 
 def upstream_loop(device, quick=False) -> dict:
     from bench_decoding import upstream_loop as reference
-    from whisfusion_cli.decoding import DecodingOptions, parallel_diffusion_decode
+    from whisfusion_cli.decoding import DecodingOptions, decode_traced
+    from whisfusion_cli.upstream import Trace
 
     K, steps, L, frames = 15, 4, 256, 1500
     model = _decoder_170m(device, torch.float32)
@@ -111,8 +112,7 @@ def upstream_loop(device, quick=False) -> dict:
         masks.append(m)
     repeats = 1 if quick else 5
     (ref_tokens, _, ref_sel), t_ref = _timed(lambda: reference(model, condition, masks, steps), device, repeats)
-    out, t_fast = _timed(lambda: parallel_diffusion_decode(model, condition, seq_len=L, masks=masks, options=options),
-                         device, repeats)
+    out, t_fast = _timed(lambda: decode_traced(model, condition, options, Trace(masks=masks)), device, repeats)
     same = torch.equal(out.tokens, ref_tokens.cpu()) and out.selected == ref_sel
     # Random weights put many logits close together: a differing position is a float-rounding tie unless many.
     differing = int((out.tokens != ref_tokens.cpu()).sum())
@@ -240,7 +240,7 @@ def memory(device, dtype) -> dict:
     for K in MEMORY_K:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        parallel_diffusion_decode(model, cond, options=DecodingOptions(candidates=K, seed=0), seq_len=256)
+        parallel_diffusion_decode(model, cond, DecodingOptions(candidates=K, seed=0, seq_len=256))
         torch.cuda.synchronize(device)
         peaks[str(K)] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return {"dtype": str(dtype).replace("torch.", ""), "peak_mb_above_model": peaks,

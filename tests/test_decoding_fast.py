@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from whisfusion_cli.checkpoint import load_decoder
-from whisfusion_cli.decoding import DecodingOptions, decode_windows, parallel_diffusion_decode
+from whisfusion_cli.decoding import DecodingOptions, decode_traced, decode_windows, parallel_diffusion_decode
 from whisfusion_cli.model import ModelConfig, WhisperDiffusionDecoder, quantize_decoder
+from whisfusion_cli.upstream import Trace
 
 K = 3
 # (frames, seconds) per window: two frame counts and two canvas lengths, so batches mix shapes.
@@ -94,8 +95,8 @@ def test_batched_windows_decode_like_single_windows(family, strategy, request, m
     # (confidences: the tiny parity model often fills a whole canvas with one token whatever the audio).
     assert len({tuple(r.confidences.flatten().tolist()) for r in batched}) == len(WINDOWS)
     # And one window alone through the single-window entry point, seeded the same way.
-    lone = parallel_diffusion_decode(dec, conds[3], seq_len=batched[3].seq_len, prefix_ids=prefix, pad_id=pad,
-                                     options=dataclasses.replace(options, seed=options.seed + 3))
+    lone = parallel_diffusion_decode(dec, conds[3], dataclasses.replace(options, seed=options.seed + 3), prefix, pad,
+                                     duration=durations[3])
     _same(lone, batched[3])
 
 
@@ -106,7 +107,9 @@ def test_batched_reference_mode_matches_fast_mode(family, strategy, request):
     options = _options(strategy)
     durations = [d for _, d in WINDOWS]
     fast = decode_windows(dec, conds, options, prefix, pad, durations)
-    ref = decode_windows(dec, conds, dataclasses.replace(options, fast=False), prefix, pad, durations)
+    # upstream's own forward, a window at a time (each seeded as decode_windows seeds it)
+    ref = [decode_traced(dec, c, dataclasses.replace(options, seed=options.seed + i), Trace(reference=True), prefix,
+                         pad, d) for i, (c, d) in enumerate(zip(conds, durations))]
     for a, b in zip(fast, ref):
         assert torch.equal(a.tokens, b.tokens) and a.selected == b.selected
         torch.testing.assert_close(a.confidences, b.confidences, atol=1e-5, rtol=0)
@@ -165,6 +168,21 @@ def test_sized_canvas_lengths():
     # Monotone in the duration: longer audio never gets a shorter canvas.
     lengths = [o.canvas_length(s / 2, 1) for s in range(0, 80)]
     assert lengths == sorted(lengths)
+
+
+def test_the_entry_point_sizes_the_canvas_to_the_audio(whisper):
+    """parallel_diffusion_decode honours options.seq_len = None (a canvas sized to the duration), which its
+    old seq_len=256 parameter overrode."""
+    dec, conds, prefix, pad = whisper
+    options = DecodingOptions(candidates=2, steps=2, seq_len=None, tokens_per_second=4.0, canvas_margin=3,
+                              max_seq_len=48, seed=0, strategy="confidence")
+    sized = parallel_diffusion_decode(dec, conds[0], options, prefix, pad, duration=5.0)
+    assert sized.seq_len == options.canvas_length(5.0, len(prefix)) == 2 + 20 + 3
+    assert sized.tokens.shape == (2, 25) and (sized.tokens != dec.config.mask_token_id).all()
+    _same(sized, decode_windows(dec, conds[:1], options, prefix, pad, [5.0])[0])
+    assert parallel_diffusion_decode(dec, conds[0], options, prefix, pad).seq_len == 48  # no duration: the cap
+    fixed = dataclasses.replace(options, seq_len=20)
+    assert parallel_diffusion_decode(dec, conds[0], fixed, prefix, pad, duration=5.0).seq_len == 20
 
 
 def test_int8_pipeline_quantises_decoder_and_encoder(tmp_path, data_dir):
@@ -234,7 +252,8 @@ def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper, monkeypa
     """A window that is ahead of the schedule (its rows committed more than this step asks) skips the step
     alone; batched with one that is not, it must neither be projected nor draw noise, and it leaves the
     forward pass of that step."""
-    from whisfusion_cli.decoding import _confidence_unmask
+    from whisfusion_cli.decoding import Batch, _confidence_unmask
+    from whisfusion_cli.forward import SharedForward
 
     dec, conds, prefix, _ = whisper
     calls = _count_batches(dec, monkeypatch)
@@ -245,13 +264,14 @@ def test_window_with_nothing_to_commit_keeps_its_random_stream(whisper, monkeypa
     ahead = behind.clone()
     ahead[:, P : P + 7] = 5  # 7 of 18 committed: nothing to do at steps 0 and 1 (targets 3 and 6)
     cond = torch.stack([conds[0], conds[1]])
-    batched, _ = _confidence_unmask(dec, torch.cat([ahead, behind]), P, dec.precompute_cross_kv(cond), options,
-                                    [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], None)
+    batch = Batch(dec, SharedForward(dec, dec.precompute_cross_kv(cond), K), K, P, None)
+    batched, _ = _confidence_unmask(batch, torch.cat([ahead, behind]), options,
+                                    [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
     # Steps 0 and 1: the window behind alone (its K rows equal: one shared row); later both windows.
     assert [rows for rows, _, _ in calls[:2]] == [1, 1] and max(rows for rows, _, _ in calls) == 2 * K
     for w, (canvas, seed) in enumerate(((ahead, 1), (behind, 2))):
-        alone, _ = _confidence_unmask(dec, canvas, P, dec.precompute_cross_kv(cond[w : w + 1]), options,
-                                      [torch.Generator().manual_seed(seed)], None)
+        lone = Batch(dec, SharedForward(dec, dec.precompute_cross_kv(cond[w : w + 1]), K), K, P, None)
+        alone, _ = _confidence_unmask(lone, canvas, options, [torch.Generator().manual_seed(seed)])
         assert torch.equal(batched[w * K : (w + 1) * K], alone), f"window {w}"
 
 
@@ -268,7 +288,7 @@ def test_shortlist_projects_the_whole_vocabulary_once_per_window(family, request
     # step-0 rows of the whole batch in one product.
     step0_rows = sum(options.canvas_length(d, len(prefix)) - len(prefix) for d in durations)
     assert full_projections == [(step0_rows, dec.config.n_embd)]
-    monkeypatch.setattr("whisfusion_cli.decoding.MAX_PROJECTION_ROWS", 40)  # then in chunks of whole windows
+    monkeypatch.setattr("whisfusion_cli.forward.MAX_PROJECTION_ROWS", 40)  # then in chunks of whole windows
     full_projections.clear()
     chunked = decode_windows(dec, conds, options, prefix, pad, durations)
     assert len(full_projections) > 1 and sum(n for n, _ in full_projections) == step0_rows
@@ -313,13 +333,15 @@ def test_shortlist_keeps_the_decoder_dtype(whisper):
     assert half.output_rows(torch.tensor([1, 2])).dtype == torch.bfloat16
 
 
-def test_shortlist_options_are_checked():
+def test_shortlist_options_are_checked(whisper):
     with pytest.raises(ValueError, match="shortlist"):
         DecodingOptions(shortlist=-1)
     with pytest.raises(ValueError, match="confidence strategy"):
         DecodingOptions(shortlist=8, strategy="remask")
-    with pytest.raises(ValueError, match="confidence strategy"):
-        DecodingOptions(shortlist=8, strategy="confidence", fast=False)
+    dec, conds, prefix, pad = whisper
+    for extra in ({"shortlist": 8}, {"pad_context": 2}):
+        with pytest.raises(ValueError, match="shared forward"):  # upstream's forward scores everything
+            decode_traced(dec, conds[0], _options("confidence", **extra), Trace(reference=True), prefix, pad, 4.0)
 
 
 @pytest.mark.parametrize("family", ["smdm", "whisper"])
@@ -441,16 +463,15 @@ def test_exact_mode_projects_in_bounded_chunks_with_the_same_result(family, requ
     # onto the vocabulary must never exist at once (0.5-0.8 GB at K = 15), and chunking changes no value.
     dec, conds, prefix, pad = request.getfixturevalue(family)
     options = dataclasses.replace(_options("remask"), seq_len=40)
-    whole = parallel_diffusion_decode(dec, conds[0], options=options, prefix_ids=prefix, pad_id=pad, seq_len=40)
+    whole = parallel_diffusion_decode(dec, conds[0], options, prefix, pad)
     rows_per_call = []
     inner = dec.project
     monkeypatch.setattr(dec, "project", lambda h: rows_per_call.append(h.size(0)) or inner(h))
-    monkeypatch.setattr("whisfusion_cli.decoding.MAX_PROJECTION_ROWS", 16)
-    chunked = parallel_diffusion_decode(dec, conds[0], options=options, prefix_ids=prefix, pad_id=pad, seq_len=40)
+    monkeypatch.setattr("whisfusion_cli.forward.MAX_PROJECTION_ROWS", 16)
+    chunked = parallel_diffusion_decode(dec, conds[0], options, prefix, pad)
     assert max(rows_per_call) == 16 and sum(rows_per_call) > K * 40  # the last step alone projects K x 40 rows
     _same(whole, chunked, atol=1e-6)
-    ref = parallel_diffusion_decode(dec, conds[0], options=dataclasses.replace(options, fast=False),
-                                    prefix_ids=prefix, pad_id=pad, seq_len=40)
+    ref = decode_traced(dec, conds[0], options, Trace(reference=True), prefix, pad)
     _same(chunked, ref, atol=1e-5)
 
 
@@ -466,11 +487,11 @@ def test_a_batch_out_of_device_memory_is_decoded_in_halves(whisper, monkeypatch)
     fits = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=2)
     inner, tried = decoding._decode_batch, []
 
-    def small_gpu(decoder, kv, cond_k, W, *args, **kwargs):
+    def small_gpu(decoder, forward, W, *args, **kwargs):
         tried.append(W)
         if W > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.50 GiB")
-        return inner(decoder, kv, cond_k, W, *args, **kwargs)
+        return inner(decoder, forward, W, *args, **kwargs)
 
     monkeypatch.setattr(decoding, "_decode_batch", small_gpu)
     halved = decode_windows(dec, conds, options, prefix, pad, durations, max_batch_windows=6)
@@ -478,6 +499,6 @@ def test_a_batch_out_of_device_memory_is_decoded_in_halves(whisper, monkeypatch)
     assert len(halved) == len(conds)
     for a, b in zip(fits, halved):
         _same(a, b)
-    monkeypatch.setattr(decoding, "_decode_batch", lambda *a, **k: small_gpu(dec, None, None, 9))
+    monkeypatch.setattr(decoding, "_decode_batch", lambda *a, **k: small_gpu(dec, None, 9))
     with pytest.raises(DeviceMemoryError, match="single window"):
         decode_windows(dec, conds[:2], options, prefix, pad, durations[:2], max_batch_windows=2)

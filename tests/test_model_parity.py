@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from whisfusion_cli.checkpoint import load_decoder
-from whisfusion_cli.decoding import DecodingOptions, parallel_diffusion_decode
+from whisfusion_cli.decoding import DecodingOptions, decode_traced, parallel_diffusion_decode
+from whisfusion_cli.upstream import Trace
 
 ATOL = RTOL = 1e-4
 
@@ -45,16 +46,16 @@ def test_mask_token_never_predicted(parity_dir, io):
     assert dec.transformer.wte.weight.shape[0] == 513 and dec.lm_head.weight.shape[0] == 512
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_parallel_diffusion_decoding_matches_upstream(parity_dir, io, pdd, fast):
+@pytest.mark.parametrize("reference", [False, True])
+def test_parallel_diffusion_decoding_matches_upstream(parity_dir, io, pdd, reference):
     dec = load_decoder(parity_dir / "weights.safetensors", config=parity_dir / "config.json")
     cond = io["condition"][0:1].to(torch.float32)
     options = DecodingOptions(candidates=pdd["K"], steps=pdd["steps"], schedule=tuple(pdd["mask_ratio_schedule"]),
-                              seq_len=pdd["seq_len"], fast=fast)
-    out = parallel_diffusion_decode(dec, cond, seq_len=pdd["seq_len"], bos_id=pdd["bos_id"], pad_id=pdd["pad_id"],
-                                    masks=list(pdd["masks"]), options=options, record=True)
+                              seq_len=pdd["seq_len"])
+    trace = Trace(masks=list(pdd["masks"]), inputs=[], reference=reference)
+    out = decode_traced(dec, cond, options, trace, prefix_ids=[pdd["bos_id"]], pad_id=pdd["pad_id"])
     for s in range(pdd["steps"]):
-        assert torch.equal(out.step_inputs[s], pdd["step_inputs"][s]), f"step {s} input"
+        assert torch.equal(trace.inputs[s], pdd["step_inputs"][s]), f"step {s} input"
     assert torch.equal(out.tokens, pdd["final_tokens"])
     torch.testing.assert_close(out.confidences, pdd["confidences"], atol=1e-7, rtol=0)
     torch.testing.assert_close(out.scores, pdd["avg_confidence"], atol=1e-7, rtol=0)
@@ -62,12 +63,14 @@ def test_parallel_diffusion_decoding_matches_upstream(parity_dir, io, pdd, fast)
 
 
 def test_entry_point_signature(parity_dir, io, pdd):
-    """The conformance entry point from the issue, called exactly as written there."""
+    """The conformance run of the first issue (K=4, 4 steps, upstream's schedule, a 48-token canvas, BOS 1,
+    pad 2, the fixture's masks, confidence selection) through the one signature: decoder, condition, options,
+    prefix, pad (upstream's by default), the masks through the test path's Trace."""
     dec = load_decoder(parity_dir / "weights.pt", config=str(parity_dir / "config.json"), dtype=torch.float32)
     cond = io["condition"][0:1].to(torch.float32)
-    out = parallel_diffusion_decode(dec, cond, candidates=4, steps=4, schedule=[1.0, 0.9, 0.85, 0.8], seq_len=48,
-                                    bos_id=1, pad_id=2, masks=[m for m in pdd["masks"]], selection="confidence",
-                                    seed=None)
+    options = DecodingOptions(candidates=4, steps=4, schedule=(1.0, 0.9, 0.85, 0.8), seq_len=48,
+                              selection="confidence", seed=None)
+    out = decode_traced(dec, cond, options, Trace(masks=[m for m in pdd["masks"]]), prefix_ids=[1], pad_id=2)
     assert out.tokens.shape == (4, 48) and out.confidences.shape == (4, 48) and out.scores.shape == (4,)
     assert torch.equal(out.tokens, pdd["final_tokens"]) and out.selected == 2
 
@@ -87,9 +90,9 @@ def test_step_intermediates(parity_dir, io, pdd):
 def test_seeded_decoding_reproducible(parity_dir, io):
     dec = load_decoder(parity_dir / "weights.pt", config=parity_dir / "config.json")
     cond = io["condition"][0:1].to(torch.float32)
-    a = parallel_diffusion_decode(dec, cond, candidates=3, steps=5, seq_len=32, seed=7)
-    b = parallel_diffusion_decode(dec, cond, candidates=3, steps=5, seq_len=32, seed=7)
-    c = parallel_diffusion_decode(dec, cond, candidates=3, steps=5, seq_len=32, seed=8)
+    a = parallel_diffusion_decode(dec, cond, DecodingOptions(candidates=3, steps=5, seq_len=32, seed=7))
+    b = parallel_diffusion_decode(dec, cond, DecodingOptions(candidates=3, steps=5, seq_len=32, seed=7))
+    c = parallel_diffusion_decode(dec, cond, DecodingOptions(candidates=3, steps=5, seq_len=32, seed=8))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.confidences, b.confidences)
     assert not torch.equal(a.confidences, c.confidences)
 
@@ -113,8 +116,7 @@ def test_selection_unit(pdd):
 def test_fast_and_reference_agree_on_random_draws(parity_dir, io):
     dec = load_decoder(parity_dir / "weights.pt", config=parity_dir / "config.json")
     cond = io["condition"][1:2].to(torch.float32)
-    outs = [parallel_diffusion_decode(dec, cond, options=DecodingOptions(candidates=5, steps=6, seq_len=40, seed=3,
-                                                                        fast=fast), seq_len=40)
-            for fast in (True, False)]
+    options = DecodingOptions(candidates=5, steps=6, seq_len=40, seed=3)
+    outs = [parallel_diffusion_decode(dec, cond, options), decode_traced(dec, cond, options, Trace(reference=True))]
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     torch.testing.assert_close(outs[0].confidences, outs[1].confidences, atol=1e-6, rtol=0)

@@ -72,6 +72,6 @@ def test_select_on_token_canvases():
     for selection, expected_sel, expected_text in [("confidence", 2, [10, 15, 16, 17]), ("mbr", 0, [10, 11, 12]),
                                                   ("rover", 0, [10, 11, 12])]:
         r = DecodingResult(tokens=tokens, confidences=conf, scores=scores, selected=-1)
-        _select(r, seqs, selection, [1], pad, True, None)
+        _select(r, seqs, selection, [1], None)
         assert r.selected == expected_sel, selection
         assert r.text_tokens == expected_text, selection

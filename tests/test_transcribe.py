@@ -350,11 +350,11 @@ def test_out_of_device_memory_in_a_batch_loses_nothing(model, tmp_path, monkeypa
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
         return encode(clips)
 
-    def small_decoder(decoder, kv, cond_k, W, *args, **kwargs):
+    def small_decoder(decoder, forward, W, *args, **kwargs):
         sizes["decode"].append(W)
         if W > 1:
             raise RuntimeError("CUDA error: out of memory")
-        return decode_batch(decoder, kv, cond_k, W, *args, **kwargs)
+        return decode_batch(decoder, forward, W, *args, **kwargs)
 
     monkeypatch.setattr(model.encoder, "encode", small_encoder)
     monkeypatch.setattr(decoding, "_decode_batch", small_decoder)

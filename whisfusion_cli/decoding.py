@@ -1,41 +1,37 @@
 """Parallel Diffusion Decoding (SPEC section 6) and candidate selection.
 
-The upstream loop, by default and exactly: K candidates on a canvas of mask tokens with the prefix (BOS) at
-position 0; at each step every candidate draws fresh uniforms, positions under the step's mask ratio are
-reset to the mask token, one forward pass fills the masked positions with their argmax; after the last step
-the confidence of every position is its max softmax probability and the candidate with the highest mean
-confidence over non-pad positions wins.
+By default upstream's loop, exactly (upstream.remask: K candidates re-masked at random and re-predicted for a
+few steps), run through forward.SharedForward, which gives the same tokens faster; the candidate with the
+highest mean confidence over non-pad positions wins. What we add as options: a canvas sized to the audio,
+the `confidence` unmasking strategy (commit the most confident predictions step by step, LLaDA-style), which
+fixes repeated words, built from small policies in the style of openai/whisper's `LogitFilter`s (a commit
+schedule, repeat deferral, pad context, a vocabulary shortlist, mask-predict refinement), and `mbr` / `rover`
+selection. Windows (decode_windows) share one forward per step, each with its own random stream.
 
-What we do on top, without changing the result of the upstream loop:
-* the cross-attention keys/values of a window are computed once and shared by all candidates and steps;
-* when every candidate has the same input (step 0 masks everything) the forward runs once and is broadcast;
-* before the last step only the masked positions go through the output projection;
-* windows (decode_windows) share one forward per step, each with its own random stream; windows of
-  different lengths are padded, with attention masks keeping the padding out of every real position, and
-  the projections onto the whole vocabulary of a step run as one matrix product for the batch.
-
-And what we add as options: a canvas sized to the audio, a `confidence` unmasking strategy (commit the most
-confident predictions step by step, LLaDA-style) that fixes repeated words, mask-predict refinement passes
-after it (`refine`: re-predict the least sure tokens with everything else known), a vocabulary shortlist
-for the steps after the first (`shortlist`: approximate, for speed), and `mbr` / `rover` selection.
+Reading order: the options, the result, the policies, the loop and its entry points, selection, helpers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
+from .choices import SELECTIONS, STRATEGIES
 from .distributed import in_halves_on_oom
+from .forward import FILL, FILL_INPUT, Ragged, SharedForward
+from .upstream import ReferenceForward, Trace, remask
 
 UPSTREAM_SCHEDULE = (1.0, 0.9, 0.85, 0.8)
 UPSTREAM_FALLBACK_RATIO = 0.7  # ratio of the steps past the end of the schedule
 UPSTREAM_CANVAS = 256
 UPSTREAM_CANDIDATES = 15
 UPSTREAM_STEPS = 4
-SELECTIONS = ("confidence", "mbr", "rover")
-STRATEGIES = ("remask", "confidence")
+UPSTREAM_PREFIX = (1,)  # BOS
+UPSTREAM_PAD = 2
 # ROVER: weight of the vote frequency against the mean confidence of a word (Fiscus 1997, alpha).
 ROVER_ALPHA = 0.5
 # Canvas sized to the audio: tokens per second of speech with a safety margin.
@@ -61,23 +57,18 @@ SHORTLIST_OFF = 0
 PAD_CONTEXT_OFF = None
 # decode_windows: windows decoded together, at most this many per forward pass.
 DEFAULT_MAX_BATCH_WINDOWS = 8
-# Canvas positions past a window's length in a batch of windows of different lengths: no token (every
-# comparison with a real token or the mask id is false); the trunk sees FILL_INPUT there, behind the mask.
-FILL = -1
-FILL_INPUT = 0
-# Hidden rows projected onto the whole vocabulary in one matrix product: the logits of 512 rows onto 50k tokens
-# are 100 MB in float32 (K = 15 canvases of 256 positions would be 0.8 GB at once); more rows go in chunks.
-# Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /
-# 447 / 495 MB, against 301 / 589 / 1689 MB when a window's logits were made whole; the same speed.
-MAX_PROJECTION_ROWS = 512
 WORD_START_MARKERS = ("Ġ", "▁", " ")  # how a token that starts a word begins (Whisper BPE, SentencePiece)
-# On a GPU a product of 512 rows leaves most of it idle; 4096 rows onto 50k tokens are 0.4 GB of bf16 logits
-# (scripts/gpu_acceptance.sh records the peak memory at K = 1, 4, 15).
-GPU_PROJECTION_ROWS = 4096
+# Fields of older DecodingOptions, found in model configs and run records written before they went (test-only
+# knobs, now upstream.Trace and tests/test_unmasking.py), with the one value each ever had outside tests.
+RETIRED_FIELDS = {"blocks": 1, "cut_at_pad": True, "fast": True}
+# String forms (DecodingOptions.parse): words for "no value" and for the booleans.
+NONE_WORDS = {"seq_len": ("auto", "audio", "none"), "pad_context": ("off", "none"), "seed": ("none",)}
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "on"), ("false", "0", "off")
+MIN_SEQ_LEN = 2  # a canvas holds at least the prefix and one token
 
 
-def _projection_rows(device: torch.device) -> int:
-    return MAX_PROJECTION_ROWS if device.type == "cpu" else GPU_PROJECTION_ROWS
+# ----------------------------------------------------------------------------------------------------------
+# Options and result
 
 
 @dataclass(frozen=True)
@@ -93,7 +84,6 @@ class DecodingOptions:
     strategy: str = "remask"  # "remask" (upstream) | "confidence" (commit by confidence)
     temperature: float = 0.0  # "confidence" strategy: Gumbel noise for candidates after the first
     repeat_penalty: float = 0.0  # "confidence" strategy: defer committing a token equal to a neighbour's
-    blocks: int = 1  # "confidence" strategy: >1 fills the canvas in that many blocks, left to right
     refine: int = 0  # "confidence" strategy: mask-predict passes after the fill (re-predict the least sure)
     refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
     shortlist: int = SHORTLIST_OFF  # "confidence" strategy: after step 0, score only each position's top-N
@@ -101,8 +91,6 @@ class DecodingOptions:
     shortlist_int8: bool = False  # with shortlist: pick it through an int8 output projection (CPU only)
     selection: str = "confidence"
     seed: int | None = None
-    cut_at_pad: bool = True  # False: upstream's text (every non-special token, pads not cut)
-    fast: bool = True  # shared cross k/v, step-0 broadcast, masked-only projection (same tokens either way)
 
     def __post_init__(self):
         if self.candidates < 1 or self.steps < 1:
@@ -115,13 +103,13 @@ class DecodingOptions:
             raise ValueError(f"refine must be >= 0 and refine_fraction in (0, 1]: {self.refine}, {self.refine_fraction}")
         if self.shortlist < 0:
             raise ValueError(f"shortlist must be >= 0 (0: the full vocabulary), got {self.shortlist}")
-        if self.shortlist and (self.strategy != "confidence" or not self.fast):
-            raise ValueError("shortlist needs the confidence strategy in fast mode")
+        if self.shortlist and self.strategy != "confidence":
+            raise ValueError("shortlist needs the confidence strategy")
         if self.shortlist_int8 and not self.shortlist:
             raise ValueError("shortlist_int8 needs a shortlist (shortlist > 0)")
-        if self.pad_context is not None and (self.pad_context < 0 or self.strategy != "confidence" or not self.fast):
-            raise ValueError(f"pad_context must be >= 0 (or None: the whole canvas) and needs the confidence strategy "
-                             f"in fast mode, got {self.pad_context}")
+        if self.pad_context is not None and (self.pad_context < 0 or self.strategy != "confidence"):
+            raise ValueError(f"pad_context must be >= 0 (or None: the whole canvas) and needs the confidence strategy, "
+                             f"got {self.pad_context}")
         if any(not 0.0 <= r <= 1.0 for r in self.schedule):
             raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
 
@@ -137,11 +125,93 @@ class DecodingOptions:
         return int(min(self.max_seq_len, max(MIN_CANVAS, n)))
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
-        d = asdict(self)
+        d = dataclasses.asdict(self)
         d["schedule"] = list(self.schedule)
         return d
+
+    @classmethod
+    def from_config(cls, decoding: dict) -> "DecodingOptions":
+        """The options a model config's "decoding" section holds. Keys that are no field are ignored (as model
+        configs always were), retired fields too where they hold the value they always had (RETIRED_FIELDS);
+        another value of a retired field, which nothing can honour now, is a ValueError."""
+        for name, value in decoding.items():
+            if name in RETIRED_FIELDS and value != RETIRED_FIELDS[name]:
+                raise ValueError(f"decoding option {name}={value!r} is no longer supported "
+                                 f"(only {RETIRED_FIELDS[name]!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "schedule" else v) for k, v in decoding.items() if k in known})
+
+    @classmethod
+    def parse(cls, name: str, text: str):
+        """Field `name`'s value from its string form (command line, bench spec): integers, numbers, booleans
+        (true/false, 1/0, on/off), a choice, `schedule` "1.0,0.9,0.85", `pad_context` N or "off"/"none",
+        `seed` N or "none", `seq_len` N or "auto"/"audio"/"none" (a canvas sized to the audio). ValueError,
+        naming the field, on an unknown field or a value of the wrong form; the range checks of a whole
+        DecodingOptions come with `with_strings`."""
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        if name not in kinds:
+            raise ValueError(f"unknown decoding option {name!r}")
+        text = str(text).strip()
+        if text.lower() in NONE_WORDS.get(name, ()):
+            return None
+        parse = _FIELD_PARSERS.get(name) or _TYPE_PARSERS[kinds[name]]
+        value, expected = parse(text)
+        if value is None:
+            raise ValueError(f"{name}={text!r} must be {expected}"
+                             + "".join(f" or {w!r}" for w in NONE_WORDS.get(name, ())[:1]))
+        return value
+
+    def with_strings(self, **fields: str) -> "DecodingOptions":
+        """These options with some fields given in their string forms (`parse`), validated as a whole."""
+        return dataclasses.replace(self, **{name: self.parse(name, text) for name, text in fields.items()})
+
+
+# The string-form parsers of DecodingOptions.parse: text -> (value or None when malformed, what was expected).
+
+
+def _integer(least: int | None):
+    """Integers >= least (None: any)."""
+    words = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}
+    expected = words.get(least, f"an integer >= {least}")
+
+    def parse(text: str):
+        ok = re.fullmatch(r"-?\d+", text) is not None and (least is None or int(text) >= least)
+        return (int(text) if ok else None), expected
+
+    return parse
+
+
+def _number(text: str):
+    try:
+        return float(text), "a number"
+    except ValueError:
+        return None, "a number"
+
+
+def _boolean(text: str):
+    value = True if text.lower() in TRUE_WORDS else False if text.lower() in FALSE_WORDS else None
+    return value, "0 or 1 (or true/false, on/off)"
+
+
+def _schedule(text: str):
+    try:
+        values = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        values = ()
+    ok = values and all(0.0 <= v <= 1.0 for v in values)
+    return (values if ok else None), "comma-separated mask ratios in [0, 1] like 1.0,0.9,0.85,0.8"
+
+
+def _choice(names):
+    return lambda text: ((text if text in names else None), "one of " + ", ".join(names))
+
+
+_TYPE_PARSERS = {"int": _integer(1), "float": _number, "bool": _boolean}  # by the field's annotation
+_FIELD_PARSERS = {  # the fields whose form is not their annotation's
+    "seq_len": _integer(MIN_SEQ_LEN), "canvas_margin": _integer(0), "refine": _integer(0), "shortlist": _integer(0),
+    "pad_context": _integer(0), "seed": _integer(None), "schedule": _schedule, "strategy": _choice(STRATEGIES),
+    "selection": _choice(SELECTIONS),
+}
 
 
 @dataclass
@@ -153,7 +223,6 @@ class DecodingResult:
     text_tokens: list[int] = field(default_factory=list)  # chosen text (prefix removed, cut at pad)
     score: float = 0.0
     n_canvas_tokens: int = 0  # K x L x steps positions the decoder filled (upstream's "tokens")
-    step_inputs: list[torch.Tensor] = field(default_factory=list)  # only with record=True
     # Confidence of each text token (its softmax probability when committed); a ROVER-voted text, which no
     # candidate holds whole, gets the selected candidate's score for every token.
     token_confidences: list[float] = field(default_factory=list)
@@ -167,484 +236,377 @@ class DecodingResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The loop
+# Policies of the confidence strategy
 #
-# The core decodes W windows of K candidates at once: rows w*K .. w*K+K-1 of the canvas belong to window w,
-# and the cross-attention keys/values have one row per window (model.cross_attention folds the K candidates
-# of a window into one query sequence). Windows of different lengths are padded to the longest canvas (with
-# FILL) and the longest encoder states; `lengths` and `frames` give the trunk key masks, so no real position
-# attends to padding. The trunk runs on all rows in one call. The projections onto the whole vocabulary of
-# a step run as one product for the batch (up to MAX_PROJECTION_ROWS rows), shortlists window by window.
-# Everything else is row-wise, so a window decodes to the same tokens alone or batched, up to float rounding
-# of the padded and bigger matrix products (tests/test_decoding_fast.py). On 2 CPU cores, batches of 8
-# windows decode 1.5-2.4x faster than windows one at a time (scripts/bench_batch.py).
-
-
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()  # CPU: the same draws on every device
-    if seed is None:
-        g.seed()  # a fresh random seed, without touching torch's global generator
-    else:
-        g.manual_seed(seed)
-    return g
+# The loop (_confidence_unmask) starts all-masked and, at each step, predicts every still-masked position and
+# commits some. What it commits is decided by policies, each a small rule behind one interface (`Policy`),
+# called phase by phase in list order: narrow (the columns the trunk runs on), plan (how many positions each
+# row commits), the forward with its vocabulary (prepare, vocabulary, observe), rescore (before the commits
+# are ranked by confidence), commit (after), finish (after the last step).
 
 
 @dataclass
-class _Ragged:
-    """Lengths of the windows of a batch padded to a common shape: canvas positions per window [W] and
-    encoder frames per window [W] (either None when all are equal)."""
+class Batch:
+    """What the loop and its policies share about a batch: W windows x K candidates decoded by `forward`."""
 
-    lengths: torch.Tensor | None = None
-    frames: torch.Tensor | None = None
+    decoder: object
+    forward: object  # forward.SharedForward or upstream.ReferenceForward
+    K: int
+    P: int  # prefix length
+    pad_id: int | None
+    ragged: Ragged = field(default_factory=Ragged)
 
-    def subset(self, windows: list[int]) -> "_Ragged":
-        pick = (lambda t: None if t is None else t[windows])
-        return _Ragged(pick(self.lengths), pick(self.frames))
-
-    def row_lengths(self, K: int, R: int, L: int, device) -> torch.Tensor:
-        """Canvas length of each of the R = W*K rows."""
-        if self.lengths is None:
-            return torch.full((R,), L, dtype=torch.long, device=device)
-        return self.lengths.to(device).repeat_interleave(K)
+    @property
+    def mask_id(self) -> int:
+        return self.decoder.config.mask_token_id
 
 
-def _hidden(decoder, x, kv, K, ragged: _Ragged | None = None):
-    """Trunk on x [W*K, L] -> (hidden, shared). shared: the K rows of every window are identical (step 0
-    masks everything), so the trunk ran once per window and hidden is [W, L, d] (exact, K times cheaper)."""
-    W = x.size(0) // K
-    lengths, frames = (ragged.lengths, ragged.frames) if ragged is not None else (None, None)
-    if lengths is not None:
-        x = x.masked_fill(x == FILL, FILL_INPUT)
-        lengths = lengths.to(x.device)
-    frames = frames.to(x.device) if frames is not None else None
-    xr = x.view(W, K, -1)
-    if K > 1 and torch.equal(xr, xr[:, :1].expand_as(xr)):
-        if kv is not None and kv[0][0].size(0) == W * K:  # keys/values given per candidate
-            kv = [(k[::K], v[::K]) for k, v in kv]
-        return decoder.hidden_states(xr[:, 0], cross_kv=kv, lengths=lengths, frames=frames), True
-    if lengths is not None:
-        lengths = lengths.repeat_interleave(K)
-    if frames is not None and kv is not None and kv[0][0].size(0) == W * K:
-        frames = frames.repeat_interleave(K)
-    return decoder.hidden_states(x, cross_kv=kv, lengths=lengths, frames=frames), False
+@dataclass
+class Step:
+    """One step of the loop as its policies see it: rows R = W*K, canvas length L."""
+
+    index: int
+    steps: int
+    P: int
+    canvas: torch.Tensor  # [R, L] before the step
+    masked: torch.Tensor  # bool [R, L], still masked
+    n_gen: torch.Tensor  # [R] positions to fill per row (prefix excluded), on the columns the trunk runs on
+    columns: int  # the trunk runs on canvas[:, :columns]
+    ragged: Ragged  # and on these lengths
+    todo: torch.Tensor | None = None  # [R] positions each row is to commit (<= 0: none)
+    pred: torch.Tensor | None = None  # [R, L] predictions at the masked positions (the mask id elsewhere)
+    scores: torch.Tensor | None = None  # [R, L] what ranks the commits: prediction probabilities (-1: none)
+    commit: torch.Tensor | None = None  # bool [R, L], the positions committed this step
 
 
-def _active_hidden(decoder, x, kv, K, ragged: _Ragged, active: list[int], W: int):
-    """_hidden for the windows `active` only (those still being decoded): (hidden, shared, rows), where
-    hidden is indexed by position in `active` and rows selects their rows of x (None: all windows)."""
-    if len(active) == W:
-        return (*_hidden(decoder, x, kv, K, ragged), None)
-    rows = torch.tensor([w * K + k for w in active for k in range(K)], device=x.device)
-    per_window = kv is not None and kv[0][0].size(0) == W
-    index = torch.tensor(active, device=x.device) if per_window else rows
-    kv = None if kv is None else [(k[index], v[index]) for k, v in kv]
-    return (*_hidden(decoder, x[rows], kv, K, ragged.subset(active)), rows)
+class Policy:
+    """A rule of the confidence strategy. Every hook does nothing unless a policy overrides it."""
+
+    def narrow(self, batch: Batch, step: Step) -> None:
+        """Before the forward: step.columns, step.ragged and step.n_gen."""
+
+    def plan(self, step: Step) -> None:
+        """Before the forward: step.todo."""
+
+    def prepare(self, batch: Batch, run, masked, windows: list[int]) -> None:
+        """Before the projection of `run` (the trunk's pass over `windows`; masked: their rows)."""
+
+    def vocabulary(self, w: int):
+        """(token ids, output rows) window w is scored on, or None: the whole vocabulary."""
+        return None
+
+    def observe(self, batch: Batch, w: int, logits) -> None:
+        """After window w's logits [n, V or V_w] of a step."""
+
+    def rescore(self, step: Step) -> None:
+        """Change step.scores, which rank the commits."""
+
+    def commit(self, step: Step) -> None:
+        """Set or change step.commit."""
+
+    def finish(self, batch: Batch, canvas, confidences, policies: list) -> tuple:
+        """After the last step: (canvas, confidences)."""
+        return canvas, confidences
 
 
-def _trimmed(canvas, ragged: _Ragged, K: int, keep: int | None, pad_id):
-    """(columns, ragged, row lengths) the trunk runs on this step: with keep (options.pad_context), each
-    window's canvas ends `keep` positions after the start of its rows' trailing run of committed end-of-text
-    (every masked position lies before it); the batch runs on its longest such window."""
+class CommitSchedule(Policy):
+    """How many positions each row commits at step s: ceil(n_gen x (s + 1) / steps) in all, every position
+    after the last step, each step the most confident predictions. Trailing end-of-text tokens are usually
+    the most confident, so the transcript length is fixed first."""
+
+    def plan(self, step: Step) -> None:
+        n, s, steps = step.n_gen, step.index, step.steps
+        target = n if s == steps - 1 else (n * (s + 1) + steps - 1) // steps  # the ceiling, in integers
+        step.todo = target - (n - step.masked[:, step.P :].sum(1))
+
+    def commit(self, step: Step) -> None:
+        step.commit = step.masked & (_ranks(step.scores, descending=True) < step.todo.clamp(min=0)[:, None])
+
+
+class RepeatDeferral(Policy):
+    """A token equal to a neighbour's is often a parallel-decoding duplicate ("country country"): its
+    confidence is lowered by `penalty` (so it is decided with more context), and of two neighbours committed
+    in one step with the same token the less confident one waits for the next step."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def rescore(self, step: Step) -> None:
+        canvas, pred = step.canvas, step.pred
+        left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
+        right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=FILL)
+        dup = step.masked & ((pred == left) | (pred == right))
+        step.scores = torch.where(dup, step.scores * (1.0 - self.penalty), step.scores)
+
+    def commit(self, step: Step) -> None:
+        if step.index == step.steps - 1:
+            return
+        commit, pred, c = step.commit, step.pred, step.scores
+        pair = commit[:, :-1] & commit[:, 1:] & (pred[:, :-1] == pred[:, 1:])
+        drop_left = pair & (c[:, :-1] < c[:, 1:])
+        drop_right = pair & ~drop_left
+        commit[:, :-1] &= ~drop_left
+        commit[:, 1:] &= ~drop_right
+
+
+class PadContext(Policy):
+    """Positions after a transcript's end: step 0 commits the predicted end (the trailing run of end-of-text
+    predictions) but for its first `keep` positions (still free to become text, should the end be predicted
+    too early); every step runs on the transcript and `keep` positions after its committed end."""
+
+    def __init__(self, keep: int, pad_id: int):
+        self.keep, self.pad_id = keep, pad_id
+
+    def narrow(self, batch: Batch, step: Step) -> None:
+        step.columns, step.ragged, row_len = _columns(batch, step.canvas, self.keep)
+        step.n_gen = row_len - batch.P
+
+    def commit(self, step: Step) -> None:
+        if step.index != 0:
+            return
+        L = step.canvas.size(1)
+        end = (step.pred == self.pad_id) | (step.canvas == FILL)
+        tail = end.flip(1).long().cumprod(1).flip(1).bool()
+        start = L - tail.sum(1)  # first position of the predicted tail, per row
+        positions = torch.arange(L, device=end.device)
+        step.commit |= step.masked & tail & (positions >= (start + self.keep)[:, None])
+
+
+class Shortlist(Policy):
+    """A window's first prediction scores the whole vocabulary (or, with int8, an int8 copy of the output
+    projection on the CPU picks the shortlist); later steps and refine passes score only the union of each
+    position's `top` tokens there, plus end-of-text."""
+
+    def __init__(self, top: int, pad_id: int | None, int8: bool = False):
+        self.top, self.pad_id, self.int8 = top, pad_id, int8
+        self.lists: dict[int, tuple] = {}  # window -> (token ids, output rows)
+
+    def prepare(self, batch: Batch, run, masked, windows: list[int]) -> None:
+        new = [j for j, w in enumerate(windows) if w not in self.lists]
+        if self.int8 and new and batch.decoder.device.type == "cpu":
+            coarse = run.logits(masked, new, None, batch.decoder.coarse_project)
+            for j in new:
+                self.lists[windows[j]] = _shortlist(batch.decoder, coarse[j], self.top, self.pad_id)
+
+    def vocabulary(self, w: int):
+        return self.lists.get(w)
+
+    def observe(self, batch: Batch, w: int, logits) -> None:
+        if w not in self.lists:
+            self.lists[w] = _shortlist(batch.decoder, logits, self.top, self.pad_id)
+
+
+class Refine(Policy):
+    """Mask-predict passes after the fill (Ghazvininejad et al. 2019): each re-masks the least confident
+    tokens of every row, `fraction` of the transcript in the first pass and linearly fewer after, and every
+    parallel-duplicate signature, then predicts them again with everything else known."""
+
+    def __init__(self, passes: int, fraction: float, keep: int | None):
+        self.passes, self.fraction, self.keep = passes, fraction, keep
+
+    def share(self, r: int) -> float:
+        """The share of the transcript pass r re-masks."""
+        return self.fraction * (self.passes - r) / self.passes
+
+    def finish(self, batch: Batch, canvas, confidences, policies: list) -> tuple:
+        for r in range(self.passes):
+            canvas, confidences = _refine_pass(batch, canvas, confidences, self.share(r), self.keep, policies)
+        return canvas, confidences
+
+
+def confidence_policies(options: DecodingOptions, pad_id: int | None, extra=()) -> list[Policy]:
+    """The policies `options` ask for, in the order they act; `extra` (upstream.Trace.policies) after the
+    commit schedule."""
+    policies: list[Policy] = [CommitSchedule(), *extra]
+    if options.repeat_penalty > 0:
+        policies.append(RepeatDeferral(options.repeat_penalty))
+    if options.pad_context is not None:
+        policies.append(PadContext(options.pad_context, pad_id))
+    if options.shortlist:
+        policies.append(Shortlist(options.shortlist, pad_id, options.shortlist_int8))
+    if options.refine:
+        policies.append(Refine(options.refine, options.refine_fraction, options.pad_context))
+    return policies
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop and its entry points
+
+
+def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generators, policies=None):
+    """Commit the most confident predictions step by step (LLaDA low-confidence remasking) -> (canvas,
+    confidences), both [W*K, L]. Candidates after the first add Gumbel noise (options.temperature) to their
+    choice of token for diversity, drawn from their window's generator. canvas: [W*K, L], W windows (of their
+    own lengths when batch.ragged says so; FILL past the end)."""
+    policies = confidence_policies(options, batch.pad_id) if policies is None else policies
     R, L = canvas.shape
-    W = R // K
-    row_len = ragged.row_lengths(K, R, L, canvas.device)
-    if keep is None:
-        return L, ragged, row_len
-    tail = (canvas == pad_id) | (canvas == FILL)
-    end = L - tail.flip(1).long().cumprod(1).sum(1)  # first position of the trailing run, per row
-    window = torch.minimum(row_len, end + keep).view(W, K).max(1).values
-    L_cur = int(window.max())
-    lengths = None if bool((window == L_cur).all()) else window
-    return L_cur, _Ragged(lengths, ragged.frames), window.repeat_interleave(K)
-
-
-def _window_hidden(hidden, shared, w, K, positions=None):
-    """(hidden rows of window w, repeats): the rows to project for its positions (bool [K, L], row-major
-    order; None: every position of its K rows, [K, L, d]); repeats > 1 when the K rows are shared and equal,
-    so only one row's positions are given and its logits are to be repeated K times."""
-    if shared:
-        h = hidden[w]
-        if positions is None:
-            return h, 1
-        if torch.equal(positions, positions[:1].expand_as(positions)):
-            return h[positions[0]], K
-        return h.expand(K, *h.shape)[positions], 1
-    h = hidden[w * K : (w + 1) * K]
-    return (h if positions is None else h[positions]), 1
-
-
-def _window_logits(decoder, hidden, shared, w, K, positions=None, rows=None):
-    """Window w's logits: [K, L, V] ([L, V] when shared: the same for all K rows), or, for positions (bool
-    [K, L]), [n, V] for those positions in row-major order. rows: output rows of a shortlist [V', d] to
-    project onto instead of the whole vocabulary (logits [..., V'])."""
-    h, repeats = _window_hidden(hidden, shared, w, K, positions)
-    logits = decoder.project(h) if rows is None else h @ rows.T
-    return logits.repeat(repeats, 1) if repeats > 1 else logits
-
-
-def _masked_logits(decoder, hidden, shared, K, m, windows, shortlists, project=None):
-    """{w: logits [n_w, V or V_w]} of the masked positions m [W*K, L] of each window in `windows`: onto its
-    shortlist's rows where it has one, else onto the whole vocabulary (through `project`, default the
-    decoder's), those in one product for the batch (a bigger matrix product reads the 77 MB token table of a
-    Whisper decoder once, not once per window)."""
-    project = project or decoder.project
-    out, full = {}, []
-    for w in windows:
-        positions = m[w * K : (w + 1) * K]
-        short = shortlists[w] if shortlists is not None else None
-        if short is not None:
-            out[w] = _window_logits(decoder, hidden, shared, w, K, positions, short[1])
-        else:
-            full.append((w, *_window_hidden(hidden, shared, w, K, positions)))
-    start, limit = 0, _projection_rows(hidden.device)
-    while start < len(full):  # chunks of at most `limit` rows (always at least one window)
-        end, rows = start, 0
-        while end < len(full) and (end == start or rows + full[end][1].size(0) <= limit):
-            rows += full[end][1].size(0)
-            end += 1
-        chunk = full[start:end]
-        logits = project(torch.cat([h for _, h, _ in chunk]) if len(chunk) > 1 else chunk[0][1])
-        for (w, h, repeats), part in zip(chunk, logits.split([h.size(0) for _, h, _ in chunk])):
-            out[w] = part.repeat(repeats, 1) if repeats > 1 else part
-        start = end
-    return out
-
-
-def _best_tokens(decoder, rows, confidence: bool = False):
-    """(max softmax probability or None, argmax) over the whole vocabulary for hidden rows [n, d], projected
-    MAX_PROJECTION_ROWS rows at a time (GPU_PROJECTION_ROWS on a GPU): the same values as one product
-    (softmax and argmax are row-wise), but the logits of K x 256 positions onto 32-50k tokens (0.5-0.8 GB at
-    K = 15) never exist at once."""
-    confs, preds = [], []
-    for chunk in rows.split(_projection_rows(rows.device)):
-        logits = decoder.project(chunk)
-        if confidence:
-            c, p = torch.softmax(logits.float(), dim=-1).max(-1)
-            confs.append(c)
-        else:
-            p = logits.argmax(-1)
-        preds.append(p)
-    return (torch.cat(confs) if confidence else None), torch.cat(preds)  # split gives one chunk even of no rows
-
-
-def _shortlist(decoder, logits, top: int, pad_id):
-    """(token ids, their output rows): the union of each row's `top` best tokens in logits [n, V], plus
-    end-of-text (so a transcript can still end anywhere)."""
-    ids = logits.topk(min(top, logits.size(-1)), dim=-1).indices.flatten()
-    if pad_id is not None:
-        ids = torch.cat([ids, torch.tensor([pad_id], device=ids.device)])
-    ids = torch.unique(ids)
-    return ids, decoder.output_rows(ids)
-
-
-def _decode_batch(decoder, kv, cond_k, W, L, prefix, options: DecodingOptions, generators, masks=None, record=None,
-                  pad_id=None, ragged: _Ragged | None = None):
-    """W windows x K candidates on canvases of length L -> (canvas, confidences), both [W*K, L].
-
-    kv: cross-attention keys/values with one row per window (fast mode); cond_k: encoder states with one row
-    per candidate (reference mode: keys/values recomputed at every step, as upstream does). generators: one
-    per window, each drawing that window's [K, L_w] uniforms per step exactly as a lone window would.
-    ragged: the windows' own canvas lengths L_w <= L and frame counts (fast mode only); positions past L_w
-    hold FILL.
-    """
-    K, P = options.candidates, len(prefix)
-    mask_id = decoder.config.mask_token_id
-    device = decoder.device
-    ragged = ragged or _Ragged()
-    row_len = ragged.row_lengths(K, W * K, L, device)
-    valid = torch.arange(L, device=device) < row_len[:, None]
-    canvas = torch.full((W * K, L), mask_id, dtype=torch.long, device=device).masked_fill(~valid, FILL)
-    canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
-
-    def full_logits(x):  # reference mode: every position of every row, condition expanded per candidate
-        return decoder(x, condition=cond_k) if cond_k is not None else decoder(x, cross_kv=kv)
-
-    if options.strategy == "confidence":
-        return _confidence_unmask(decoder, canvas, P, kv, options, generators, full_logits, pad_id, ragged)
-
-    win_len = row_len[::K].tolist()
-    confidences = torch.zeros(W * K, L, device=device)
+    W = R // batch.K
+    confidences = torch.zeros(R, L, device=canvas.device)
+    confidences[:, : batch.P] = 1.0
+    n_gen = batch.ragged.row_lengths(batch.K, R, L, canvas.device) - batch.P
     for s in range(options.steps):
-        if masks is not None:
-            m = torch.as_tensor(masks[s], dtype=torch.bool, device=device).clone()
-        else:
-            u = [torch.nn.functional.pad(torch.rand(K, n, generator=g), (0, L - n), value=1.0)
-                 for g, n in zip(generators, win_len)]
-            m = (torch.cat(u) < options.ratio(s)).to(device)
-        m[:, :P] = False
-        m &= valid
-        x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
-        if record is not None:
-            record.append(x.clone())
-        last = s == options.steps - 1
-        if not options.fast:
-            logits = full_logits(x)
-            if last:
-                confidences, pred = torch.softmax(logits.float(), dim=-1).max(-1)
-            else:
-                pred = logits.argmax(-1)
-        elif last:  # confidence of every position (upstream scores whole canvases)
-            hidden, shared = _hidden(decoder, x, kv, K, ragged)
-            rows = hidden.reshape(-1, hidden.size(-1))  # [W*L, d] when shared, else [W*K*L, d]
-            c, p = _best_tokens(decoder, rows, confidence=True)
-            shape = (W, 1, L) if shared else (W, K, L)
-            confidences = c.view(shape).expand(W, K, L).reshape(W * K, L)
-            pred = p.view(shape).expand(W, K, L).reshape(W * K, L)
-        else:  # only the masked positions are projected
-            hidden, shared = _hidden(decoder, x, kv, K, ragged)
-            parts = [_window_hidden(hidden, shared, w, K, m[w * K : (w + 1) * K]) for w in range(W)]
-            _, p = _best_tokens(decoder, torch.cat([h for h, _ in parts]))
-            sizes = [h.size(0) for h, _ in parts]
-            picks = [q.repeat(repeats) if repeats > 1 else q for q, (_, repeats) in zip(p.split(sizes), parts)]
-            pred = torch.zeros_like(canvas)
-            pred[m] = torch.cat(picks)
-        canvas = torch.where(m, pred, x)
+        step = Step(s, options.steps, batch.P, canvas, canvas == batch.mask_id, n_gen, L, batch.ragged)
+        if not step.masked.any():
+            break
+        _each(policies, "narrow", batch, step)
+        _each(policies, "plan", step)
+        # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
+        # nothing: alone it would skip the step, so in a batch it is not projected and draws no noise, and
+        # its random stream stays where it would be alone.
+        done = (step.todo <= 0).view(W, batch.K).all(1)
+        if bool(done.all()):
+            continue
+        step.pred, step.scores = _predict(batch, step, policies, done.tolist(), generators, options.temperature)
+        _each(policies, "rescore", step)
+        _each(policies, "commit", step)
+        canvas = torch.where(step.commit, step.pred, canvas)
+        confidences = torch.where(step.commit, step.scores.clamp(min=0), confidences)
+    for policy in policies:
+        canvas, confidences = policy.finish(batch, canvas, confidences, policies)
     return canvas, confidences
 
 
-@torch.no_grad()
-def parallel_diffusion_decode(
-    decoder,
-    condition: torch.Tensor | None,
-    candidates: int = UPSTREAM_CANDIDATES,
-    steps: int = UPSTREAM_STEPS,
-    schedule=UPSTREAM_SCHEDULE,
-    seq_len: int = UPSTREAM_CANVAS,
-    bos_id: int = 1,
-    pad_id: int = 2,
-    masks=None,
-    selection: str = "confidence",
-    seed: int | None = None,
-    *,
-    prefix_ids: list[int] | None = None,
-    options: DecodingOptions | None = None,
-    generator: torch.Generator | None = None,
-    cross_kv=None,
-    to_words=None,
-    record: bool = False,
-) -> DecodingResult:
-    """Decode one audio window. condition: encoder states [F, d] or [1, F, d] (or None for no condition).
+def _predict(batch: Batch, step: Step, policies, done: list[bool], generators, temperature: float):
+    """(pred, scores) of the step: the chosen token and its probability at every masked position of the
+    windows not done (the mask id and -1 elsewhere)."""
+    K, R, L = batch.K, *step.canvas.shape
+    active = [w for w in range(len(done)) if not done[w]]
+    run = batch.forward.run(step.canvas[:, : step.columns], active, step.ragged)
+    masked = run.select(step.masked)[:, : step.columns]
+    _each(policies, "prepare", batch, run, masked, active)
+    logits = run.logits(masked, range(len(active)), [_vocabulary(policies, w) for w in active])
+    picks, confs = [], []
+    for w in range(len(done)):
+        mw = step.masked[w * K : (w + 1) * K]
+        if done[w]:
+            n = int(mw.sum())
+            picks.append(torch.full((n,), batch.mask_id, dtype=torch.long, device=mw.device))
+            confs.append(torch.full((n,), -1.0, device=mw.device))
+            continue
+        flat, short = logits[active.index(w)], _vocabulary(policies, w)
+        _each(policies, "observe", batch, w, flat)
+        pick, conf = _sample(flat, mw, generators[w], temperature if K > 1 else 0.0)
+        confs.append(conf)
+        picks.append(pick if short is None else short[0][pick])
+    pred = torch.full_like(step.canvas, batch.mask_id)
+    pred[step.masked] = torch.cat(picks)
+    scores = torch.full((R, L), -1.0, device=step.canvas.device)
+    scores[step.masked] = torch.cat(confs)
+    return pred, scores
 
-    masks: optional precomputed per-step masks (bool [K, L] each) replacing the random draws — the way to
-    reproduce an upstream run exactly. seed: a CPU generator seeded with it draws the masks.
+
+def _sample(logits, masked, generator, temperature: float):
+    """(token, its probability) per row of logits [n, V] (the masked positions `masked` [K, L] of a window):
+    the argmax, with Gumbel noise for the candidates after the first when temperature > 0."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if temperature > 0:
+        rows = masked.nonzero()[:, 0]
+        u = torch.rand(logp.shape, generator=generator).to(logp.device).clamp_(1e-10, 1 - 1e-10)
+        gumbel = -torch.log(-torch.log(u)) * temperature
+        gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
+        pick = (logp + gumbel).argmax(-1)
+    else:
+        pick = logp.argmax(-1)
+    return pick, logp.gather(-1, pick[:, None]).squeeze(-1).exp()
+
+
+def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | None, policies=()):
+    """One mask-predict pass over committed canvases: re-mask the least confident `share` of each row's
+    transcript (and any token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate
+    signatures) and predict them again with everything else known. The end-of-text boundary is included, so
+    a transcript can grow or shrink by a token. keep: options.pad_context (the columns the trunk runs on)."""
+    R, L = canvas.shape
+    W, P = R // batch.K, batch.P
+    is_pad = canvas == batch.pad_id
+    real = canvas != FILL
+    # Transcript length per row: positions before the first end-of-text (all generated ones if none).
+    n_gen = real[:, P:].sum(1)
+    first_pad = torch.where(is_pad[:, P:].any(1), is_pad[:, P:].float().argmax(1), n_gen)
+    n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
+    c = confidences.masked_fill(~real, float("inf"))
+    c[:, :P] = float("inf")
+    m = (_ranks(c) < n_row[:, None]) | _duplicates(canvas, is_pad, P)
+    cols, ragged, row_len = _columns(batch, canvas, keep)
+    m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees
+    x = torch.where(m, torch.full_like(canvas, batch.mask_id), canvas)
+    run = batch.forward.run(x[:, :cols], list(range(W)), ragged)
+    logits = run.logits(m[:, :cols], range(W), [_vocabulary(policies, w) for w in range(W)])
+    confs, picks = [], []
+    for w in range(W):
+        short = _vocabulary(policies, w)
+        conf, pick = torch.softmax(logits[w].float(), dim=-1).max(-1)
+        confs.append(conf)
+        picks.append(pick if short is None else short[0][pick])
+    canvas, confidences = canvas.clone(), confidences.clone()
+    canvas[m], confidences[m] = torch.cat(picks), torch.cat(confs)
+    return canvas, confidences
+
+
+def _decode_batch(decoder, forward, W: int, L: int, prefix, options: DecodingOptions, generators, pad_id,
+                  ragged: Ragged | None = None, trace: Trace | None = None):
+    """W windows x K candidates on canvases of length L -> (canvas, confidences), both [W*K, L].
+
+    forward: the decoder over the batch (forward.SharedForward, or upstream.ReferenceForward for the parity
+    tests). generators: one per window, each drawing that window's uniforms per step exactly as a lone window
+    would. ragged: the windows' own canvas lengths L_w <= L and frame counts; positions past L_w hold FILL.
     """
-    if options is None:
-        options = DecodingOptions(
-            candidates=candidates, steps=steps, schedule=tuple(schedule), seq_len=seq_len,
-            selection=selection, seed=seed,
-        )
-    K, L = options.candidates, seq_len if seq_len is not None else options.seq_len
-    prefix = list(prefix_ids) if prefix_ids is not None else [bos_id]
-    if generator is None:
-        generator = _generator(options.seed)
-    kv, cond_k = cross_kv, None
-    if kv is None and condition is not None:
-        cond = (condition if condition.dim() == 3 else condition.unsqueeze(0)).to(decoder.device)
-        if options.fast:
-            kv = decoder.precompute_cross_kv(cond)
-        else:  # upstream: the condition expanded to K rows, keys/values recomputed per step
-            cond_k = cond.expand(K, *cond.shape[1:])
-    record_inputs = [] if record else None
-    canvas, confidences = _decode_batch(decoder, kv, cond_k, 1, L, prefix, options, [generator], masks, record_inputs,
-                                        pad_id=pad_id)
-    return _result(canvas, confidences, prefix, pad_id, options, to_words, record_inputs or [])
+    K, P = options.candidates, len(prefix)
+    ragged = ragged or Ragged()
+    device = decoder.device
+    valid = torch.arange(L, device=device) < ragged.row_lengths(K, W * K, L, device)[:, None]
+    canvas = torch.full((W * K, L), decoder.config.mask_token_id, dtype=torch.long, device=device)
+    canvas = canvas.masked_fill(~valid, FILL)
+    canvas[:, :P] = torch.tensor(prefix, dtype=torch.long, device=device)
+    if options.strategy == "confidence":
+        policies = confidence_policies(options, pad_id, trace.policies if trace is not None else ())
+        return _confidence_unmask(Batch(decoder, forward, K, P, pad_id, ragged), canvas, options, generators, policies)
+    ratios = [options.ratio(s) for s in range(options.steps)]
+    return remask(forward, canvas, valid, P, ratios, generators, decoder.config.mask_token_id, trace)
 
 
-def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_words, step_inputs) -> DecodingResult:
+@torch.no_grad()
+def parallel_diffusion_decode(decoder, condition: torch.Tensor, options: DecodingOptions = DecodingOptions(),
+                              prefix_ids=UPSTREAM_PREFIX, pad_id: int = UPSTREAM_PAD, duration: float | None = None,
+                              *, to_words=None) -> DecodingResult:
+    """Decode one audio window: condition, its encoder states [F, d] or [1, F, d]; duration, its length in
+    seconds (what sizes the canvas when options.seq_len is None; None: options.max_seq_len). Seeded with
+    options.seed. decode_windows for one window."""
+    return decode_windows(decoder, [condition], options, prefix_ids, pad_id, [duration], to_words)[0]
+
+
+@torch.no_grad()
+def decode_traced(decoder, condition: torch.Tensor, options: DecodingOptions, trace: Trace,
+                  prefix_ids=UPSTREAM_PREFIX, pad_id: int = UPSTREAM_PAD, duration: float | None = None,
+                  *, to_words=None) -> DecodingResult:
+    """parallel_diffusion_decode with the hooks of the reference/test path (upstream.Trace): fixed masks,
+    the step inputs recorded, upstream's own forward, extra policies. For the parity tests and scripts."""
+    prefix = list(prefix_ids)
+    cond = (condition if condition.dim() == 3 else condition.unsqueeze(0)).to(decoder.device)
+    K = options.candidates
+    if trace.reference and (options.shortlist or options.pad_context is not None):
+        raise ValueError("shortlist and pad_context need the shared forward, not the reference one "
+                         "(Trace(reference=True) scores every position onto the whole vocabulary)")
+    if trace.reference:
+        forward = ReferenceForward(decoder, cond.expand(K, *cond.shape[1:]), K)
+    else:
+        forward = SharedForward(decoder, decoder.precompute_cross_kv(cond), K)
+    canvas, confidences = _decode_batch(decoder, forward, 1, options.canvas_length(duration, len(prefix)), prefix,
+                                        options, [_generator(options.seed)], pad_id, trace=trace)
+    return _result(canvas, confidences, prefix, pad_id, options, to_words)
+
+
+def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_words) -> DecodingResult:
     """One window's candidates [K, L] -> scores, the selected candidate and its text."""
     K, L = canvas.shape
     valid = canvas != pad_id
     scores = (confidences * valid).sum(1) / valid.sum(1).clamp(min=1)
     result = DecodingResult(
         tokens=canvas.cpu(), confidences=confidences.float().cpu(), scores=scores.float().cpu(), selected=0,
-        n_canvas_tokens=K * L * options.steps, step_inputs=[x.cpu() for x in step_inputs],
+        n_canvas_tokens=K * L * options.steps,
     )
-    sequences = [text_ids(row, prefix, pad_id, options.cut_at_pad) for row in result.tokens.tolist()]
-    _select(result, sequences, options.selection, prefix, pad_id, options.cut_at_pad, to_words)
+    sequences = [_text_tokens(row, len(prefix), pad_id) for row in result.tokens.tolist()]
+    _select(result, sequences, options.selection, prefix, to_words)
     return result
-
-
-def _confidence_unmask(decoder, canvas, P, kv, options: DecodingOptions, generators, full_logits, pad_id=None,
-                       ragged: _Ragged | None = None):
-    """Commit the most confident predictions step by step (LLaDA low-confidence remasking).
-
-    Start all-masked; at step s, predict every still-masked position and commit as many of the most
-    confident ones as the linear schedule allows, so all are committed after the last step. Trailing
-    end-of-text tokens are usually the most confident, so the transcript length is fixed first. Candidates
-    after the first add Gumbel noise (options.temperature) to their choice of token for diversity, drawn
-    from their window's generator. canvas: [W*K, L], W windows (of their own lengths when ragged; FILL past
-    the end).
-    """
-    R, L = canvas.shape
-    K = options.candidates
-    W = R // K
-    mask_id = decoder.config.mask_token_id
-    ragged = ragged or _Ragged()
-    n_gen = ragged.row_lengths(K, R, L, canvas.device) - P  # positions to fill, per row
-    positions = torch.arange(L, device=canvas.device).expand(R, L)
-    confidences = torch.zeros(R, L, device=canvas.device)
-    confidences[:, :P] = 1.0
-    shortlists = [None] * W  # per window, with options.shortlist: made from its first prediction
-    trim = options.pad_context is not None and options.fast
-    cols, ragged_step = L, ragged
-    for s in range(options.steps):
-        m = canvas == mask_id
-        if not m.any():
-            break
-        if trim:  # the schedule spreads over the transcript and the end-of-text positions kept after it
-            cols, ragged_step, active_len = _trimmed(canvas, ragged, K, options.pad_context, pad_id)
-            n_gen = active_len - P
-        # ceil(n_gen * (s + 1) / steps) in integers; everything after the last step.
-        target = n_gen if s == options.steps - 1 else (n_gen * (s + 1) + options.steps - 1) // options.steps
-        committed = n_gen - m[:, P:].sum(1)
-        # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
-        # nothing: alone it would skip the step, so in a batch it is not projected and draws no noise, and
-        # its random stream stays where it would be alone.
-        done = (committed >= target).view(W, K).all(1)
-        if bool(done.all()):
-            continue
-        if options.fast:  # the trunk runs on the windows with something to commit only
-            active = [w for w in range(W) if not done[w]]
-            hidden, shared, rows = _active_hidden(decoder, canvas[:, :cols], kv, K, ragged_step, active, W)
-            m_active = (m if rows is None else m[rows])[:, :cols]
-            new = [j for j, w in enumerate(active) if shortlists[w] is None]
-            if options.shortlist_int8 and new and decoder.device.type == "cpu":
-                coarse = _masked_logits(decoder, hidden, shared, K, m_active, new, None, decoder.coarse_project)
-                for j in new:
-                    shortlists[active[j]] = _shortlist(decoder, coarse[j], options.shortlist, pad_id)
-            logits_active = _masked_logits(decoder, hidden, shared, K, m_active, range(len(active)),
-                                           [shortlists[w] for w in active])
-            window_logits = {w: logits_active[j] for j, w in enumerate(active)}
-        else:
-            logits = full_logits(canvas)
-        picks, confs = [], []
-        for w in range(W):
-            mw = m[w * K : (w + 1) * K]
-            if done[w]:
-                n = int(mw.sum())
-                picks.append(torch.full((n,), mask_id, dtype=torch.long, device=canvas.device))
-                confs.append(torch.full((n,), -1.0, device=canvas.device))
-                continue
-            short = shortlists[w]
-            flat = window_logits[w] if options.fast else logits[w * K : (w + 1) * K][mw]
-            if options.shortlist and short is None:
-                shortlists[w] = _shortlist(decoder, flat, options.shortlist, pad_id)
-            logp = torch.log_softmax(flat.float(), dim=-1)
-            if options.temperature > 0 and K > 1:
-                rows = mw.nonzero()[:, 0]
-                u = torch.rand(logp.shape, generator=generators[w]).to(logp.device).clamp_(1e-10, 1 - 1e-10)
-                gumbel = -torch.log(-torch.log(u)) * options.temperature
-                gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
-                pick = (logp + gumbel).argmax(-1)
-            else:
-                pick = logp.argmax(-1)
-            confs.append(logp.gather(-1, pick[:, None]).squeeze(-1).exp())
-            picks.append(pick if short is None else short[0][pick])
-        pred = torch.full_like(canvas, mask_id)
-        pred[m] = torch.cat(picks)
-        c = torch.full((R, L), -1.0, device=canvas.device)
-        c[m] = torch.cat(confs)
-        if options.repeat_penalty > 0:
-            # A token equal to an already committed neighbour is often a parallel-decoding duplicate
-            # ("country country"): defer it so it is decided with more context.
-            left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
-            right = torch.nn.functional.pad(canvas[:, 1:], (0, 1), value=FILL)
-            dup = m & ((pred == left) | (pred == right))
-            c = torch.where(dup, c * (1.0 - options.repeat_penalty), c)
-        # Per row: commit the most confident masked positions up to the schedule's count for this step.
-        n_row = (target - committed).clamp(min=0)
-        commit = m & (_ranks(c, descending=True) < n_row[:, None])
-        n_blocks = min(options.blocks, options.steps)  # at least one step per block
-        if n_blocks > 1:
-            # Semi-autoregressive: the canvas is filled block by block, left to right; within a block, by
-            # confidence. Later blocks stay masked (and are still predicted, as context) until their turn.
-            block = min(n_blocks - 1, s * n_blocks // options.steps)
-            end = P + (n_gen * (block + 1) + n_blocks - 1) // n_blocks
-            later = positions >= end[:, None]
-            c = c.masked_fill(later, -2.0)
-            commit = m & (_ranks(c, descending=True) < n_row[:, None]) & ~later
-        if options.repeat_penalty > 0 and s < options.steps - 1:
-            # Two neighbours committed in the same step with the same token are the typical parallel
-            # duplicate: keep the more confident one, re-predict the other next step with its neighbour known.
-            pair = commit[:, :-1] & commit[:, 1:] & (pred[:, :-1] == pred[:, 1:])
-            drop_left = pair & (c[:, :-1] < c[:, 1:])
-            drop_right = pair & ~drop_left
-            commit[:, :-1] &= ~drop_left
-            commit[:, 1:] &= ~drop_right
-        if trim and s == 0:
-            # The predicted end of each transcript (the trailing run of end-of-text predictions) is committed
-            # at once, but for its first pad_context positions (still free to become text, should the end
-            # be predicted too early), so the next steps run on the transcript and those positions.
-            end = (pred == pad_id) | (canvas == FILL)
-            tail = end.flip(1).long().cumprod(1).flip(1).bool()
-            start = L - tail.sum(1)  # first position of the predicted tail, per row
-            commit |= m & tail & (positions >= (start + options.pad_context)[:, None])
-        canvas = torch.where(commit, pred, canvas)
-        confidences = torch.where(commit, c.clamp(min=0), confidences)
-    for r in range(options.refine):
-        canvas, confidences = _refine_pass(decoder, canvas, confidences, P, kv, options, full_logits, pad_id, r,
-                                           shortlists, ragged)
-    return canvas, confidences
-
-
-def _ranks(values, descending=False):
-    """Rank of every entry of values [R, L] within its row (0: the first in sort order; ties by position)."""
-    R, L = values.shape
-    ranks = torch.empty(R, L, dtype=torch.long, device=values.device)
-    order = values.argsort(dim=1, descending=descending, stable=True)
-    return ranks.scatter_(1, order, torch.arange(L, device=values.device).expand(R, L))
-
-
-def _refine_pass(decoder, canvas, confidences, P, kv, options: DecodingOptions, full_logits, pad_id, r: int,
-                 shortlists=None, ragged: _Ragged | None = None):
-    """One mask-predict pass over committed canvases: re-mask the least confident tokens of each row (and any
-    token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate signatures) and
-    predict them again with everything else known. The end-of-text boundary is included, so a transcript can
-    grow or shrink by a token."""
-    R, L = canvas.shape
-    K = options.candidates
-    W = R // K
-    mask_id = decoder.config.mask_token_id
-    is_pad = canvas == pad_id
-    real = canvas != FILL
-    # Transcript length per row: positions before the first end-of-text (all generated ones if none).
-    n_gen = real[:, P:].sum(1)
-    first_pad = torch.where(is_pad[:, P:].any(1), is_pad[:, P:].float().argmax(1), n_gen)
-    share = options.refine_fraction * (options.refine - r) / options.refine
-    n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
-    c = confidences.masked_fill(~real, float("inf"))
-    c[:, :P] = float("inf")
-    m = _ranks(c) < n_row[:, None]
-    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
-    dup = (canvas == left) & ~is_pad
-    # The two-token form of the same duplicate ("can do can do"): a pair equal to the pair before it; its
-    # second copy is re-masked.
-    left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=FILL)
-    left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=FILL)
-    pair_end = (canvas == left2) & (left == left3) & ~is_pad
-    dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
-    dup[:, :P] = False
-    m |= dup
-    cols, ragged_step, row_len = _trimmed(canvas, ragged or _Ragged(), K, options.pad_context if options.fast else None,
-                                          pad_id)
-    m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees
-    x = torch.where(m, torch.full_like(canvas, mask_id), canvas)
-    if options.fast:
-        hidden, shared = _hidden(decoder, x[:, :cols], kv, K, ragged_step)
-        shortlists = shortlists if shortlists is not None else [None] * W
-        window_logits = _masked_logits(decoder, hidden, shared, K, m[:, :cols], range(W), shortlists)
-        confs, picks = [], []
-        for w in range(W):
-            short = shortlists[w]
-            c, p = torch.softmax(window_logits[w].float(), dim=-1).max(-1)
-            confs.append(c)
-            picks.append(p if short is None else short[0][p])
-        conf, pick = torch.cat(confs), torch.cat(picks)
-    else:
-        conf, pick = torch.softmax(full_logits(x)[m].float(), dim=-1).max(-1)
-    canvas, confidences = canvas.clone(), confidences.clone()
-    canvas[m], confidences[m] = pick, conf
-    return canvas, confidences
 
 
 @torch.no_grad()
@@ -654,9 +616,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     """Decode many windows; results in input order.
 
     Windows go through one forward per step together, at most `max_batch_windows` at a time (memory: the
-    hidden states of max_batch_windows x K canvases). In fast mode windows of any lengths share a batch
-    (sorted by length, so little is padded; masks keep the padding out); the reference mode batches only
-    windows of one shape. Each window draws from its own generator, seeded with seeds[i] (default
+    hidden states of max_batch_windows x K canvases), of any lengths (sorted by length, so little is padded;
+    masks keep the padding out). Each window draws from its own generator, seeded with seeds[i] (default
     options.seed + i; a fresh random seed when that is None), so it decodes to the same tokens alone or in any
     batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone). A
     batch the device has no memory for is decoded in halves. alignment_heads: (layer, head) pairs; each
@@ -674,14 +635,7 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     K = options.candidates
     states = [c.squeeze(0) if c.dim() == 3 else c for c in conditions]
     lengths = [options.canvas_length(durations[i] if durations is not None else None, len(prefix)) for i in range(n)]
-    if options.fast:  # longest first, so the windows of a batch are of similar lengths
-        order = sorted(range(n), key=lambda i: (-lengths[i], -states[i].size(0), i))
-        batches = [order[s : s + max_batch_windows] for s in range(0, n, max_batch_windows)]
-    else:
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(n):
-            groups.setdefault((states[i].size(0), lengths[i]), []).append(i)
-        batches = [idx[s : s + max_batch_windows] for idx in groups.values() for s in range(0, len(idx), max_batch_windows)]
+    order = sorted(range(n), key=lambda i: (-lengths[i], -states[i].size(0), i))  # similar lengths together
     device = decoder.device
 
     def decode_batch(idx: list[int]) -> list[DecodingResult]:
@@ -689,23 +643,22 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         frames = [states[i].size(0) for i in idx]
         F_max = max(frames)
         cond = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, F_max - states[i].size(0))) for i in idx])
-        cond = cond.to(device, non_blocking=True)
-        ragged = _Ragged(
+        kv = decoder.precompute_cross_kv(cond.to(device, non_blocking=True))
+        ragged = Ragged(
             lengths=torch.tensor([lengths[i] for i in idx]) if any(lengths[i] != L for i in idx) else None,
             frames=torch.tensor(frames) if any(f != F_max for f in frames) else None,
         )
-        kv, cond_k = (decoder.precompute_cross_kv(cond), None) if options.fast else (None, cond.repeat_interleave(K, 0))
-        canvas, confidences = _decode_batch(decoder, kv, cond_k, len(idx), L, prefix, options,
-                                            [_generator(seeds[i]) for i in idx], pad_id=pad_id, ragged=ragged)
+        canvas, confidences = _decode_batch(decoder, SharedForward(decoder, kv, K, ragged), len(idx), L, prefix,
+                                            options, [_generator(seeds[i]) for i in idx], pad_id, ragged)
         batch = [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
-                         prefix, pad_id, options, to_words, []) for w, i in enumerate(idx)]
+                         prefix, pad_id, options, to_words) for w, i in enumerate(idx)]
         if alignment_heads:
-            _align(decoder, batch, kv if kv is not None else decoder.precompute_cross_kv(cond), frames, prefix, pad_id,
-                   alignment_heads)
+            _align(decoder, batch, kv, frames, prefix, pad_id, alignment_heads)
         return batch
 
     results: list[DecodingResult | None] = [None] * n
-    for idx in batches:
+    for start in range(0, n, max_batch_windows):
+        idx = order[start : start + max_batch_windows]
         # A batch the device has no memory for is decoded in halves: each window draws from its own
         # generator, so it decodes to the same tokens in any batch (up to float rounding), and nothing is lost.
         for i, r in zip(idx, in_halves_on_oom(decode_batch, idx, "window")):
@@ -729,17 +682,9 @@ def _align(decoder, results: list[DecodingResult], kv, frames: list[int], prefix
         r.alignment = weights[w, :, : P + len(r.text_tokens) + 1, : frames[w]]
 
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Candidate selection
-
-
-def text_ids(row, prefix, pad_id, cut_at_pad=True) -> list[int]:
-    row = list(row)[len(prefix):]
-    if cut_at_pad and pad_id in row:
-        row = row[: row.index(pad_id)]
-    elif not cut_at_pad:
-        row = [t for t in row if t != pad_id]
-    return row
 
 
 def select_by_confidence(scores: torch.Tensor) -> int:
@@ -830,7 +775,7 @@ def rover_combine(sequences, confidences=None, weights=None, alpha: float = ROVE
     return out
 
 
-def _select(result: DecodingResult, sequences, selection, prefix, pad_id, cut_at_pad, to_words):
+def _select(result: DecodingResult, sequences, selection, prefix, to_words):
     scores = result.scores
     if selection == "confidence" or len(sequences) == 1:
         result.selected = select_by_confidence(scores)
@@ -894,3 +839,80 @@ def words_from_tokens(tokenizer):
         return words
 
     return to_words
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _each(policies, hook: str, *args) -> None:
+    for policy in policies:
+        getattr(policy, hook)(*args)
+
+
+def _vocabulary(policies, w: int):
+    """Window w's shortlist (token ids, output rows) from the first policy that holds one, else None."""
+    return next((v for v in (p.vocabulary(w) for p in policies) if v is not None), None)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()  # CPU: the same draws on every device
+    if seed is None:
+        g.seed()  # a fresh random seed, without touching torch's global generator
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def _ranks(values, descending=False):
+    """Rank of every entry of values [R, L] within its row (0: the first in sort order; ties by position)."""
+    R, L = values.shape
+    ranks = torch.empty(R, L, dtype=torch.long, device=values.device)
+    order = values.argsort(dim=1, descending=descending, stable=True)
+    return ranks.scatter_(1, order, torch.arange(L, device=values.device).expand(R, L))
+
+
+def _duplicates(canvas, is_pad, P: int):
+    """bool [R, L]: every token equal to its left neighbour, and both tokens of a pair equal to the pair
+    before it ("can do can do", the two-token form of the same parallel duplicate); never end-of-text."""
+    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
+    dup = (canvas == left) & ~is_pad
+    left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=FILL)
+    left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=FILL)
+    pair_end = (canvas == left2) & (left == left3) & ~is_pad
+    dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
+    dup[:, :P] = False
+    return dup
+
+
+def _columns(batch: Batch, canvas, keep: int | None):
+    """(columns, ragged, row lengths) the trunk runs on: with keep (options.pad_context), each window's
+    canvas ends `keep` positions after the start of its rows' trailing run of committed end-of-text (every
+    masked position lies before it); the batch runs on its longest such window."""
+    R, L = canvas.shape
+    W, K = R // batch.K, batch.K
+    row_len = batch.ragged.row_lengths(K, R, L, canvas.device)
+    if keep is None:
+        return L, batch.ragged, row_len
+    tail = (canvas == batch.pad_id) | (canvas == FILL)
+    end = L - tail.flip(1).long().cumprod(1).sum(1)  # first position of the trailing run, per row
+    window = torch.minimum(row_len, end + keep).view(W, K).max(1).values
+    L_cur = int(window.max())
+    lengths = None if bool((window == L_cur).all()) else window
+    return L_cur, Ragged(lengths, batch.ragged.frames), window.repeat_interleave(K)
+
+
+def _shortlist(decoder, logits, top: int, pad_id):
+    """(token ids, their output rows): the union of each row's `top` best tokens in logits [n, V], plus
+    end-of-text (so a transcript can still end anywhere)."""
+    ids = logits.topk(min(top, logits.size(-1)), dim=-1).indices.flatten()
+    if pad_id is not None:
+        ids = torch.cat([ids, torch.tensor([pad_id], device=ids.device)])
+    ids = torch.unique(ids)
+    return ids, decoder.output_rows(ids)
+
+
+def _text_tokens(row, P: int, pad_id) -> list[int]:
+    """A canvas row's text: the prefix removed, cut at the first end-of-text."""
+    row = list(row)[P:]
+    return row[: row.index(pad_id)] if pad_id in row else row

@@ -40,7 +40,6 @@ STAGE2_LR, STAGE2_LR_FACTOR = 1e-5, 0.5
 SCRATCH_LR = 2e-4  # what trains a Whisper-initialised decoder well at batch 32 (notes/default-model-probe)
 EMA_DECAY = 0.995
 LAYER_DECAY = 0.9
-UPSTREAM_CANVAS = 256
 MAX_AUTO_CANVAS = 448  # Whisper's decoder position table
 STATE_MASK_SPANS = 2  # spans of encoder frames masked per item by --state-time-mask
 LENGTH_GROUP = 32  # global batches per length-sorted chunk (bucketing of variable-length encoder states)
@@ -612,6 +611,8 @@ def _as_list(paths) -> list:
 
 def auto_seq_len(dataset, tokenizer, family: str) -> int:
     if family == "smdm":
+        from .decoding import UPSTREAM_CANVAS
+
         return UPSTREAM_CANVAS
     longest = max(len(tokenizer.prefix_ids) + len(tokenizer.encode(it.text)) for it in dataset.items)
     return int(min(MAX_AUTO_CANVAS, -(-(longest + 4) // 8) * 8))
