@@ -446,6 +446,9 @@ def train(
     precision: str = typer.Option("auto", "--precision", help="auto (fp32 on CPU; on GPU bf16 where native, "
                                    "else fp16 with loss scaling), fp32, bf16, fp16."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output exactly where it stopped."),
+    distill: float = typer.Option(0.0, "--distill", min=0.0, help="Weight of a KL term to a frozen, causal copy of "
+                                  "a pre-trained Whisper decoder, teacher-forced on each item (Whisper family; 0: off)."),
+    distill_teacher: str = typer.Option("tiny.en", "--distill-teacher", help="The teacher: a Whisper name or directory."),
     name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from .choices import TRAIN_STAGES
 from .display import progress
 from .fileio import atomic_path
+from .whisper_source import TINY_EN_NAME
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_EPS = 1e-3
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     import torch
 
     from .data import ShardDataset
+    from .distill import Teacher
     from .distributed import Group
     from .tokenizer import Tokenizer
 
@@ -125,6 +127,10 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     name: str = "whisfusion"  # prefix of the upstream-format files
+    # Whisper family: weight of a KL term to a frozen, causal copy of a pre-trained Whisper decoder, teacher-forced
+    # on each item's own encoder states (distill.py); 0 turns it off.
+    distill: float = _fixed(0.0)
+    distill_teacher: str = _fixed(TINY_EN_NAME)  # a Whisper name or directory (its decoder)
 
     def __post_init__(self):
         self.stage = str(self.stage)
@@ -294,7 +300,7 @@ class EpochOrder:
 
 
 def _whisper_tokenizer_file(name: str) -> Path:
-    from .whisper_source import TINY_EN_NAME, tiny_en_dir
+    from .whisper_source import tiny_en_dir
 
     path = tiny_en_dir() if name == TINY_EN_NAME else Path(name).expanduser()
     f = path / "tokenizer.json"
@@ -647,6 +653,7 @@ class Run:
     global_batch: int
     total: int  # steps of the schedule
     model: torch.nn.Module | None = None  # the decoder, wrapped for DDP when there are several ranks
+    teacher: Teacher | None = None  # distillation (o.distill > 0)
 
     @property
     def last_path(self) -> Path:
@@ -776,6 +783,8 @@ def _train(options: TrainOptions, group, console=None) -> dict:
                         with run.autocast():
                             logits = run.model(idx, cond, positions=mask, frames=frames)
                         loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
+                        if run.teacher is not None:  # the pre-trained decoder's view of the same masked tokens
+                            loss_sum = loss_sum + o.distill * run.teacher.loss(logits, target, mask, cond, frames)
                         # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
                         run.scaler.scale(loss_sum * (group.world / n_masked)).backward()
                     step_loss += loss_sum.detach().double()
@@ -849,7 +858,20 @@ def build_run(options: TrainOptions, group) -> Run:
                order=order, decoder=decoder, names=names, optimizer=optimizer, ema=ema, amp_dtype=amp_dtype,
                scaler=scaler, tokenizer=tokenizer, tok_cfg=tok_cfg, tok_file=tok_file, seq_len=seq_len,
                n_fixed=0 if o.mask_prefix else len(tokenizer.prefix_ids), global_batch=global_batch,
-               total=o.max_steps or max(1, math.ceil(o.epochs * order.steps_per_epoch)))
+               total=o.max_steps or max(1, math.ceil(o.epochs * order.steps_per_epoch)),
+               teacher=build_teacher(o, decoder, data.dim, tokenizer, group.device))
+
+
+def build_teacher(o: TrainOptions, decoder, condition_dim: int, tokenizer, device):
+    """The distillation teacher (o.distill > 0, Whisper family only), on the rank's device."""
+    if not o.distill:
+        return None
+    if decoder.config.family != "whisper":
+        raise TrainError("--distill needs a Whisper-family decoder (its teacher is a Whisper decoder)")
+    from .distill import Teacher
+
+    teacher = whisper_decoder_from_pretrained(o.distill_teacher, condition_dim).to(device)
+    return Teacher(teacher, tokenizer.eos_id, len(tokenizer.prefix_ids))
 
 
 def load_shards(o: TrainOptions):
