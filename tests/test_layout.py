@@ -112,3 +112,32 @@ def test_no_six_line_block_repeated():
             if first != place and (first[0] != place[0] or place[1] - first[1] >= 6):
                 repeats.append(f"{first[0]}:{first[1]} ~ {place[0]}:{place[1]}")
     assert not repeats, "six-line blocks repeated: " + ", ".join(repeats)
+
+
+def _layout_table() -> list[tuple[str, set[str]]]:
+    """(module, modules it may import) from docs/LAYOUT.md's table, in its order."""
+    import re
+
+    rows = []
+    text = (PACKAGE.parent / "docs" / "LAYOUT.md").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        m = re.match(r"\| `([\w/]+?)(?:/__init__)?\.py` \|.*\| ([^|]*) \|$", line)
+        if m:
+            may = {n.strip() for n in m.group(2).split(",")} - {"-", ""}
+            rows.append((m.group(1).replace("/", "."), may))
+    return rows
+
+
+def test_layout_doc_lists_every_module_and_what_it_imports():
+    modules = _modules()
+    names = set(modules)
+    table = _layout_table()
+    listed = [name for name, _ in table]
+    assert sorted(listed) == sorted(names), "docs/LAYOUT.md's table and the package differ: " + \
+        ", ".join(sorted(set(listed) ^ names))
+    above = set()
+    for name, may in table:
+        actual = _imports(name, modules[name], names) - {name}
+        assert actual <= may, f"{name} imports {', '.join(sorted(actual - may))}, not in its LAYOUT.md row"
+        assert may <= above, f"{name} may import {', '.join(sorted(may - above))}, listed below it (data flows one way)"
+        above.add(name)
