@@ -107,6 +107,11 @@ def test_whisfusion_specs_take_the_decoding_fields():
     assert decoding_overrides(s) == {"seed": 0, "temperature": 0.5, "max_seq_len": 96, "shortlist_int8": True,
                                      "pad_context": None, "seq_len": None}
     assert decoding_overrides(parse_system("whisfusion:default,seed=3,selection=mbr")) == {"seed": 3, "selection": "mbr"}
+    # The forms of `whisfusion transcribe` (DecodingOptions.parse): negative seeds, true/false, a canvas >= 2.
+    assert decoding_overrides(parse_system("whisfusion:default,seed=-1,shortlist_int8=false,canvas=2")) == \
+        {"seed": -1, "shortlist_int8": False, "seq_len": 2}
+    with pytest.raises(BenchError, match="seq_len='1' must be an integer >= 2 or 'auto'"):
+        parse_system("whisfusion:default,seq_len=1")
     with pytest.raises(BenchError, match="temperature='hot' must be a number"):
         parse_system("whisfusion:default,temperature=hot")
     with pytest.raises(BenchError, match="unknown option 'schedule'"):  # its commas would split the spec

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from whisfusion_cli.decoding import RETIRED_FIELDS, DecodingOptions
-from whisfusion_cli.transcribe import parse_pad_context, parse_schedule
 
 
 @pytest.mark.parametrize("name,text,value", [
@@ -24,17 +23,41 @@ def test_parse_gives_the_typed_value(name, text, value):
     assert parsed == value and type(parsed) is type(value)
 
 
-def test_parse_gives_what_the_cli_parsers_give():
-    for text in ("1.0,0.9,0.85,0.8", "1, 0.5", "0.3"):
-        assert DecodingOptions.parse("schedule", text) == parse_schedule(text)
-    for text in ("off", "OFF", "0", "7"):
-        assert DecodingOptions.parse("pad_context", text) == parse_pad_context(text)
-    for text in ("1.0,x", "1.5", ""):  # what parse_schedule refuses, refused
+def test_parse_refuses_what_the_command_line_refused():
+    for text in ("1.0,x", "1.5", ""):
         with pytest.raises(ValueError, match="schedule"):
             DecodingOptions.parse("schedule", text)
     for text in ("some", "-2", "2.5"):
         with pytest.raises(ValueError, match="pad_context"):
             DecodingOptions.parse("pad_context", text)
+    assert DecodingOptions.parse("pad_context", "OFF") is None
+
+
+def test_the_command_line_and_bench_read_the_same_forms():
+    """transcribe's flags and bench's spec keys both go through DecodingOptions.parse; the CLI's error names
+    the flag, bench's the spec."""
+    import typer
+
+    from whisfusion_cli.bench.options import BenchError, decoding_overrides, parse_system
+    from whisfusion_cli.cli import app
+    from whisfusion_cli.transcribe import options_from_flags
+
+    command = typer.main.get_command(app).commands["transcribe"]
+    defaults = {p.name: p.default for p in command.params if p.name not in ("inputs", "quiet")}
+    # Typer gives the numbers and the booleans typed, the others as text; a bench spec gives text.
+    flags = {"steps": 8, "seq_len": "auto", "pad_context": "off", "shortlist": 16, "seed": -3, "strategy": "confidence",
+             "shortlist_int8": True, "schedule": "1,0.5"}
+    spec = "whisfusion:default,steps=8,seq_len=auto,pad_context=off,shortlist=16,seed=-3,strategy=confidence," \
+           "shortlist_int8=on"
+    expected = {"steps": 8, "seq_len": None, "pad_context": None, "shortlist": 16, "seed": -3, "strategy": "confidence",
+                "shortlist_int8": True}
+    assert options_from_flags(**{**defaults, **flags}).decoding == {**expected, "schedule": (1.0, 0.5)}
+    assert decoding_overrides(parse_system(spec)) == expected
+    message = "seq_len='1' must be an integer >= 2 or 'auto'"
+    with pytest.raises(ValueError, match=f"^--seq-len: {message}$"):
+        options_from_flags(**{**defaults, "seq_len": "1"})
+    with pytest.raises(BenchError, match=f"^system 'whisfusion:default,seq_len=1': {message}$"):
+        parse_system("whisfusion:default,seq_len=1")
 
 
 @pytest.mark.parametrize("name,text,message", [
@@ -72,7 +95,8 @@ def test_with_strings_parses_and_validates_the_whole():
 
 
 def test_the_shipped_config_loads_with_its_retired_fields():
-    from whisfusion_cli.checkpoint import DEFAULT_MODEL_DIR, read_model_config
+    from whisfusion_cli.checkpoint import read_model_config
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR
 
     decoding = read_model_config(DEFAULT_MODEL_DIR)["decoding"]
     options = DecodingOptions.from_config(decoding)

@@ -19,3 +19,7 @@ ENCODER_BACKENDS = ("torch", "ctranslate2", "auto")
 # preprocess / train
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 TRAIN_STAGES = ("1", "2", "scratch")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# segments (timing.split_words): the longest, a subtitle cue's, by convention. Named here, not in timing.py,
+# which imports numpy: it is the default that `whisfusion transcribe --help` shows.
+MAX_SEGMENT_SECONDS = 7.0

@@ -15,8 +15,8 @@ from typing import List, Optional
 import typer
 
 from . import __version__, first_line
-from .choices import (ALL_FORMATS, DEVICES, DTYPES, ENCODER_BACKENDS, ENCODER_MODES, OUTPUT_FORMATS, SELECTIONS, STRATEGIES,
-                      TRAIN_STAGES)
+from .choices import (ALL_FORMATS, DEVICES, DTYPES, ENCODER_BACKENDS, ENCODER_MODES, MAX_SEGMENT_SECONDS,
+                      OUTPUT_FORMATS, SELECTIONS, STRATEGIES, TRAIN_STAGES)
 
 EXIT_FAILED = 1  # some input failed, or the run could not start
 EXIT_USAGE = 2  # bad options (click's own convention)
@@ -153,7 +153,7 @@ def transcribe(
                                                  "--max-line-width)."),
     highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each word as it is "
                                          "spoken (needs --word-timestamps)."),
-    max_segment_s: float = typer.Option(7.0, "--max-cue-duration", min=0.5, metavar="SECONDS",
+    max_segment_s: float = typer.Option(MAX_SEGMENT_SECONDS, "--max-cue-duration", min=0.5, metavar="SECONDS",
                                         help="Longest segment (subtitle cue); segments also end at sentence "
                                         "ends and pauses."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),

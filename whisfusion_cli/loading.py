@@ -131,10 +131,12 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     path = resolve_model(name_or_path)
     whisper_memo: dict = {}  # the token table and the encoder of one Whisper come from one read of its file
     decoder, config = load_model_dir(path, device=device, dtype=dtype, memo=whisper_memo)
+    try:
+        decoding = DecodingOptions.from_config(config.get("decoding") or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))
     tokenizer = Tokenizer(path / tok_cfg.file, tok_cfg)
-    known = {f.name for f in dataclasses.fields(DecodingOptions)}
-    dec_cfg = {k: (tuple(v) if k == "schedule" else v) for k, v in config.get("decoding", {}).items() if k in known}
     enc_spec = dict(config.get("encoder", {}))
     enc_spec.update(encoder_options or {})
     if int8 is None:
@@ -149,7 +151,7 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
         decoder = quantize_decoder(decoder, inplace=True)
     encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32, memo=whisper_memo)
     name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
-    return LoadedModel(name, decoder, tokenizer, encoder, DecodingOptions(**dec_cfg), config, int8)
+    return LoadedModel(name, decoder, tokenizer, encoder, decoding, config, int8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,8 +239,7 @@ class Pipeline:
         """A decoded window's text as segments (ids to be numbered by the caller): words timed by the
         alignment heads' attention, or spread over the window without word timestamps."""
         groups = self._words(result.text_tokens)
-        decode = self.model.tokenizer._tok.decode
-        texts = [" " + decode(list(g)).strip() for g in groups]
+        texts = [" " + self.model.tokenizer.decode_raw(g).strip() for g in groups]
         probs = result.token_confidences or [result.score] * len(result.text_tokens)
         starts = np.cumsum([0] + [len(g) for g in groups])  # each word's first token
         if word_timestamps and result.alignment is not None:

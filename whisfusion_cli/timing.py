@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import ENCODER_FRAMES_PER_SECOND
+from .choices import MAX_SEGMENT_SECONDS
 
 MEDIAN_FILTER_WIDTH = 7  # frames (Whisper's medfilt_width)
 SENTENCE_ENDS = (".", "?", "!", "…")
 CLAUSE_ENDS = (",", ";", ":")
 PAUSE_SECONDS = 0.6  # a gap between words this long ends a segment
-MAX_SEGMENT_SECONDS = 7.0  # the subtitle convention for the longest cue
 # A word longer than this many times the median word is cut to that (DTW gives the tail of a word before a
 # pause all of the pause, as in Whisper, which cuts at twice the median too).
 MAX_WORD_MEDIAN_RATIO = 2.0
@@ -245,5 +245,5 @@ class Segment:
         return d
 
 
-__all__ = ["MAX_SEGMENT_SECONDS", "PAUSE_SECONDS", "Segment", "Word", "align_words", "dtw", "speech_runs",
-           "split_words", "spread_words", "token_frames"]
+__all__ = ["PAUSE_SECONDS", "Segment", "Word", "align_words", "dtw", "speech_runs", "split_words", "spread_words",
+           "token_frames"]

@@ -118,3 +118,17 @@ class Tokenizer:
 
     def decode(self, ids, cut_at_pad: bool = True) -> str:
         return self._tok.decode(self.text_ids(ids, cut_at_pad), skip_special_tokens=True).strip()
+
+    def decode_raw(self, ids) -> str:
+        """The text of token ids as the file decodes them (its special tokens skipped), for pieces of a
+        transcript such as one word's tokens: no prefix removed, nothing cut, no space stripped (`decode`
+        reads a whole canvas)."""
+        return self._tok.decode(list(ids))
+
+    def pieces(self) -> list[str]:
+        """Every token as the file spells it (Whisper BPE's "Ġthe", SentencePiece's "▁the")."""
+        return list(self._tok.get_vocab())
+
+    def piece(self, token_id: int) -> str:
+        """One token as the file spells it; "" for an id the file does not have."""
+        return self._tok.id_to_token(int(token_id)) or ""

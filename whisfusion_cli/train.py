@@ -27,12 +27,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .choices import TRAIN_STAGES
+from .choices import TRAIN_PRECISIONS, TRAIN_STAGES
 from .display import progress
 from .fileio import atomic_path
 from .whisper_source import TINY_EN_NAME
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_EPS = 1e-3
 STAGE2_MASK_RANGE = (0.7, 1.0)
 REFERENCE_BATCH = 64  # upstream scales its learning rates by global batch / 64
@@ -149,8 +148,8 @@ class TrainOptions:
             raise ValueError(f"canvas {self.canvas!r}: expected 'fixed' or 'audio'")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(TRAIN_PRECISIONS)}")
 
     def resolved(self, global_batch: int) -> "TrainOptions":
         """A copy with the stage's upstream defaults filled in."""

@@ -32,13 +32,13 @@ import numpy as np
 
 from . import __version__
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
-from .choices import ENCODER_BACKENDS, SELECTIONS, STRATEGIES
+from .choices import ENCODER_BACKENDS, MAX_SEGMENT_SECONDS
 from .devices import resolve_device
 from .display import Reporter
 from .distributed import in_halves_on_oom
 from .encoder import MAX_ENCODER_FRAMES
 from .loading import DEFAULT_BATCH_SIZE, DEFAULT_LANGUAGE, Pipeline
-from .timing import MAX_SEGMENT_SECONDS, Segment, Word
+from .timing import Segment, Word
 from .vad import VadOptions, Window, iter_windows, vad_options
 from .writers import SubtitleOptions, get_writer, parse_formats, read_record, write_record
 
@@ -157,39 +157,6 @@ class TranscriptionResult:
         }
 
 
-def parse_pad_context(text: str) -> int | None:
-    """'off' -> None (the whole canvas), '5' -> 5: DecodingOptions.pad_context from the command line."""
-    text = str(text)
-    if text.lower() == "off":
-        return None
-    if not text.isdigit():
-        raise ValueError(f"--pad-context expects a number of positions (>= 0) or 'off', got {text!r}")
-    return int(text)
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """'1.0,0.9,0.85,0.8' -> (1.0, 0.9, 0.85, 0.8), each in [0, 1]."""
-    try:
-        values = tuple(float(x) for x in str(text).replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ValueError(f"--schedule expects comma-separated mask ratios like 1.0,0.9,0.85,0.8, got {text!r}") from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"--schedule ratios must lie in [0, 1], got {text!r}")
-    return values
-
-
-def parse_seq_len(text: str) -> int | None:
-    """'auto' -> None (the canvas sized to the audio), '64' -> 64: DecodingOptions.seq_len from the command line."""
-    text = str(text)
-    if text.lower() == "auto":
-        return None
-    if text.isdigit() and int(text) >= 2:
-        return int(text)
-    raise ValueError(f"--seq-len expects a token count (>= 2) or 'auto', got {text!r}")
-
-
-# DecodingOptions fields whose command-line form is a string to parse; the others arrive typed.
-DECODING_PARSERS = {"schedule": parse_schedule, "pad_context": parse_pad_context, "seq_len": parse_seq_len}
 # The VadOptions fields the command line sets (vad.vad_options derives the others from them); `vad` is
 # TranscribeOptions.vad, on or off.
 VAD_FLAGS = ("max_window_s", "split_silence_s")
@@ -204,21 +171,23 @@ def options_from_flags(**flags) -> TranscribeOptions:
     formats = parse_formats(flags["output_format"])
     if flags["output_dir"] is None and len(formats) > 1:
         raise ValueError(f"--output-format {flags['output_format']} writes several files: give --output-dir")
-    for name, choices in (("selection", SELECTIONS), ("strategy", STRATEGIES), ("encoder_backend", ENCODER_BACKENDS)):
-        if flags.get(name) is not None and flags[name] not in choices:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
-    given = {f.name: flags.pop(f.name) for f in dataclasses.fields(DecodingOptions) if f.name in flags}
-    decoding = {name: DECODING_PARSERS.get(name, _as_given)(value) for name, value in given.items() if value is not None}
+    if flags.get("encoder_backend") is not None and flags["encoder_backend"] not in ENCODER_BACKENDS:
+        raise ValueError(f"--encoder-backend must be one of {', '.join(ENCODER_BACKENDS)}")
+    decoding = {}
+    for name in [f.name for f in dataclasses.fields(DecodingOptions) if f.name in flags]:
+        value = flags.pop(name)
+        if value is None:  # the model's default
+            continue
+        try:  # the string forms DecodingOptions reads; a flag typed as a number or a boolean arrives typed
+            decoding[name] = DecodingOptions.parse(name, str(value))
+        except ValueError as e:
+            raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
     dev, _ = resolve_device(flags["device"], flags["dtype"])  # bf16 on a CPU, a GPU that is not there: fail early
     if flags.get("int8") is True and dev.type != "cpu":
         raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
     vad = vad_options(flags.pop("vad"), *(flags.pop(name) for name in VAD_FLAGS))
     subtitles = SubtitleOptions(**{f.name: flags.pop(f.name) for f in dataclasses.fields(SubtitleOptions)})
     return TranscribeOptions(**flags, decoding=decoding, vad=vad, subtitles=subtitles)
-
-
-def _as_given(value):
-    return value
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -473,13 +442,27 @@ def _resumed(result: TranscriptionResult, writer, settings: dict) -> bool:
         result.notes.append(f"{result.path}: its outputs have no record of the settings that made them; "
                             "transcribing again")
         return False
-    if record.get("settings") != settings:
-        changed = _changed(record.get("settings") or {}, settings)
+    recorded = _as_written_now(record.get("settings"))
+    if recorded != settings:
+        changed = _changed(recorded if isinstance(recorded, dict) else {}, settings)
         result.notes.append(f"{result.path}: its outputs were made with other settings ({changed}); "
                             "transcribing again")
         return False
     result.status, result.outputs = STATUS_SKIPPED, [str(t) for t in targets]
     return True
+
+
+def _as_written_now(settings):
+    """A recorded settings dict as this version writes it: the retired decoding fields
+    (decoding.RETIRED_FIELDS) that records made before they went hold with their one value left out, so a
+    rerun after an upgrade skips finished inputs as before (a retired field with another value stays, and
+    the input is redone)."""
+    from .decoding import RETIRED_FIELDS
+
+    if not isinstance(settings, dict) or not isinstance(settings.get("decoding"), dict):
+        return settings
+    decoding = {k: v for k, v in settings["decoding"].items() if not (k in RETIRED_FIELDS and v == RETIRED_FIELDS[k])}
+    return {**settings, "decoding": decoding}
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> str:
@@ -537,6 +520,6 @@ def transcribe_file(path, options: TranscribeOptions | None = None, model=None) 
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "MIN_AUDIO_SECONDS", "Pipeline", "Segment", "SubtitleOptions", "TranscribeOptions",
-    "Transcriber", "TranscriptionResult", "WindowResult", "Word", "options_from_flags", "parse_pad_context",
-    "parse_schedule", "parse_seq_len", "run_settings", "transcribe", "transcribe_file",
+    "Transcriber", "TranscriptionResult", "WindowResult", "Word", "options_from_flags", "run_settings", "transcribe",
+    "transcribe_file",
 ]

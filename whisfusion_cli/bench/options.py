@@ -3,7 +3,8 @@
 `faster-whisper:tiny.en,compute_type=int8`.
 
 A whisfusion spec may set any DecodingOptions field whose value is one word (a number, a name, 0 or 1);
-the names come from the dataclass itself, inside the functions (decoding.py imports torch).
+the names and the string forms come from the dataclass itself (DecodingOptions.parse, as on the command
+line), inside the functions (decoding.py imports torch).
 """
 
 from __future__ import annotations
@@ -30,17 +31,12 @@ SPEC_KEYS = {
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
-POSITIVE = (r"[1-9]\d*", "a positive integer")
-NON_NEGATIVE = (r"\d+", "a non-negative integer")
-ZERO_OR_ONE = (r"[01]", "0 or 1")
-# The form of a value where its field's type does not say it all (the other decoding fields follow their type).
-VALUE_FORMS = {
-    "steps": POSITIVE, "candidates": POSITIVE, "beams": POSITIVE, "seed": NON_NEGATIVE, "int8": ZERO_OR_ONE,
+# The forms of the values of the keys that are no decoding field, as (pattern, what it says); a decoding
+# field's value is read by DecodingOptions.parse.
+SPEC_VALUE_FORMS = {
+    "beams": (r"[1-9]\d*", "a positive integer"), "int8": (r"[01]", "0 or 1"),
     "encoder_backend": ("|".join(ENCODER_BACKENDS), f"one of {', '.join(ENCODER_BACKENDS)}"),
-    "pad_context": (r"off|\d+", "a non-negative integer or 'off'"),
-    "seq_len": (rf"{AUTO}|[1-9]\d*", f"a positive integer or '{AUTO}'"),
 }
-NUMBER = (r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", "a number")
 
 
 class BenchError(Exception):
@@ -129,42 +125,31 @@ def parse_system(text: str) -> SystemSpec:
         else:
             params["seq_len" if key == "canvas" else key] = value
     for key, value in params.items():
-        pattern, form = VALUE_FORMS.get(key) or _form_of(decoding.get(key))
+        pattern, form = SPEC_VALUE_FORMS.get(key, (None, ""))
         if pattern and not re.fullmatch(pattern, value):
             raise BenchError(f"system {text!r}: {key}={value!r} must be {form}")
+    if decoding:
+        _parsed_decoding(text, params, decoding)  # a bad value fails here, before anything is loaded
     if model is None:
         model = "default" if kind == "whisfusion" else DEFAULT_WHISPER_MODEL
     normal = f"{kind}:{model}" + "".join(f",{k}={v}" for k, v in params.items())
     return SystemSpec(kind, model, params, normal)
 
 
-def _form_of(default) -> tuple[str | None, str]:
-    """(pattern, what it says) for a decoding field's value, by the type of its default; None: any word."""
-    if isinstance(default, bool):
-        return ZERO_OR_ONE
-    if isinstance(default, int):
-        return NON_NEGATIVE
-    if isinstance(default, float):
-        return NUMBER
-    return None, ""
+def _parsed_decoding(text: str, params: dict[str, str], decoding: dict) -> dict:
+    """The decoding fields among a spec's params, as values (DecodingOptions.parse); BenchError naming the
+    spec for a bad one."""
+    from ..decoding import DecodingOptions
+
+    try:
+        return {key: DecodingOptions.parse(key, value) for key, value in params.items() if key in decoding}
+    except ValueError as e:
+        raise BenchError(f"system {text!r}: {e}") from None
 
 
 def decoding_overrides(spec: SystemSpec) -> dict:
     """The DecodingOptions fields a whisfusion spec sets, as values; the seed is DEFAULT_SEED unless given."""
-    defaults = decoding_fields()
-    overrides: dict = {"seed": DEFAULT_SEED}
-    for key, text in spec.params.items():
-        if key not in defaults:
-            continue
-        if key in ("pad_context", "seq_len"):
-            overrides[key] = None if text in ("off", AUTO) else int(text)
-        elif key == "seed":
-            overrides[key] = int(text)
-        elif isinstance(defaults[key], (bool, int, float)):
-            overrides[key] = text == "1" if isinstance(defaults[key], bool) else type(defaults[key])(text)
-        else:
-            overrides[key] = text
-    return overrides
+    return {"seed": DEFAULT_SEED, **_parsed_decoding(spec.text, spec.params, decoding_fields())}
 
 
 def default_systems() -> list[str]:
