@@ -1,8 +1,8 @@
 """Host syncs of the decoding loop (issue 19): on a GPU every read of a device value by the host (a Python
 number from a tensor, a shape that depends on values, a comparison answered on the host) waits for the
 queue of kernels. Counted on the CPU by wrapping the calls that would sync: the remask loop reads nothing per
-step (its masks come from the host), the confidence loop one value list per step, whatever the number of
-windows."""
+step (its masks come from the host), the confidence loop one value list per step and per refine pass,
+whatever the number of windows (the sizes of what a step projects are values)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,9 @@ def test_confidence_loop_reads_once_per_step(monkeypatch, decoder, case):
         counts = [_syncs(monkeypatch, decoder, windows, steps=steps, **options) for steps in (4, 8)]
         per_step[windows] = counts[1] - counts[0]
     assert 0 < per_step[3] <= 4 and per_step[1] == per_step[3], per_step
+
+
+def test_refine_reads_once_per_pass(monkeypatch, decoder):
+    options = {"strategy": "confidence", "steps": 4, **CONFIDENCE_CASES["sampled"]}
+    counts = [_syncs(monkeypatch, decoder, 3, refine=passes, **options) for passes in (0, 3)]
+    assert counts[1] - counts[0] == 3, counts

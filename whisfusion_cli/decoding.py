@@ -449,7 +449,9 @@ def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generator
         step = Step(s, options.steps, batch.P, canvas, canvas == batch.mask_id, n_gen, L, batch.ragged)
         _each(policies, "narrow", batch, step)
         _each(policies, "plan", step)
-        host = _read_step(batch, step, W)
+        host = _read_step(batch, step.canvas, step.masked, step.ends, step.todo)
+        if host.ends is not None:
+            step.columns, step.ragged = host.columns, host.ragged
         if not host.masked:
             break
         # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
@@ -469,37 +471,59 @@ def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generator
 
 @dataclass
 class _HostStep:
-    """What the host needs to know of a step (from _read_step)."""
+    """What the host needs to know of a step or refine pass (from _read_step)."""
 
     masked: bool  # a position is still masked
     done: list[bool]  # per window: it commits nothing this step
     counts: list[int]  # per window: its masked positions
     same: list[bool]  # per window: its K rows are equal (the trunk then runs once for them)
+    ends: list[int] | None = None  # per window: the columns it runs on (with pad_context)
+    columns: int = 0  # the columns the trunk runs on
+    ragged: Ragged | None = None  # and their lengths
 
 
-def _read_step(batch: Batch, step: Step, W: int) -> _HostStep:
-    """The step's data-dependent sizes and choices in one read of the device, the loop's one host sync per step
-    (the positions the output projection gets and the columns the trunk runs on are shapes); step.ends, where
-    a policy set it, becomes step.columns and step.ragged."""
-    K, (R, L) = batch.K, step.canvas.shape
-    parts = [step.masked.any().view(1), (step.todo <= 0).view(W, K).all(1), step.masked.view(W, K * L).sum(1)]
-    columns = torch.full((), L, device=step.canvas.device) if step.ends is None else step.ends.max()
-    if step.ends is not None:
-        parts += [columns.view(1), (step.ends == columns).all().view(1)]
-    if K > 1:  # rows equal on the columns the trunk sees (as forward._hidden would compare them)
-        rows = step.canvas.view(W, K, L)
+def _read_step(batch: Batch, x, masked, ends=None, todo=None) -> _HostStep:
+    """The data-dependent sizes and choices of a step on canvases x with masked positions `masked`, in one
+    read of the device, the loop's one host sync per step (the positions the output projection gets and the
+    columns the trunk runs on are shapes). ends: each window's columns (_window_ends) or None (all of x);
+    todo: the commit schedule's count per row (a window whose rows are all <= 0 is done)."""
+    K, (R, L) = batch.K, x.shape
+    W = R // K
+    done = torch.zeros(W, dtype=torch.bool, device=x.device) if todo is None else (todo <= 0).view(W, K).all(1)
+    parts = [masked.any().view(1), done, masked.view(W, K * L).sum(1)]
+    columns = torch.full((), L, device=x.device) if ends is None else ends.max()
+    if ends is not None:
+        parts.append(ends)
+    if K > 1:  # rows equal on the columns the trunk sees (as forward._hidden would compare them), masks too
+        rows, masks = x.view(W, K, L), masked.view(W, K, L)
         outside = torch.arange(L, device=rows.device) >= columns
-        parts.append(((rows == rows[:, :1]) | outside).flatten(1).all(1))
+        same = ((rows == rows[:, :1]) | outside) & (masks == masks[:, :1])
+        parts.append(same.flatten(1).all(1))
     values = torch.cat([p.long() for p in parts]).tolist()
-    host = _HostStep(bool(values[0]), [bool(v) for v in values[1 : 1 + W]], values[1 + W : 1 + 2 * W], [False] * W)
+    host = _HostStep(bool(values[0]), [bool(v) for v in values[1 : 1 + W]], values[1 + W : 1 + 2 * W], [False] * W,
+                     columns=L, ragged=batch.ragged)
     rest = values[1 + 2 * W :]
-    if step.ends is not None:
-        step.columns = rest[0]
-        step.ragged = Ragged(None if rest[1] else step.ends, batch.ragged.frames)
-        rest = rest[2:]
+    if ends is not None:
+        host.ends, rest = rest[:W], rest[W:]
+        host.columns = max(host.ends)
+        equal = all(e == host.columns for e in host.ends)
+        host.ragged = Ragged(None if equal else ends, batch.ragged.frames, None if equal else host.ends,
+                             batch.ragged.known_frames)
     if K > 1:
         host.same = [bool(v) for v in rest]
     return host
+
+
+def _gather(run, masked, counts: list[int], windows: list[int], K: int, columns: int):
+    """(positions for run.gathered_logits, each window's masked positions flat over its [K, L] block in
+    row-major order, all of them flat over the canvas [R*L]) of the windows `windows` (the pass's), sized by
+    `counts` (_read_step): index tensors of known sizes, so no host sync. A shared pass gets one row's
+    positions, which stand for the K rows; else (row, column) in the trunk's [K, columns]."""
+    L = masked.size(1)
+    order = masked.view(-1, K * L).to(torch.int8).sort(dim=1, descending=True, stable=True).indices
+    flat = [order[w, : counts[w]] for w in windows]
+    positions = {j: (f[: f.numel() // K], K) if run.shared else (f // L * columns + f % L, 1) for j, f in enumerate(flat)}
+    return positions, flat, torch.cat([f + w * K * L for f, w in zip(flat, windows)])
 
 
 def _predict(batch: Batch, step: Step, policies, host: _HostStep, generators, temperature: float):
@@ -512,11 +536,7 @@ def _predict(batch: Batch, step: Step, policies, host: _HostStep, generators, te
     run = batch.forward.run(step.canvas[:, : step.columns], active, step.ragged, shared)
     masked = run.select(step.masked)[:, : step.columns]
     _each(policies, "prepare", batch, run, masked, active)
-    # Each window's masked positions, flat over its [K, L] block in row-major order (the first `count`).
-    order = step.masked.view(-1, K * L).to(torch.int8).sort(dim=1, descending=True, stable=True).indices
-    flat = [order[w, : host.counts[w]] for w in active]
-    cols = step.columns
-    positions = {j: ((f[: f.numel() // K], K) if run.shared else (f // L * cols + f % L, 1)) for j, f in enumerate(flat)}
+    positions, flat, index = _gather(run, step.masked, host.counts, active, K, step.columns)
     logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in active])
     picks, confs = [], []
     for j, w in enumerate(active):
@@ -525,7 +545,6 @@ def _predict(batch: Batch, step: Step, policies, host: _HostStep, generators, te
         pick, conf = _sample(logits[j], flat[j] // L, generators[w], temperature if K > 1 else 0.0)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
-    index = torch.cat([f + w * K * L for f, w in zip(flat, active)])
     pred = torch.full_like(step.canvas, batch.mask_id).view(-1).index_copy_(0, index, torch.cat(picks))
     scores = torch.full((R * L,), -1.0, device=step.canvas.device).index_copy_(0, index, torch.cat(confs))
     return pred.view(R, L), scores.view(R, L)
@@ -562,20 +581,25 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     c = confidences.masked_fill(~real, float("inf"))
     c[:, :P] = float("inf")
     m = (_ranks(c) < n_row[:, None]) | _duplicates(canvas, is_pad, P)
-    cols, ragged, row_len = _columns(batch, canvas, keep)
+    if keep is None:
+        ends, row_len = None, batch.ragged.row_lengths(batch.K, R, L, canvas.device)
+    else:
+        ends, row_len = _window_ends(batch, canvas, keep)
     m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees
     x = torch.where(m, torch.full_like(canvas, batch.mask_id), canvas)
-    run = batch.forward.run(x[:, :cols], list(range(W)), ragged)
-    logits = run.logits(m[:, :cols], range(W), [_vocabulary(policies, w) for w in range(W)])
+    host = _read_step(batch, x, m, ends)  # one host sync per pass
+    windows = list(range(W))
+    run = batch.forward.run(x[:, : host.columns], windows, host.ragged, batch.K > 1 and all(host.same))
+    positions, _, index = _gather(run, m, host.counts, windows, batch.K, host.columns)
+    logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in windows])
     confs, picks = [], []
-    for w in range(W):
+    for w in windows:
         short = _vocabulary(policies, w)
         conf, pick = torch.softmax(logits[w].float(), dim=-1).max(-1)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
-    canvas, confidences = canvas.clone(), confidences.clone()
-    canvas[m], confidences[m] = torch.cat(picks), torch.cat(confs)
-    return canvas, confidences
+    canvas = canvas.flatten().index_copy(0, index, torch.cat(picks)).view(R, L)
+    return canvas, confidences.flatten().index_copy(0, index, torch.cat(confs)).view(R, L)
 
 
 def _decode_batch(decoder, forward, W: int, L: int, prefix, options: DecodingOptions, generators, pad_id,
@@ -680,11 +704,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         F_max = max(frames)
         cond = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, F_max - states[i].size(0))) for i in idx])
         kv = decoder.precompute_cross_kv(cond.to(device, non_blocking=True))
-        ragged = Ragged(  # on the device once, not copied there at every step
-            lengths=to_device(torch.tensor([lengths[i] for i in idx]), device) if any(lengths[i] != L for i in idx)
-            else None,
-            frames=to_device(torch.tensor(frames), device) if any(f != F_max for f in frames) else None,
-        )
+        ragged = Ragged.of([lengths[i] for i in idx] if any(lengths[i] != L for i in idx) else None,
+                           frames if any(f != F_max for f in frames) else None, device)
         canvas, confidences = _decode_batch(decoder, SharedForward(decoder, kv, K, ragged), len(idx), L, prefix,
                                             options, [_generator(seeds[i]) for i in idx], pad_id, ragged)
         batch = [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
@@ -933,18 +954,6 @@ def _window_ends(batch: Batch, canvas, keep: int):
     end = L - tail.flip(1).long().cumprod(1).sum(1)  # first position of the trailing run, per row
     window = torch.minimum(row_len, end + keep).view(W, K).max(1).values
     return window, window.repeat_interleave(K)
-
-
-def _columns(batch: Batch, canvas, keep: int | None):
-    """(columns, ragged, row lengths) the trunk runs on: the batch runs on its longest window (_window_ends;
-    the whole canvas when keep is None)."""
-    R, L = canvas.shape
-    if keep is None:
-        return L, batch.ragged, batch.ragged.row_lengths(batch.K, R, L, canvas.device)
-    window, row_len = _window_ends(batch, canvas, keep)
-    L_cur = int(window.max())
-    lengths = None if bool((window == L_cur).all()) else window
-    return L_cur, Ragged(lengths, batch.ragged.frames), row_len
 
 
 def _shortlist(decoder, logits, top: int, pad_id):

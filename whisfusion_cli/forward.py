@@ -51,14 +51,30 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 @dataclass
 class Ragged:
     """Lengths of the windows of a batch padded to a common shape: canvas positions per window [W] and
-    encoder frames per window [W] (either None when all are equal)."""
+    encoder frames per window [W] (either None when all are equal), and the same on the host (`known_*`,
+    where known), so what is padded is decided without a host sync."""
 
     lengths: torch.Tensor | None = None
     frames: torch.Tensor | None = None
+    known_lengths: list[int] | None = None
+    known_frames: list[int] | None = None
+
+    @classmethod
+    def of(cls, lengths: list[int] | None, frames: list[int] | None, device) -> "Ragged":
+        """The lengths (None: all equal) on the device, copied once, and kept on the host."""
+        on_device = (lambda v: None if v is None else to_device(torch.tensor(v), device))
+        return cls(on_device(lengths), on_device(frames), lengths, frames)
 
     def subset(self, windows: list[int]) -> "Ragged":
         pick = (lambda t: None if t is None else t[to_device(torch.tensor(windows), t.device)])
-        return Ragged(pick(self.lengths), pick(self.frames))
+        known = (lambda v: None if v is None else [v[w] for w in windows])
+        return Ragged(pick(self.lengths), pick(self.frames), known(self.known_lengths), known(self.known_frames))
+
+    def padded(self, columns: int, frames: int | None) -> tuple:
+        """(some row shorter than `columns`, some window with fewer than `frames` states), each None where the
+        host does not know (model.key_mask then compares on the device)."""
+        below = (lambda v, n: None if v is None or n is None else any(x < n for x in v))
+        return below(self.known_lengths, columns), below(self.known_frames, frames)
 
     def row_lengths(self, K: int, R: int, L: int, device) -> torch.Tensor:
         """Canvas length of each of the R = W*K rows."""
@@ -165,17 +181,18 @@ def _hidden(decoder, x, kv, K, ragged: Ragged | None = None, shared: bool | None
         lengths = lengths.to(x.device)
     frames = frames.to(x.device) if frames is not None else None
     xr = x.view(W, K, -1)
+    padded = ragged.padded(x.size(1), kv[0][0].size(2) if kv is not None else None) if ragged else (None, None)
     if shared is None:
         shared = K > 1 and torch.equal(xr, xr[:, :1].expand_as(xr))
     if K > 1 and shared:
         if kv is not None and kv[0][0].size(0) == W * K:  # keys/values given per candidate
             kv = [(k[::K], v[::K]) for k, v in kv]
-        return decoder.hidden_states(xr[:, 0], cross_kv=kv, lengths=lengths, frames=frames), True
+        return decoder.hidden_states(xr[:, 0], cross_kv=kv, lengths=lengths, frames=frames, padded=padded), True
     if lengths is not None:
         lengths = lengths.repeat_interleave(K)
     if frames is not None and kv is not None and kv[0][0].size(0) == W * K:
         frames = frames.repeat_interleave(K)
-    return decoder.hidden_states(x, cross_kv=kv, lengths=lengths, frames=frames), False
+    return decoder.hidden_states(x, cross_kv=kv, lengths=lengths, frames=frames, padded=padded), False
 
 
 def _active_hidden(decoder, x, kv, K, ragged: Ragged, active: list[int], W: int, shared: bool | None = None):

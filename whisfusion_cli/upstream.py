@@ -161,7 +161,8 @@ def _gathers(masks, K: int, device) -> list[Gather]:
                 windows.append((f[: f.numel() // K], K))
             else:
                 windows.append((f % L if shared else f, 1))
-        pieces += [i for i, _ in windows] + [torch.cat([f + w * K * L for w, f in enumerate(flat[s * W : s * W + W])])]
+        in_canvas = torch.cat([f + w * K * L for w, f in enumerate(flat[s * W : s * W + W])])
+        pieces += [i for i, _ in windows] + [in_canvas]
         layout.append((shared, [r for _, r in windows]))
         same_rows = [equal[w] and same_masks[s][w] and (shared or not counts[s][w]) for w in range(W)]
         untouched = untouched and not any(counts[s])
