@@ -9,7 +9,8 @@
 4. Optionally (--windows N) decode_windows on N windows of 3-30 s in one batch with the embedded model's
    decoding options (confidence strategy, K = 1, 8 steps, shortlist, pad context, refine) and with a sampled
    variant (K = 4, temperature 0.5): what `whisfusion transcribe` runs, random weights.
-Every time is the median of --repeat runs (a busy machine: compare medians, or ratios within one sitting).
+Every time is the median of --repeat runs (a busy machine: compare medians, or ratios within one sitting;
+--cpu-time with --threads 1 counts the process's own CPU seconds, which other load barely changes).
 
     python scripts/bench_decoding.py                       # full size (minutes on 2 CPU cores)
     python scripts/bench_decoding.py --frames 300 --canvas 64 --layers 4   # quick look
@@ -40,13 +41,16 @@ def upstream_loop(model, condition, masks, steps, pad_id=2, bos_id=1):
     return out.tokens, out.confidences, out.selected
 
 
+CLOCK = {"clock": time.perf_counter}  # --cpu-time: time.process_time
+
+
 def timed(fn, repeat: int):
     """(fn's last result, median seconds over `repeat` runs)."""
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = CLOCK["clock"]()
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK["clock"]() - t0)
     return out, statistics.median(times)
 
 
@@ -67,8 +71,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the median is reported")
     ap.add_argument("--windows", type=int, default=0, help="also time decode_windows on this many windows")
     ap.add_argument("--skip-exact", action="store_true", help="skip the exact-vs-upstream comparison")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the process's CPU seconds, not wall seconds (a busy machine; with --threads 1)")
     ap.add_argument("--json", default=None, help="write the measurements here")
     args = ap.parse_args(argv)
+    if args.cpu_time:
+        CLOCK["clock"] = time.process_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

@@ -14,6 +14,11 @@ What `SharedForward` does on top of upstream's forward, without changing a token
 are computed once and shared by all candidates and steps; when every candidate has the same input (step 0
 masks everything) the trunk runs once per window and is broadcast; only the positions a step needs go through
 the output projection. upstream.ReferenceForward is upstream's own forward, for the parity tests.
+
+Host syncs (a GPU's queue drained so the host can read a value): a loop that knows which rows are equal and
+which positions it projects says so (`shared`, `Gather`, `_Pass.gathered_logits`, Ragged's lengths kept on
+the host), so nothing here reads the device; without that knowledge, `logits`/`argmax` find it from the masks
+(tests/test_host_syncs.py counts them).
 """
 
 from __future__ import annotations
