@@ -72,7 +72,8 @@ def test_with_strings_parses_and_validates_the_whole():
 
 
 def test_the_shipped_config_loads_with_its_retired_fields():
-    from whisfusion_cli.checkpoint import DEFAULT_MODEL_DIR, read_model_config
+    from whisfusion_cli.checkpoint import read_model_config
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR
 
     decoding = read_model_config(DEFAULT_MODEL_DIR)["decoding"]
     options = DecodingOptions.from_config(decoding)
