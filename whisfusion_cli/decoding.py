@@ -441,7 +441,6 @@ def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generator
     own lengths when batch.ragged says so; FILL past the end)."""
     policies = confidence_policies(options, batch.pad_id) if policies is None else policies
     R, L = canvas.shape
-    W = R // batch.K
     confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, : batch.P] = 1.0
     n_gen = batch.ragged.row_lengths(batch.K, R, L, canvas.device) - batch.P
