@@ -6,7 +6,8 @@
 Sections, each recorded with "ok" and what it measured (a failing section is recorded, the others still run):
 parity (float32 vs tests/data/decoder_parity; bf16/fp16 within PARITY_HALF_TOL), upstream_loop (exact loop vs
 upstream's, 170M preset, K=15, 4 steps, 30 s window: identical tokens, speed ratio), throughput (tokens/s as
-upstream counts them, K x canvas x steps, and emitted text tokens/s at 1, 8, 32 windows per batch),
+upstream counts them, K x canvas x steps, and emitted text tokens/s at 1, 8, 32 windows per batch; and seconds
+per step with the embedded model's decoding options, whose loop reads the GPU once per step),
 attention (flash-attn varlen vs SDPA on ragged batches), transcription (the bundled clips on the GPU against
 float32 on the CPU, within one word), train_resume (preprocess on the GPU, then a one-GPU torchrun train with
 a resume), memory (peak GPU memory per 30 s window for K = 1, 4, 15). Without a GPU: one line, exit 2.
@@ -145,8 +146,29 @@ def throughput(device, dtype, quick=False) -> dict:
                             "emitted_tokens_per_s": emitted / t, "windows_per_s": n / t}
     best = max(r["tokens_per_s_upstream"] for r in rows.values())
     return {"dtype": str(dtype).replace("torch.", ""), "weights": "random (170M preset)", "per_batch": rows,
+            "confidence_per_batch": confidence_steps(model, device, BATCH_SIZES),
             "upstream_claim_tokens_per_s": UPSTREAM_CLAIM_TOKENS_S, "best_vs_claim": best / UPSTREAM_CLAIM_TOKENS_S,
             "ok": True}
+
+
+def confidence_steps(model, device, batch_sizes) -> dict:
+    """Seconds per step and per window-step of decode_windows with the embedded model's decoding options
+    (confidence strategy: its loop reads the GPU once per step, whatever the batch) on ragged 3-30 s windows,
+    one batch of each size."""
+    from whisfusion_cli.decoding import DecodingOptions, decode_windows
+    from whisfusion_cli.checkpoint import CONFIG_FILE
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR
+
+    config = json.loads((DEFAULT_MODEL_DIR / CONFIG_FILE).read_text())["decoding"]
+    options = DecodingOptions.from_config(config)
+    conds, seconds = _windows(max(batch_sizes), device, model.config.n_embd, ragged=True)
+    rows = {}
+    for n in batch_sizes:
+        _, t = _timed(lambda: decode_windows(model, conds[:n], options, [1], 2, seconds[:n], max_batch_windows=n),
+                      device)
+        rows[str(n)] = {"seconds": t, "seconds_per_step": t / options.steps,
+                        "seconds_per_window_step": t / (options.steps * n)}
+    return rows
 
 
 def attention(device, dtype, quick=False) -> dict:

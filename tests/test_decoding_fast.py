@@ -502,3 +502,46 @@ def test_a_batch_out_of_device_memory_is_decoded_in_halves(whisper, monkeypatch)
     monkeypatch.setattr(decoding, "_decode_batch", lambda *a, **k: small_gpu(dec, None, 9))
     with pytest.raises(DeviceMemoryError, match="single window"):
         decode_windows(dec, conds[:2], options, prefix, pad, durations[:2], max_batch_windows=2)
+
+
+def test_encoder_batch_is_the_decoder_batch(tmp_path, monkeypatch):
+    """--batch-size sets the windows per encoder call too (Pipeline.load passes it to the encoder)."""
+    import numpy as np
+    from tiny_model import make_model_dir
+
+    from whisfusion_cli.loading import Pipeline
+    from whisfusion_cli.transcribe import TranscribeOptions
+
+    pipe = Pipeline.load(TranscribeOptions(model=str(make_model_dir(tmp_path)), device="cpu", batch_size=3))
+    encoder = pipe.model.encoder
+    assert encoder.options.batch_size == 3
+    sizes = []
+    real = type(encoder.encoder).forward
+    monkeypatch.setattr(type(encoder.encoder), "forward", lambda self, x, *a, **k: (sizes.append(x.size(0)),
+                                                                                    real(self, x, *a, **k))[1])
+    clips = [np.zeros(16000 * s, dtype=np.float32) for s in (1, 2, 1, 3, 2, 1, 1)]
+    assert len(pipe.encode(clips)) == len(clips)
+    assert sum(sizes) == len(clips) and max(sizes) == 3
+
+
+def test_shortlist_int8_on_a_gpu_is_refused_or_recorded_off(tmp_path, monkeypatch):
+    """The int8 shortlist head runs on the CPU only: asked for on a GPU, it is refused; a model's default of
+    it is turned off there, with a one-line notice, and the run records it off (CUDA mocked)."""
+    import dataclasses
+    import re
+
+    from tiny_model import make_model_dir
+
+    from whisfusion_cli.loading import SHORTLIST_INT8_OFF, Pipeline, load_model
+
+    model = load_model(str(make_model_dir(tmp_path)))
+    monkeypatch.setattr(type(model.decoder), "device", property(lambda self: torch.device("cuda")))
+    with pytest.raises(ValueError, match="CPU only"):
+        Pipeline(model, {"strategy": "confidence", "shortlist": 8, "shortlist_int8": True})
+    model.decoding = dataclasses.replace(model.decoding, strategy="confidence", shortlist=8, shortlist_int8=True)
+    with pytest.warns(UserWarning, match=re.escape(SHORTLIST_INT8_OFF)) as notices:
+        pipe = Pipeline(model)
+    assert len(notices) == 1 and "\n" not in str(notices[0].message)
+    assert pipe.decoding.shortlist_int8 is False and pipe.decoding.to_dict()["shortlist_int8"] is False
+    monkeypatch.undo()
+    assert Pipeline(model).decoding.shortlist_int8 is True  # on the CPU the model's choice holds

@@ -38,6 +38,8 @@ def test_sections_run_on_the_cpu(monkeypatch):
     assert parity["ok"] and parity["float32"]["pdd_identical"] and parity["bfloat16"]["relative_err"] < 0.05
     loop = acceptance.upstream_loop(cpu, quick=True)
     assert loop["identical"] and loop["speedup"] > 0
+    steps = acceptance.confidence_steps(acceptance._decoder_170m(cpu, torch.float32), cpu, (1, 2))
+    assert set(steps) == {"1", "2"} and all(r["seconds_per_step"] > 0 for r in steps.values())
     attention = acceptance.attention(cpu, torch.float32, quick=True)
     from whisfusion_cli.attention import flash_varlen_kernel
 

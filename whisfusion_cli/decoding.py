@@ -22,7 +22,7 @@ import torch
 
 from .choices import SELECTIONS, STRATEGIES
 from .distributed import in_halves_on_oom
-from .forward import FILL, FILL_INPUT, Ragged, SharedForward
+from .forward import FILL, FILL_INPUT, Ragged, SharedForward, to_device
 from .upstream import ReferenceForward, Trace, remask
 
 UPSTREAM_SCHEDULE = (1.0, 0.9, 0.85, 0.8)
@@ -273,6 +273,7 @@ class Step:
     n_gen: torch.Tensor  # [R] positions to fill per row (prefix excluded), on the columns the trunk runs on
     columns: int  # the trunk runs on canvas[:, :columns]
     ragged: Ragged  # and on these lengths
+    ends: torch.Tensor | None = None  # [W] the columns of each window (PadContext), read into columns and ragged
     todo: torch.Tensor | None = None  # [R] positions each row is to commit (<= 0: none)
     pred: torch.Tensor | None = None  # [R, L] predictions at the masked positions (the mask id elsewhere)
     scores: torch.Tensor | None = None  # [R, L] what ranks the commits: prediction probabilities (-1: none)
@@ -283,7 +284,7 @@ class Policy:
     """A rule of the confidence strategy. Every hook does nothing unless a policy overrides it."""
 
     def narrow(self, batch: Batch, step: Step) -> None:
-        """Before the forward: step.columns, step.ragged and step.n_gen."""
+        """Before the forward: step.ends (then step.columns and step.ragged) and step.n_gen."""
 
     def plan(self, step: Step) -> None:
         """Before the forward: step.todo."""
@@ -358,7 +359,7 @@ class PadContext(Policy):
         self.keep, self.pad_id = keep, pad_id
 
     def narrow(self, batch: Batch, step: Step) -> None:
-        step.columns, step.ragged, row_len = _columns(batch, step.canvas, self.keep)
+        step.ends, row_len = _window_ends(batch, step.canvas, self.keep)
         step.n_gen = row_len - batch.P
 
     def commit(self, step: Step) -> None:
@@ -440,23 +441,24 @@ def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generator
     own lengths when batch.ragged says so; FILL past the end)."""
     policies = confidence_policies(options, batch.pad_id) if policies is None else policies
     R, L = canvas.shape
-    W = R // batch.K
     confidences = torch.zeros(R, L, device=canvas.device)
     confidences[:, : batch.P] = 1.0
     n_gen = batch.ragged.row_lengths(batch.K, R, L, canvas.device) - batch.P
     for s in range(options.steps):
         step = Step(s, options.steps, batch.P, canvas, canvas == batch.mask_id, n_gen, L, batch.ragged)
-        if not step.masked.any():
-            break
         _each(policies, "narrow", batch, step)
         _each(policies, "plan", step)
+        host = _read_step(batch, step.canvas, step.masked, step.ends, step.todo)
+        if host.ends is not None:
+            step.columns, step.ragged = host.columns, host.ragged
+        if not host.masked:
+            break
         # A window whose rows all reached this step's count (a row may lag after a dropped duplicate) commits
         # nothing: alone it would skip the step, so in a batch it is not projected and draws no noise, and
         # its random stream stays where it would be alone.
-        done = (step.todo <= 0).view(W, batch.K).all(1)
-        if bool(done.all()):
+        if all(host.done):
             continue
-        step.pred, step.scores = _predict(batch, step, policies, done.tolist(), generators, options.temperature)
+        step.pred, step.scores = _predict(batch, step, policies, host, generators, options.temperature)
         _each(policies, "rescore", step)
         _each(policies, "commit", step)
         canvas = torch.where(step.commit, step.pred, canvas)
@@ -466,44 +468,96 @@ def _confidence_unmask(batch: Batch, canvas, options: DecodingOptions, generator
     return canvas, confidences
 
 
-def _predict(batch: Batch, step: Step, policies, done: list[bool], generators, temperature: float):
+@dataclass
+class _HostStep:
+    """What the host needs to know of a step or refine pass (from _read_step)."""
+
+    masked: bool  # a position is still masked
+    done: list[bool]  # per window: it commits nothing this step
+    counts: list[int]  # per window: its masked positions
+    same: list[bool]  # per window: its K rows are equal (the trunk then runs once for them)
+    ends: list[int] | None = None  # per window: the columns it runs on (with pad_context)
+    columns: int = 0  # the columns the trunk runs on
+    ragged: Ragged | None = None  # and their lengths
+
+
+def _read_step(batch: Batch, x, masked, ends=None, todo=None) -> _HostStep:
+    """The data-dependent sizes and choices of a step on canvases x with masked positions `masked`, in one
+    read of the device, the loop's one host sync per step (the positions the output projection gets and the
+    columns the trunk runs on are shapes). ends: each window's columns (_window_ends) or None (all of x);
+    todo: the commit schedule's count per row (a window whose rows are all <= 0 is done)."""
+    K, (R, L) = batch.K, x.shape
+    W = R // K
+    done = torch.zeros(W, dtype=torch.bool, device=x.device) if todo is None else (todo <= 0).view(W, K).all(1)
+    parts = [masked.any().view(1), done, masked.view(W, K * L).sum(1)]
+    columns = torch.full((), L, device=x.device) if ends is None else ends.max()
+    if ends is not None:
+        parts.append(ends)
+    if K > 1:  # rows equal on the columns the trunk sees (as forward._hidden would compare them), masks too
+        rows, masks = x.view(W, K, L), masked.view(W, K, L)
+        outside = torch.arange(L, device=rows.device) >= columns
+        same = ((rows == rows[:, :1]) | outside) & (masks == masks[:, :1])
+        parts.append(same.flatten(1).all(1))
+    values = torch.cat([p.long() for p in parts]).tolist()
+    host = _HostStep(bool(values[0]), [bool(v) for v in values[1 : 1 + W]], values[1 + W : 1 + 2 * W], [False] * W,
+                     columns=L, ragged=batch.ragged)
+    rest = values[1 + 2 * W :]
+    if ends is not None:
+        host.ends, rest = rest[:W], rest[W:]
+        host.columns = max(host.ends)
+        equal = all(e == host.columns for e in host.ends)
+        host.ragged = Ragged(None if equal else ends, batch.ragged.frames, None if equal else host.ends,
+                             batch.ragged.known_frames)
+    if K > 1:
+        host.same = [bool(v) for v in rest]
+    return host
+
+
+def _gather(run, masked, counts: list[int], windows: list[int], K: int, columns: int):
+    """(positions for run.gathered_logits, each window's masked positions flat over its [K, L] block in
+    row-major order, all of them flat over the canvas [R*L]) of the windows `windows` (the pass's), sized by
+    `counts` (_read_step): index tensors of known sizes, so no host sync. A shared pass gets one row's
+    positions, which stand for the K rows; else (row, column) in the trunk's [K, columns]."""
+    L = masked.size(1)
+    order = masked.view(-1, K * L).to(torch.int8).sort(dim=1, descending=True, stable=True).indices
+    flat = [order[w, : counts[w]] for w in windows]
+    positions = {j: (f[: f.numel() // K], K) if run.shared else (f // L * columns + f % L, 1) for j, f in enumerate(flat)}
+    return positions, flat, torch.cat([f + w * K * L for f, w in zip(flat, windows)])
+
+
+def _predict(batch: Batch, step: Step, policies, host: _HostStep, generators, temperature: float):
     """(pred, scores) of the step: the chosen token and its probability at every masked position of the
-    windows not done (the mask id and -1 elsewhere)."""
-    K, R, L = batch.K, *step.canvas.shape
-    active = [w for w in range(len(done)) if not done[w]]
-    run = batch.forward.run(step.canvas[:, : step.columns], active, step.ragged)
+    windows not done (the mask id and -1 elsewhere). No host sync: the masked positions are gathered by
+    index, counted by _read_step."""
+    K, (R, L) = batch.K, step.canvas.shape
+    active = [w for w in range(len(host.done)) if not host.done[w]]
+    shared = K > 1 and all(host.same[w] for w in active)  # the rows of a window equal: so are their masks
+    run = batch.forward.run(step.canvas[:, : step.columns], active, step.ragged, shared)
     masked = run.select(step.masked)[:, : step.columns]
     _each(policies, "prepare", batch, run, masked, active)
-    logits = run.logits(masked, range(len(active)), [_vocabulary(policies, w) for w in active])
+    positions, flat, index = _gather(run, step.masked, host.counts, active, K, step.columns)
+    logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in active])
     picks, confs = [], []
-    for w in range(len(done)):
-        mw = step.masked[w * K : (w + 1) * K]
-        if done[w]:
-            n = int(mw.sum())
-            picks.append(torch.full((n,), batch.mask_id, dtype=torch.long, device=mw.device))
-            confs.append(torch.full((n,), -1.0, device=mw.device))
-            continue
-        flat, short = logits[active.index(w)], _vocabulary(policies, w)
-        _each(policies, "observe", batch, w, flat)
-        pick, conf = _sample(flat, mw, generators[w], temperature if K > 1 else 0.0)
+    for j, w in enumerate(active):
+        short = _vocabulary(policies, w)
+        _each(policies, "observe", batch, w, logits[j])
+        pick, conf = _sample(logits[j], flat[j] // L, generators[w], temperature if K > 1 else 0.0)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
-    pred = torch.full_like(step.canvas, batch.mask_id)
-    pred[step.masked] = torch.cat(picks)
-    scores = torch.full((R, L), -1.0, device=step.canvas.device)
-    scores[step.masked] = torch.cat(confs)
-    return pred, scores
+    pred = torch.full_like(step.canvas, batch.mask_id).view(-1).index_copy_(0, index, torch.cat(picks))
+    scores = torch.full((R * L,), -1.0, device=step.canvas.device).index_copy_(0, index, torch.cat(confs))
+    return pred.view(R, L), scores.view(R, L)
 
 
-def _sample(logits, masked, generator, temperature: float):
-    """(token, its probability) per row of logits [n, V] (the masked positions `masked` [K, L] of a window):
-    the argmax, with Gumbel noise for the candidates after the first when temperature > 0."""
+def _sample(logits, rows, generator, temperature: float):
+    """(token, its probability) per row of logits [n, V] (masked positions of a window, in candidates `rows`
+    [n]): the argmax, with Gumbel noise for the candidates after the first when temperature > 0, from the
+    window's CPU generator (the same draws on every device; copied without a host sync)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     if temperature > 0:
-        rows = masked.nonzero()[:, 0]
-        u = torch.rand(logp.shape, generator=generator).to(logp.device).clamp_(1e-10, 1 - 1e-10)
+        u = to_device(torch.rand(logp.shape, generator=generator), logp.device).clamp_(1e-10, 1 - 1e-10)
         gumbel = -torch.log(-torch.log(u)) * temperature
-        gumbel[rows == 0] = 0.0  # candidate 0 stays greedy
+        gumbel.masked_fill_((rows == 0)[:, None], 0.0)  # candidate 0 stays greedy
         pick = (logp + gumbel).argmax(-1)
     else:
         pick = logp.argmax(-1)
@@ -526,20 +580,25 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     c = confidences.masked_fill(~real, float("inf"))
     c[:, :P] = float("inf")
     m = (_ranks(c) < n_row[:, None]) | _duplicates(canvas, is_pad, P)
-    cols, ragged, row_len = _columns(batch, canvas, keep)
+    if keep is None:
+        ends, row_len = None, batch.ragged.row_lengths(batch.K, R, L, canvas.device)
+    else:
+        ends, row_len = _window_ends(batch, canvas, keep)
     m &= torch.arange(L, device=m.device) < row_len[:, None]  # nothing past the positions the trunk sees
     x = torch.where(m, torch.full_like(canvas, batch.mask_id), canvas)
-    run = batch.forward.run(x[:, :cols], list(range(W)), ragged)
-    logits = run.logits(m[:, :cols], range(W), [_vocabulary(policies, w) for w in range(W)])
+    host = _read_step(batch, x, m, ends)  # one host sync per pass
+    windows = list(range(W))
+    run = batch.forward.run(x[:, : host.columns], windows, host.ragged, batch.K > 1 and all(host.same))
+    positions, _, index = _gather(run, m, host.counts, windows, batch.K, host.columns)
+    logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in windows])
     confs, picks = [], []
-    for w in range(W):
+    for w in windows:
         short = _vocabulary(policies, w)
         conf, pick = torch.softmax(logits[w].float(), dim=-1).max(-1)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
-    canvas, confidences = canvas.clone(), confidences.clone()
-    canvas[m], confidences[m] = torch.cat(picks), torch.cat(confs)
-    return canvas, confidences
+    canvas = canvas.flatten().index_copy(0, index, torch.cat(picks)).view(R, L)
+    return canvas, confidences.flatten().index_copy(0, index, torch.cat(confs)).view(R, L)
 
 
 def _decode_batch(decoder, forward, W: int, L: int, prefix, options: DecodingOptions, generators, pad_id,
@@ -644,10 +703,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         F_max = max(frames)
         cond = torch.stack([torch.nn.functional.pad(states[i], (0, 0, 0, F_max - states[i].size(0))) for i in idx])
         kv = decoder.precompute_cross_kv(cond.to(device, non_blocking=True))
-        ragged = Ragged(
-            lengths=torch.tensor([lengths[i] for i in idx]) if any(lengths[i] != L for i in idx) else None,
-            frames=torch.tensor(frames) if any(f != F_max for f in frames) else None,
-        )
+        ragged = Ragged.of([lengths[i] for i in idx] if any(lengths[i] != L for i in idx) else None,
+                           frames if any(f != F_max for f in frames) else None, device)
         canvas, confidences = _decode_batch(decoder, SharedForward(decoder, kv, K, ragged), len(idx), L, prefix,
                                             options, [_generator(seeds[i]) for i in idx], pad_id, ragged)
         batch = [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
@@ -885,21 +942,17 @@ def _duplicates(canvas, is_pad, P: int):
     return dup
 
 
-def _columns(batch: Batch, canvas, keep: int | None):
-    """(columns, ragged, row lengths) the trunk runs on: with keep (options.pad_context), each window's
-    canvas ends `keep` positions after the start of its rows' trailing run of committed end-of-text (every
-    masked position lies before it); the batch runs on its longest such window."""
+def _window_ends(batch: Batch, canvas, keep: int):
+    """(columns of each window [W], of each row [R]) the trunk runs on with keep (options.pad_context): each
+    window's canvas ends `keep` positions after the start of its rows' trailing run of committed end-of-text
+    (every masked position lies before it)."""
     R, L = canvas.shape
     W, K = R // batch.K, batch.K
     row_len = batch.ragged.row_lengths(K, R, L, canvas.device)
-    if keep is None:
-        return L, batch.ragged, row_len
     tail = (canvas == batch.pad_id) | (canvas == FILL)
     end = L - tail.flip(1).long().cumprod(1).sum(1)  # first position of the trailing run, per row
     window = torch.minimum(row_len, end + keep).view(W, K).max(1).values
-    L_cur = int(window.max())
-    lengths = None if bool((window == L_cur).all()) else window
-    return L_cur, Ragged(lengths, batch.ragged.frames), window.repeat_interleave(K)
+    return window, window.repeat_interleave(K)
 
 
 def _shortlist(decoder, logits, top: int, pad_id):

@@ -34,6 +34,7 @@ INT8_ON_CPU = "int8_on_cpu"
 DEFAULT_BATCH_SIZE = 8  # windows per encoder/decoder batch
 DEFAULT_LANGUAGE = "en"  # every released model is English-only; a model config may say otherwise ("language")
 MIN_LOG_PROB = math.log(1e-10)  # floor of a token's log confidence in avg_logprob
+SHORTLIST_INT8_OFF = "the model's shortlist_int8 (an int8 output projection, CPU only) is off"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +172,10 @@ class Pipeline:
             if overrides.get("shortlist_int8"):
                 raise ValueError("--shortlist-int8 runs on the CPU only; drop it on a GPU")
             # The model's CPU default does not apply on a GPU; the results record what ran.
+            import warnings
+
+            warnings.warn(f"{SHORTLIST_INT8_OFF} on {model.decoder.device.type}: the shortlist is picked in float",
+                          stacklevel=2)
             self.decoding = dataclasses.replace(self.decoding, shortlist_int8=False)
         self.prefix_ids = list(model.tokenizer.prefix_ids)
         self.pad_id = model.tokenizer.pad_id

@@ -193,10 +193,11 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def key_mask(lengths: torch.Tensor | None, size: int) -> torch.Tensor | None:
+def key_mask(lengths: torch.Tensor | None, size: int, padded: bool | None = None) -> torch.Tensor | None:
     """Attention mask [B, 1, 1, size] letting row b attend to its first lengths[b] keys only (padding of a
-    batch of windows of different lengths), or None when nothing is padded."""
-    if lengths is None or bool((lengths >= size).all()):
+    batch of windows of different lengths), or None when nothing is padded. padded: whether some length is
+    below size, where the caller knows it (None: compared here, a host sync on a GPU)."""
+    if lengths is None or padded is False or (padded is None and bool((lengths >= size).all())):
         return None
     return (torch.arange(size, device=lengths.device) < lengths[:, None])[:, None, None, :]
 
@@ -302,15 +303,16 @@ class DecoderBase(nn.Module):
         condition = self._condition_in(condition)
         return [self._cross_module(i).keys_values(condition) for i in range(self.config.n_layer)]
 
-    def hidden_states(self, idx, *, cross_kv=None, lengths=None, frames=None) -> torch.Tensor:
+    def hidden_states(self, idx, *, cross_kv=None, lengths=None, frames=None, padded=(None, None)) -> torch.Tensor:
         """idx int64 [B, T] -> final hidden states [B, T, n_embd] (the forward pass before the projection), so
         a decoding loop can project only the rows it needs, window by window.
 
         A batch of windows of different lengths: lengths [B] (canvas positions of each row; the rest is
         padding no position attends to) and frames [B_kv] (encoder states of each window in cross_kv; the
-        rest is padding). The hidden states of padded positions are meaningless."""
-        self_mask = key_mask(lengths, idx.size(1))
-        cross_mask = key_mask(frames, cross_kv[0][0].size(2)) if cross_kv is not None else None
+        rest is padding). The hidden states of padded positions are meaningless. padded: (some canvas
+        shorter than T, some window with fewer frames), where the caller knows (key_mask)."""
+        self_mask = key_mask(lengths, idx.size(1), padded[0])
+        cross_mask = key_mask(frames, cross_kv[0][0].size(2), padded[1]) if cross_kv is not None else None
         return self._trunk(idx, cross_kv, self_mask, cross_mask)
 
     @torch.no_grad()
