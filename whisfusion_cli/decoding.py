@@ -876,11 +876,11 @@ def words_from_tokens(tokenizer):
     SentencePiece's '▁'), so MBR and ROVER vote on words, not sub-word pieces."""
     cache: dict[int, bool] = {}
     # A word-level vocabulary (no piece carries a word-start marker): every token is a word.
-    marked = any(piece.startswith(WORD_START_MARKERS) for piece in tokenizer._tok.get_vocab())
+    marked = any(piece.startswith(WORD_START_MARKERS) for piece in tokenizer.pieces())
 
     def starts_word(t: int) -> bool:
         if t not in cache:
-            piece = tokenizer._tok.id_to_token(t) or ""
+            piece = tokenizer.piece(t)
             cache[t] = piece.startswith(WORD_START_MARKERS) or not marked
         return cache[t]
 
