@@ -183,7 +183,7 @@ def test_resume_fixed_options_are_marked_on_their_fields():
         "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
         "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
         "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask",
-        "state_noise"}
+        "state_noise", "distill", "distill_teacher"}
 
 
 def test_a_resume_that_would_change_the_trajectory_is_refused(tmp_path):
