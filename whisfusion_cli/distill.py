@@ -50,15 +50,14 @@ class Teacher:
         as the student's `forward(positions=)`), teacher-forced on `target` [B, T]."""
         d = self.decoder
         T = target.size(1)
-        cond = d._condition_in(condition)
-        kv = [d._cross_module(i).keys_values(cond) for i in range(d.config.n_layer)]
+        kv = d.precompute_cross_kv(condition)
         cross_mask = key_mask(frames, kv[0][0].size(2))
         causal = torch.ones(T, T, dtype=torch.bool, device=target.device).tril()[None, None]
         hidden = d._trunk(target, kv, causal, cross_mask)
         # The output at p - 1 predicts the token at p.
         before = torch.zeros_like(positions)
         before[:, :-1] = positions[:, 1:]
-        return F.log_softmax(d._head(hidden[before]).float(), dim=-1)
+        return F.log_softmax(d.project(hidden[before]).float(), dim=-1)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
