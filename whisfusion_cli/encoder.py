@@ -111,6 +111,37 @@ def log_mel_spectrogram(audio: "torch.Tensor", n_mels: int) -> "torch.Tensor":
     return (torch.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
 
 
+def log_mel_spectrogram_numpy(audio: np.ndarray, n_mels: int) -> np.ndarray:
+    """log_mel_spectrogram in numpy (the torch-free CPU engine): the same features [B, n_mels, n // HOP_LENGTH]
+    of audio [B, n] to float rounding (tests/test_numpy_engine.py)."""
+    k = np.arange(N_FFT)
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * k / N_FFT)).astype(np.float32)  # periodic Hann, as torch's
+    padded = np.pad(np.asarray(audio, dtype=np.float32), ((0, 0), (N_FFT // 2, N_FFT // 2)), mode="reflect")
+    n_frames = audio.shape[1] // HOP_LENGTH  # the centred STFT's last frame dropped
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT, axis=1)[:, ::HOP_LENGTH][:, :n_frames]
+    spectrum = np.fft.rfft(frames * window, axis=-1)  # [B, frames, N_FFT // 2 + 1]
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    log_spec = np.log10(np.maximum(mel_filters(n_mels) @ power.transpose(0, 2, 1), LOG_FLOOR))
+    peak = log_spec.max(axis=(1, 2), keepdims=True)
+    return (np.maximum(log_spec, peak - DYNAMIC_RANGE) + 4.0) / 4.0
+
+
+def padded_clips(audio: Sequence[np.ndarray], mel_frames: int = N_FRAMES) -> np.ndarray:
+    """The samples whose features are the first mel_frames of upstream Whisper's input (the features of
+    30 s-padded audio) [B, n]. Fewer frames are computed from less zero padding: a frame reads only N_FFT
+    samples around it, and the normalisation's maximum comes from the audio, so the values are the same (up
+    to float rounding) at a fraction of the cost for short windows."""
+    if mel_frames >= N_FRAMES:
+        n = N_SAMPLES
+    else:
+        # Zeros past the audio up to the last sample frame mel_frames - 1 reads, as 30 s padding has.
+        n = max([mel_frames * HOP_LENGTH + N_FFT] + [len(a) for a in audio])
+    padded = np.zeros((len(audio), n), dtype=np.float32)
+    for row, clip in zip(padded, audio):
+        row[: len(clip)] = clip[:n]
+    return padded
+
+
 @dataclass
 class EncoderOptions:
     """How audio becomes encoder states."""
@@ -132,7 +163,46 @@ class EncoderOptions:
             raise ValueError(f"encoder threads must be >= 1, got {self.threads}")
 
 
-class WhisperAudioEncoder:
+class _Encoder:
+    """What both encoders share: the spec a model directory stores, the frames a clip gives, and which clips
+    share an encoder call. Subclasses set source, options, dim, num_mel_bins and backend."""
+
+    source: str
+    options: EncoderOptions
+    dim: int
+    num_mel_bins: int
+    backend: str
+
+    def spec(self) -> dict[str, Any]:
+        """What a model directory stores to rebuild this encoder with `load_encoder`."""
+        return {"source": self.source, "mode": self.options.mode, "dim": self.dim}
+
+    def describe(self) -> dict[str, Any]:
+        """What ran: `spec()` and the backend in use (recorded in transcripts' JSON and bench results)."""
+        return {**self.spec(), "backend": self.backend, "int8": self.options.int8}
+
+    def output_frames(self, num_samples: int) -> int:
+        """Number of state rows `encode` returns for a clip of `num_samples` samples."""
+        if self.options.mode == "full":
+            return MAX_ENCODER_FRAMES
+        if self.options.mode == "pad_trim":
+            return frames_for_duration(num_samples / SAMPLE_RATE)
+        return short_mel_frames(num_samples) // CONV_STRIDE
+
+    def batches(self, clips: list[np.ndarray], batch_size: int) -> list[tuple[list[int], int]]:
+        """(clip indices, mel frames) of each encoder call. No padding mask exists in Whisper's encoder, so in
+        "short" mode only clips with the same mel length can share a call without changing each other's
+        states; the other modes pad every clip to 30 s."""
+        if self.options.mode != "short":
+            order = list(range(len(clips)))
+            return [(order[s : s + batch_size], N_FRAMES) for s in range(0, len(order), batch_size)]
+        groups: dict[int, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(short_mel_frames(len(clip)), []).append(i)
+        return [(idx[s : s + batch_size], m) for m, idx in groups.items() for s in range(0, len(idx), batch_size)]
+
+
+class WhisperAudioEncoder(_Encoder):
     """A frozen Whisper encoder with its features: `.encode(list of audio) -> list of [F_i, d]`.
 
     model: "tiny.en", a CTranslate2 or transformers Whisper directory, a hub name, a whisper_source
@@ -178,37 +248,11 @@ class WhisperAudioEncoder:
 
     # ------------------------------------------------------------------------------------------ api
 
-    def spec(self) -> dict[str, Any]:
-        """What a model directory stores to rebuild this encoder with `load_encoder`."""
-        return {"source": self.source, "mode": self.options.mode, "dim": self.dim}
-
-    def describe(self) -> dict[str, Any]:
-        """What ran: `spec()` and the backend in use (recorded in transcripts' JSON and bench results)."""
-        return {**self.spec(), "backend": self.backend, "int8": self.options.int8}
-
-    def output_frames(self, num_samples: int) -> int:
-        """Number of state rows `encode` returns for a clip of `num_samples` samples."""
-        if self.options.mode == "full":
-            return MAX_ENCODER_FRAMES
-        if self.options.mode == "pad_trim":
-            return frames_for_duration(num_samples / SAMPLE_RATE)
-        return short_mel_frames(num_samples) // CONV_STRIDE
-
     def features(self, audio: Sequence[np.ndarray], mel_frames: int = N_FRAMES) -> "torch.Tensor":
-        """Log-mel features [B, n_mels, mel_frames]: the first mel_frames of upstream Whisper's input (the
-        features of 30 s-padded audio). Fewer frames are computed from less zero padding: a frame reads only
-        N_FFT samples around it, and the normalisation's maximum comes from the audio, so the values are the
-        same (up to float rounding) at a fraction of the cost for short windows."""
+        """Log-mel features [B, n_mels, mel_frames] of `padded_clips(audio, mel_frames)`."""
         import torch
 
-        if mel_frames >= N_FRAMES:
-            n = N_SAMPLES
-        else:
-            # Zeros past the audio up to the last sample frame mel_frames - 1 reads, as 30 s padding has.
-            n = max([mel_frames * HOP_LENGTH + N_FFT] + [len(a) for a in audio])
-        padded = np.zeros((len(audio), n), dtype=np.float32)
-        for row, clip in zip(padded, audio):
-            row[: len(clip)] = clip[:n]
+        padded = padded_clips(audio, mel_frames)
         feats = log_mel_spectrogram(torch.from_numpy(padded), self.num_mel_bins)[:, :, :mel_frames]
         return feats.contiguous()
 
@@ -219,20 +263,8 @@ class WhisperAudioEncoder:
 
         clips = [_check_clip(a, i) for i, a in enumerate(audio)]
         out: list[torch.Tensor | None] = [None] * len(clips)
-        if self.options.mode == "short":
-            # No padding mask exists in Whisper's encoder, so only clips with the same mel length can share
-            # a batch without changing each other's states.
-            groups: dict[int, list[int]] = {}
-            for i, clip in enumerate(clips):
-                groups.setdefault(short_mel_frames(len(clip)), []).append(i)
-            batches = [(idx[s : s + self.options.batch_size], m) for m, idx in groups.items()
-                       for s in range(0, len(idx), self.options.batch_size)]
-        else:
-            order = list(range(len(clips)))
-            batches = [(order[s : s + self.options.batch_size], N_FRAMES)
-                       for s in range(0, len(order), self.options.batch_size)]
         with torch.inference_mode():
-            for idx, mel_frames in batches:
+            for idx, mel_frames in self.batches(clips, self.options.batch_size):
                 feats = self.features([clips[i] for i in idx], mel_frames)
                 states = self._run(feats.to(self.device, self.dtype))
                 for row, i in enumerate(idx):
@@ -256,6 +288,38 @@ class WhisperAudioEncoder:
         array = np.ascontiguousarray(feats.detach().float().cpu().numpy())
         states = self._ct2.encode(ctranslate2.StorageView.from_array(array), to_cpu=True)
         return torch.from_numpy(np.array(states)).to(self.device, self.dtype)
+
+
+class NumpyWhisperEncoder(_Encoder):
+    """WhisperAudioEncoder on the torch-free CPU engine: features and encoder in numpy (numpy_model), float32,
+    a clip per call (a batch of short clips gains little on a CPU). The same states to float rounding."""
+
+    backend = "numpy"
+
+    def __init__(self, checkpoint: "WhisperCheckpoint", options: EncoderOptions | None = None):
+        from .numpy_model import NumpyAudioEncoder
+        from .whisper_source import ENCODER_PREFIX
+
+        self.options = options or EncoderOptions()
+        if self.options.int8:
+            raise ValueError("the numpy engine runs the encoder in float32; int8 needs --engine torch")
+        if self.options.backend == "ctranslate2":
+            raise ValueError("the numpy engine runs its own encoder, not CTranslate2's; use --engine torch for it")
+        self.source = checkpoint.source
+        self.dims = checkpoint.encoder_dims()
+        self.dim, self.num_mel_bins = self.dims.n_state, self.dims.n_mels
+        weights = {n[len(ENCODER_PREFIX):]: checkpoint.array(n) for n in checkpoint.names(ENCODER_PREFIX)}
+        self.encoder = NumpyAudioEncoder(weights, checkpoint.n_head)
+
+    def encode(self, audio: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Encoder states, one [F_i, d] float32 array per clip (float32 mono 16 kHz, each <= 30 s)."""
+        out = []
+        for i, a in enumerate(audio):
+            clip = _check_clip(a, i)
+            mel_frames = N_FRAMES if self.options.mode != "short" else short_mel_frames(len(clip))
+            feats = log_mel_spectrogram_numpy(padded_clips([clip], mel_frames), self.num_mel_bins)[0, :, :mel_frames]
+            out.append(self.encoder(feats)[: self.output_frames(len(clip))])
+        return out
 
 
 def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOptions, device: "torch.device",
@@ -330,13 +394,14 @@ def _check_clip(audio: Any, index: int) -> np.ndarray:
 
 def load_encoder(
     spec: dict[str, Any], device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
-    memo: dict | None = None,
-) -> WhisperAudioEncoder:
+    memo: dict | None = None, engine: str = "torch",
+) -> "WhisperAudioEncoder | NumpyWhisperEncoder":
     """Build the encoder a model directory describes, e.g. {"source": "tiny.en", "mode": "short"}.
 
     Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
     "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
     memo: checkpoints already open (whisper_source.open_whisper), e.g. the one the decoder's token table came from.
+    engine: "torch" (WhisperAudioEncoder on device) or "numpy" (NumpyWhisperEncoder, CPU, no torch).
     """
     from .whisper_source import open_whisper
 
@@ -347,7 +412,11 @@ def load_encoder(
     if unknown:
         raise ValueError(f"encoder spec has unknown keys {sorted(unknown)} (known: source, dim, {', '.join(sorted(option_names))})")
     options = EncoderOptions(**{k: v for k, v in spec.items() if k in option_names})
-    encoder = WhisperAudioEncoder(open_whisper(spec["source"], memo), options, device=device, dtype=dtype)
+    checkpoint = open_whisper(spec["source"], memo)
+    if engine == "numpy":
+        encoder = NumpyWhisperEncoder(checkpoint, options)
+    else:
+        encoder = WhisperAudioEncoder(checkpoint, options, device=device, dtype=dtype)
     if "dim" in spec and int(spec["dim"]) != encoder.dim:
         raise ValueError(f"encoder {spec['source']} has width {encoder.dim}, the model expects {spec['dim']}")
     return encoder
@@ -356,10 +425,13 @@ def load_encoder(
 __all__ = [
     "EncoderOptions",
     "FRAME_MARGIN",
+    "NumpyWhisperEncoder",
     "WhisperAudioEncoder",
     "frames_for_duration",
     "load_encoder",
     "log_mel_spectrogram",
+    "log_mel_spectrogram_numpy",
     "mel_filters",
+    "padded_clips",
     "short_mel_frames",
 ]

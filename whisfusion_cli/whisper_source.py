@@ -273,6 +273,25 @@ class WhisperCheckpoint:
             return torch.from_numpy(np.array(value, dtype=np.float32)).to(dtype)
         return value.detach().to(dtype)
 
+    def array(self, name: str) -> np.ndarray:
+        """`tensor(name)` as a float32 numpy array of its own (the numpy engine; no torch for file tensors)."""
+        value = self._get(name)
+        if isinstance(value, _Lazy):
+            value = value.load()
+        if isinstance(value, np.ndarray):
+            return np.array(value, dtype=np.float32)
+        return value.detach().float().cpu().numpy()
+
+    def view(self, name: str) -> np.ndarray:
+        """The stored array itself where the file is memory-mapped (its own dtype, read-only), else `array`:
+        a 40 MB float16 token table is read row by row where it is used, never widened whole."""
+        value = self._get(name)
+        return value if isinstance(value, np.ndarray) else self.array(name)
+
+    def names(self, prefix: str = "") -> list[str]:
+        """The tensor names that start with `prefix`."""
+        return [n for n in self._stored if n.startswith(prefix)]
+
     def encoder_dims(self) -> "AudioEncoderDims":
         from .model import AudioEncoderDims
 
@@ -287,7 +306,7 @@ class WhisperCheckpoint:
 
     def encoder_state_dict(self, dtype: "torch.dtype | None" = None) -> "dict[str, torch.Tensor]":
         """The encoder's tensors with model.AudioEncoder's names (transformers' WhisperEncoder's)."""
-        return {n[len(ENCODER_PREFIX):]: self.tensor(n, dtype) for n in self._stored if n.startswith(ENCODER_PREFIX)}
+        return {n[len(ENCODER_PREFIX):]: self.tensor(n, dtype) for n in self.names(ENCODER_PREFIX)}
 
     def _get(self, name: str) -> Any:
         if name not in self._stored:

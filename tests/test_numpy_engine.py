@@ -1,0 +1,193 @@
+"""The torch-free CPU engine (numpy_model, numpy_decoding, encoder.NumpyWhisperEncoder) against the torch
+engine it mirrors: features, encoder states and decoder outputs within float rounding, the same tokens from
+the decoding loop, the same transcripts through `transcribe`; and that its path never imports torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from whisfusion_cli.audio import load_audio  # noqa: E402
+from whisfusion_cli.encoder import (  # noqa: E402
+    EncoderOptions,
+    NumpyWhisperEncoder,
+    WhisperAudioEncoder,
+    log_mel_spectrogram,
+    log_mel_spectrogram_numpy,
+    padded_clips,
+    short_mel_frames,
+)
+from whisfusion_cli.numpy_model import NumpyAudioEncoder, NumpyDecoder, erf, gelu  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+AUDIO = Path(__file__).parent / "data" / "audio"
+CLIPS = ("jfk.wav", "cards_001.flac", "librivox_0880.flac", "goforward.flac")
+ASTERISK = sorted((Path(__file__).parent / "data" / "asterisk20").glob("*.flac"))
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [load_audio(AUDIO / name) for name in CLIPS]
+
+
+def test_erf_and_gelu_match_the_exact_functions():
+    x = np.linspace(-7, 7, 20001, dtype=np.float32)
+    exact = np.array([math.erf(float(v)) for v in x])
+    assert np.abs(erf(x) - exact).max() < 1e-6
+    assert np.abs(gelu(x) - torch.nn.functional.gelu(torch.from_numpy(x)).numpy()).max() < 2e-6
+
+
+def test_numpy_features_match_torch(clips):
+    for clip in clips[:2]:
+        for frames in (short_mel_frames(len(clip)), 3000):
+            padded = padded_clips([clip], frames)
+            ref = log_mel_spectrogram(torch.from_numpy(padded), 80)[:, :, :frames].numpy()
+            out = log_mel_spectrogram_numpy(padded, 80)[:, :, :frames]
+            assert out.shape == ref.shape and out.dtype == np.float32
+            assert np.abs(out - ref).max() < 1e-4
+
+
+def _close(out: np.ndarray, ref: np.ndarray, rel: float = 1e-5) -> None:
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= rel * max(1.0, np.abs(ref).max()), np.abs(out - ref).max()
+
+
+@pytest.mark.parametrize("mode", ["short", "pad_trim"])
+def test_tiny_en_encoder_states_match_torch(clips, mode):
+    from whisfusion_cli.whisper_source import open_whisper
+
+    checkpoint = open_whisper("tiny.en")
+    ref = WhisperAudioEncoder(checkpoint, EncoderOptions(mode=mode)).encode(clips)
+    out = NumpyWhisperEncoder(checkpoint, EncoderOptions(mode=mode)).encode(clips)
+    for r, o in zip(ref, out):
+        _close(o, r.numpy())
+
+
+def test_small_sized_random_encoder_matches_torch():
+    """A random encoder of whisper-small's width and heads (768, 12), two layers, non-zero biases."""
+    from whisfusion_cli.model import AudioEncoder, AudioEncoderDims
+
+    torch.manual_seed(0)
+    dims = AudioEncoderDims(n_mels=80, n_ctx=1500, n_state=768, n_head=12, n_layer=2, n_mlp=3072)
+    encoder = AudioEncoder(dims).eval()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.normal_(0.0, 0.05)
+    mel = torch.randn(1, 80, 400)
+    with torch.no_grad():
+        ref = encoder(mel)[0].numpy()
+    out = NumpyAudioEncoder({k: v.numpy() for k, v in encoder.state_dict().items()}, dims.n_head)(mel[0].numpy())
+    _close(out, ref)
+
+
+@pytest.fixture(scope="module")
+def random_decoder():
+    from whisfusion_cli.model import ModelConfig, WhisperDiffusionDecoder
+
+    torch.manual_seed(1)
+    config = ModelConfig(family="whisper", n_layer=2, n_head=4, n_embd=64, intermediate_size=128, vocab_size=300,
+                         block_size=64, output_vocab_size=280)
+    decoder = WhisperDiffusionDecoder(config).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.normal_(0.0, 0.1)
+    weights = {k: v.numpy() for k, v in decoder.state_dict().items()}
+    weights["embed_tokens.weight"] = weights["embed_tokens.weight"].astype(np.float16)  # as tiny.en's table
+    with torch.no_grad():
+        decoder.embed_tokens.weight.copy_(torch.from_numpy(weights["embed_tokens.weight"].astype(np.float32)))
+    return decoder, NumpyDecoder(weights, config.to_dict())
+
+
+def test_decoder_hidden_states_logits_and_alignment_match_torch(random_decoder):
+    decoder, ours = random_decoder
+    states = torch.randn(1, 37, 64)
+    idx = torch.tensor([[1, 5, 300, 300, 7, 300, 9, 2, 2]])  # 300: the mask id
+    with torch.no_grad():
+        kv = decoder.precompute_cross_kv(states)
+        hidden = decoder.hidden_states(idx, cross_kv=kv)[0]
+        logits = decoder.project(hidden).numpy()
+        heads = [(0, 1), (1, 0), (1, 3)]
+        weights = decoder.alignment_weights(idx, heads, cross_kv=kv)[0].numpy()
+    our_kv = ours.cross_kv(states[0].numpy())
+    our_hidden = ours.hidden_states(idx[0].numpy(), our_kv)
+    _close(our_hidden, hidden.numpy())
+    _close(ours.project(our_hidden), logits)
+    _close(ours.alignment_weights(idx[0].numpy(), heads, our_kv), weights)
+    ids = np.array([3, 17, 279])
+    _close(our_hidden @ ours.output_rows(ids).T, logits[:, ids])
+
+
+def test_numpy_decoder_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="Whisper-family"):
+        NumpyDecoder({}, {"family": "smdm"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoding loop: the same tokens as decoding.decode_windows on the embedded default (float32)
+
+
+@pytest.fixture(scope="module")
+def default_models():
+    from whisfusion_cli.loading import load_model
+
+    return load_model(None, int8=False), load_model(None, engine="numpy")
+
+
+VARIANTS = [{}, {"refine": 0}, {"shortlist": 0}, {"repeat_penalty": 0.0}, {"pad_context": 0},
+            {"steps": 4, "refine": 2, "refine_fraction": 0.5}, {"seq_len": 40}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_decoding_loop_gives_the_same_tokens(default_models, variant):
+    from whisfusion_cli.decoding import decode_windows
+    from whisfusion_cli.numpy_decoding import decode_window
+
+    torch_model, numpy_model = default_models
+    tok = torch_model.tokenizer
+    options = dataclasses.replace(torch_model.decoding, **variant)
+    paths = [AUDIO / "jfk.wav", *ASTERISK[: 20 if not variant else 5]]
+    for path in paths:
+        audio = load_audio(path)[: 10 * 16000]
+        duration = len(audio) / 16000
+        states = torch_model.encoder.encode([audio])[0]
+        ref = decode_windows(torch_model.decoder, [states], options, tok.prefix_ids, tok.pad_id, [duration])[0]
+        out = decode_window(numpy_model.decoder, states.numpy(), options, tok.prefix_ids, tok.pad_id, duration)
+        assert out.text_tokens == ref.text_tokens, (path.name, tok.decode(out.text_tokens), tok.decode(ref.text_tokens))
+        assert np.allclose(out.token_confidences, ref.token_confidences, atol=1e-3), path.name
+        assert out.seq_len == ref.seq_len and out.n_canvas_tokens == ref.n_canvas_tokens
+
+
+def test_decoding_loop_alignment_matches_torch(default_models):
+    from whisfusion_cli.decoding import decode_windows
+    from whisfusion_cli.numpy_decoding import decode_window
+
+    torch_model, numpy_model = default_models
+    tok, heads = torch_model.tokenizer, [(1, 0), (3, 2)]
+    audio = load_audio(AUDIO / "jfk.wav")[: 10 * 16000]
+    states = torch_model.encoder.encode([audio])[0]
+    ref = decode_windows(torch_model.decoder, [states], torch_model.decoding, tok.prefix_ids, tok.pad_id, [10.0],
+                         alignment_heads=heads)[0]
+    out = decode_window(numpy_model.decoder, states.numpy(), torch_model.decoding, tok.prefix_ids, tok.pad_id, 10.0,
+                        alignment_heads=heads)
+    _close(out.alignment, ref.alignment.numpy(), rel=1e-4)
+
+
+def test_decoding_loop_refuses_what_only_torch_runs(default_models):
+    from whisfusion_cli.numpy_decoding import decode_window
+
+    _, numpy_model = default_models
+    states = np.zeros((60, 384), dtype=np.float32)
+    for change, what in (({"candidates": 3}, "3 candidates"), ({"strategy": "remask", "shortlist": 0,
+                         "pad_context": None}, "'remask' strategy"), ({"shortlist_int8": True}, "int8 shortlist")):
+        options = dataclasses.replace(numpy_model.decoding, **change)
+        with pytest.raises(ValueError, match=what):
+            decode_window(numpy_model.decoder, states, options, [50257, 50362], 50256, 2.0)
