@@ -1,4 +1,5 @@
-"""Decoder weight files: upstream files, SMDM base overlays, and our model directory's format.
+"""Decoder weight files: upstream files, SMDM base overlays, and our model directory's weights (its file names
+and config.json are config.py's, read without torch).
 
 Upstream loads its files non-strictly and silently ignores what does not fit. We apply the same overlay
 (SMDM base, then a stage-2 or stage-1 file on top) but check the union: every parameter must be covered,
@@ -8,7 +9,6 @@ nothing may be left over, every shape must match. Pickles are only ever read wit
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import zipfile
@@ -17,22 +17,16 @@ from pathlib import Path
 import torch
 
 from . import first_line
+# The model directory's names and config reading are torch-free (config.py); re-exported here.
+from .config import (CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, TOKENIZER_FILE, WEIGHTS_FILE,  # noqa: F401
+                     CheckpointError, read_config, read_model_config)
 from .fileio import atomic_path, write_atomic
-from .model import PRESETS, DecoderBase, ModelConfig, build_decoder, is_adapter_key
+from .model import DecoderBase, build_decoder, is_adapter_key
 
-MODEL_FORMAT = "whisfusion-model"
-MODEL_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 # Wrappers that training scripts put around a state dict (upstream unwraps "state_dict").
 STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 MAX_KEYS_IN_MESSAGE = 4
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
 def _short(keys) -> str:
@@ -79,30 +73,6 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         out[key] = value
     return out
-
-
-def read_config(config) -> ModelConfig:
-    """A ModelConfig from a ModelConfig, a dict (upstream field names), a JSON file, or a preset name."""
-    if config is None:
-        return PRESETS["Diff_LLaMA_170M"]
-    if isinstance(config, ModelConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        if str(config) in PRESETS:
-            return PRESETS[str(config)]
-        path = Path(config)
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read model config ({first_line(e)})") from None
-        if "config" in config and isinstance(config["config"], dict):  # e.g. spec/keys_*.json
-            config = config["config"]
-        if "decoder" in config and isinstance(config["decoder"], dict):  # our model directory
-            config = config["decoder"]
-    try:
-        return ModelConfig.from_dict(dict(config))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"invalid model config: {first_line(e)}") from None
 
 
 def check_and_load(model: DecoderBase, sd: dict, source: str, assign: bool = False) -> None:
@@ -211,17 +181,3 @@ def _portable(extra: dict) -> dict:
     data = training["data"]
     names = [Path(str(p)).name for p in data] if isinstance(data, (list, tuple)) else Path(str(data)).name
     return {**extra, "training": {**training, "data": names}}
-
-
-def read_model_config(path) -> dict:
-    path = Path(path)
-    cfg_path = path / CONFIG_FILE
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a model directory (no {CONFIG_FILE})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable model config ({first_line(e)})") from None
-    if config.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a whisfusion model config (format {config.get('format')!r})")
-    return config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -267,24 +268,25 @@ class Group:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """An allocation failure of the device (torch.OutOfMemoryError, or the RuntimeError of older kernels)."""
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    """An allocation failure of the device (torch.OutOfMemoryError, or the RuntimeError of older kernels).
+    Without torch imported no torch error can have been raised, so torch is not imported to ask."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and isinstance(e, torch.OutOfMemoryError)) or \
+        (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def in_halves_on_oom(fn: Callable[[list], list], items: list, what: str = "batch") -> list:
     """fn(items), a list with one entry per item; when the device runs out of memory, the cache is freed and
     each half of items is retried the same way, so a batch too big for the GPU still finishes (and a rerun
     does not fail on the same batch). Only a single item that does not fit is an error (one line)."""
-    import torch
-
     try:
         return fn(items)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         error = first_line(e, limit=200)
+    import torch  # only here: a run that never runs out of memory (the CPU engine) needs no torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(items) == 1:

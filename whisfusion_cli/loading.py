@@ -50,7 +50,8 @@ def load_model_dir(path, device="cpu", dtype: "torch.dtype | None" = None, memo:
     (whisper_source.open_whisper), shared with the encoder's loading so their file is indexed once."""
     import torch
 
-    from .checkpoint import WEIGHTS_FILE, check_and_load, load_state_dict_file, read_config, read_model_config
+    from .checkpoint import check_and_load, load_state_dict_file
+    from .config import WEIGHTS_FILE, read_config, read_model_config
     from .model import build_decoder
 
     path = Path(path)
@@ -70,7 +71,7 @@ def load_model_dir(path, device="cpu", dtype: "torch.dtype | None" = None, memo:
 def external_tensors(external: dict, memo: dict | None = None) -> dict:
     """Frozen tensors a model directory takes from an installed Whisper (e.g. tiny.en's token table), read
     from that Whisper's file alone: no Whisper model is built."""
-    from .checkpoint import CheckpointError
+    from .config import CheckpointError
     from .whisper_source import open_whisper
 
     memo = {} if memo is None else memo
@@ -100,7 +101,7 @@ class LoadedModel:
 
 def resolve_model(name_or_path=None) -> Path:
     """A model directory for None (the embedded default), a path, or a registered name (from the HF cache)."""
-    from .checkpoint import CONFIG_FILE, CheckpointError
+    from .config import CONFIG_FILE, CheckpointError
 
     if name_or_path is None or str(name_or_path) == "default":
         if not (DEFAULT_MODEL_DIR / CONFIG_FILE).is_file():
@@ -123,7 +124,7 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
     (`runtime.int8_on_cpu` in its config) where it runs in float32 on the CPU, float elsewhere."""
     import torch
 
-    from .decoding import DecodingOptions
+    from .decoding_options import DecodingOptions
     from .encoder import load_encoder
     from .tokenizer import Tokenizer, TokenizerConfig
 
@@ -163,7 +164,7 @@ class Pipeline:
     """A loaded model (decoder, tokenizer, encoder, decoding defaults) and the options it runs with."""
 
     def __init__(self, model: "LoadedModel", decoding_overrides: dict | None = None):
-        from .decoding import words_from_tokens
+        from .decoding_options import words_from_tokens
 
         self.model = model
         overrides = _clean_overrides(decoding_overrides or {})
@@ -248,7 +249,7 @@ class Pipeline:
         probs = result.token_confidences or [result.score] * len(result.text_tokens)
         starts = np.cumsum([0] + [len(g) for g in groups])  # each word's first token
         if word_timestamps and result.alignment is not None:
-            words = align_words(result.alignment.numpy(), groups, texts, probs, window.start, window.end,
+            words = align_words(np.asarray(result.alignment), groups, texts, probs, window.start, window.end,
                                 lead=len(self.prefix_ids), speech=window.speech, frame_seconds=VAD_FRAME_SECONDS)
         else:
             means = [float(np.mean(probs[a:b])) for a, b in zip(starts[:-1], starts[1:])]
@@ -282,7 +283,7 @@ def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, 
 
 
 def _clean_overrides(overrides: dict) -> dict:
-    from .decoding import DecodingOptions
+    from .decoding_options import DecodingOptions
 
     known = {f.name for f in dataclasses.fields(DecodingOptions)}
     unknown = set(overrides) - known

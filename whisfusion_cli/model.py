@@ -12,118 +12,17 @@ precompute the cross-attention keys/values of an audio window once):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attend
+# The architecture dataclass and its presets are read without torch (config.py); re-exported here.
+from .config import FIXED_UPSTREAM_FIELDS, IGNORED_UPSTREAM_FIELDS, PRESETS, ModelConfig  # noqa: F401
 
 ROPE_BASE = 10000
-# Upstream config fields that we accept but whose only supported value is the one the released models use.
-FIXED_UPSTREAM_FIELDS = {
-    "bias": False,
-    "parallel_residual": False,
-    "shared_attention_norm": False,
-    "_norm_class": ("FusedRMSNorm", "RMSNorm"),
-    "_mlp_class": ("LLaMAMLP",),
-    "condense_ratio": 1,
-}
-# Upstream fields that are derived, informational, or only relevant to training code.
-IGNORED_UPSTREAM_FIELDS = {"name", "head_size", "rope_n_elem", "mask_token_id", "wte_rows", "config_name"}
-
-
-@dataclass
-class ModelConfig:
-    """Decoder architecture, with upstream's (lit_gpt) field names."""
-
-    family: str = "smdm"  # "smdm" (upstream Whisfusion) or "whisper" (bidirectional Whisper decoder)
-    name: str = "Diff_LLaMA_170M"
-    n_layer: int = 18
-    n_head: int = 12
-    n_embd: int = 768
-    n_query_groups: int | None = None  # None -> n_head (multi-head attention)
-    intermediate_size: int = 3072
-    vocab_size: int = 32000
-    padding_multiple: int = 64
-    padded_vocab_size: int | None = None  # None -> vocab_size rounded up to padding_multiple
-    block_size: int = 2048
-    rotary_percentage: float = 1.0
-    norm_eps: float = 1e-5
-    # Width of the encoder states. None means n_embd: no projection, as in every official checkpoint.
-    condition_dim: int | None = None
-    # Whisper family only: number of leading vocabulary rows the decoder may predict (text tokens + EOT).
-    output_vocab_size: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)  # unknown fields, kept so a config round-trips
-
-    def __post_init__(self):
-        if self.family not in ("smdm", "whisper"):
-            raise ValueError(f"unknown decoder family {self.family!r} (expected 'smdm' or 'whisper')")
-        if self.n_query_groups is None:
-            self.n_query_groups = self.n_head
-        if self.padded_vocab_size is None:
-            m = self.padding_multiple
-            self.padded_vocab_size = self.vocab_size if self.family == "whisper" else -(-self.vocab_size // m) * m
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if self.n_head % self.n_query_groups:
-            raise ValueError(f"n_head {self.n_head} is not divisible by n_query_groups {self.n_query_groups}")
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def rope_n_elem(self) -> int:
-        return int(self.rotary_percentage * self.head_size)
-
-    @property
-    def mask_token_id(self) -> int:
-        # SMDM: one embedding row past the lm_head outputs, so it is never predicted. Whisper family: one past
-        # the tokenizer's vocabulary (the learned mask embedding).
-        return self.padded_vocab_size if self.family == "smdm" else self.vocab_size
-
-    @property
-    def n_logits(self) -> int:
-        if self.family == "smdm":
-            return self.padded_vocab_size
-        return self.output_vocab_size or self.vocab_size
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs, extra = {}, dict(d.get("extra", {}))
-        for key, value in d.items():
-            if key in known:
-                kwargs[key] = value
-            elif key in FIXED_UPSTREAM_FIELDS:
-                allowed = FIXED_UPSTREAM_FIELDS[key]
-                ok = value in allowed if isinstance(allowed, tuple) else value == allowed
-                if not ok:
-                    raise ValueError(f"config field {key}={value!r} is not supported (only {allowed!r})")
-            elif key in IGNORED_UPSTREAM_FIELDS or key == "extra":
-                continue
-            else:
-                extra[key] = value
-        config = cls(**kwargs, extra=extra)
-        if "head_size" in d and d["head_size"] != config.head_size:
-            raise ValueError(f"config head_size {d['head_size']} != n_embd/n_head = {config.head_size}")
-        return config
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["extra"]:
-            d.pop("extra")
-        return d
-
-
-PRESETS = {
-    # The released Whisfusion decoder (upstream name Diff_LLaMA_170M, 261.5M parameters with the adapter).
-    "Diff_LLaMA_170M": ModelConfig(),
-}
-
-
 class Embedding(nn.Embedding):
     """nn.Embedding that skips its random init on the meta device (a model built there to receive a
     checkpoint's tensors): torch's meta normal_ imports torch._dynamo, about a second of start-up."""

@@ -33,7 +33,7 @@ import numpy as np
 from . import __version__
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
 from .choices import ENCODER_BACKENDS, MAX_SEGMENT_SECONDS
-from .devices import resolve_device
+from .devices import device_names
 from .display import Reporter
 from .distributed import in_halves_on_oom
 from .encoder import MAX_ENCODER_FRAMES
@@ -166,7 +166,7 @@ def options_from_flags(**flags) -> TranscribeOptions:
     """TranscribeOptions from the command line's flags, each named as the field it sets: a field of
     TranscribeOptions, of DecodingOptions (None: the model's default), of VadOptions or of SubtitleOptions.
     A one-line ValueError for a bad value or combination, before anything is loaded."""
-    from .decoding import DecodingOptions
+    from .decoding_options import DecodingOptions
 
     formats = parse_formats(flags["output_format"])
     if flags["output_dir"] is None and len(formats) > 1:
@@ -182,8 +182,8 @@ def options_from_flags(**flags) -> TranscribeOptions:
             decoding[name] = DecodingOptions.parse(name, str(value))
         except ValueError as e:
             raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
-    dev, _ = resolve_device(flags["device"], flags["dtype"])  # bf16 on a CPU, a GPU that is not there: fail early
-    if flags.get("int8") is True and dev.type != "cpu":
+    dev, _ = device_names(flags["device"], flags["dtype"])  # bf16 on a CPU, a GPU that is not there: fail early
+    if flags.get("int8") is True and dev != "cpu":
         raise ValueError("--int8 runs on the CPU only; use --device cpu or drop --int8")
     vad = vad_options(flags.pop("vad"), *(flags.pop(name) for name in VAD_FLAGS))
     subtitles = SubtitleOptions(**{f.name: flags.pop(f.name) for f in dataclasses.fields(SubtitleOptions)})
@@ -402,7 +402,7 @@ def run_settings(options: TranscribeOptions, model=None) -> dict:
     else:
         model_id, decoding = _model_identity_from_options(options.model), dict(options.decoding)
     try:
-        device, dtype = (str(x).replace("torch.", "") for x in resolve_device(options.device, options.dtype))
+        device, dtype = device_names(options.device, options.dtype)
     except ValueError:
         device, dtype = options.device, options.dtype
     return json.loads(json.dumps({
@@ -420,7 +420,7 @@ def _model_identity(name: str, config: dict) -> dict:
 
 def _model_identity_from_options(model: str | None) -> dict:
     """The identity of the model `options.model` names, from its config file (the weights are not read)."""
-    from .checkpoint import CheckpointError, read_model_config
+    from .config import CheckpointError, read_model_config
     from .loading import DEFAULT_MODEL_DIR, resolve_model
 
     try:
@@ -454,10 +454,10 @@ def _resumed(result: TranscriptionResult, writer, settings: dict) -> bool:
 
 def _as_written_now(settings):
     """A recorded settings dict as this version writes it: the retired decoding fields
-    (decoding.RETIRED_FIELDS) that records made before they went hold with their one value left out, so a
+    (decoding_options.RETIRED_FIELDS) that records made before they went hold with their one value left out, so a
     rerun after an upgrade skips finished inputs as before (a retired field with another value stays, and
     the input is redone)."""
-    from .decoding import RETIRED_FIELDS
+    from .decoding_options import RETIRED_FIELDS
 
     if not isinstance(settings, dict) or not isinstance(settings.get("decoding"), dict):
         return settings
