@@ -54,10 +54,10 @@ def audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
 
 
-def command(system: str, inputs: list[Path], threads: int, tiny_en: str) -> list[str]:
+def command(system: str, inputs: list[Path], threads: int, tiny_en: str, engine: str = "auto") -> list[str]:
     if system == "whisfusion":
         return [sys.executable, "-m", "whisfusion_cli.cli", "transcribe", *map(str, inputs), "--device", "cpu",
-                "--threads", str(threads)]
+                "--threads", str(threads), "--engine", engine]
     files = [f for p in inputs for f in (audio_files(p) if p.is_dir() else [p])]
     return [sys.executable, "-c", FASTER_WHISPER_CMD, tiny_en, str(threads), *map(str, files)]
 
@@ -83,7 +83,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 def pairs(job: str, inputs: list[Path], args, tiny_en: str) -> dict:
     env = child_env(args.threads)
-    cmds = {s: command(s, inputs, args.threads, tiny_en) for s in SYSTEMS}
+    cmds = {s: command(s, inputs, args.threads, tiny_en, args.engine) for s in SYSTEMS}
     outputs = {s: measure(cmds[s], env)[2] for s in SYSTEMS}  # warm-up, unmeasured
     rows = {s: [] for s in SYSTEMS}
     for i in range(args.pairs):
@@ -107,21 +107,19 @@ def pairs(job: str, inputs: list[Path], args, tiny_en: str) -> dict:
 # ---------------------------------------------------------------------------------------- breakdown
 
 
-def child_whisfusion(files: list[Path], threads: int) -> dict:
+def child_whisfusion(files: list[Path], threads: int, engine: str) -> dict:
     t0 = time.perf_counter()
     from whisfusion_cli.cli import OMP_WAIT_POLICY
 
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)  # as `whisfusion` sets it, before torch loads
-    import torch
-
     from whisfusion_cli.audio import load_audio
     from whisfusion_cli.loading import Pipeline
     from whisfusion_cli.transcribe import TranscribeOptions
     from whisfusion_cli.vad import VadOptions, iter_windows
 
+    options = TranscribeOptions(device="cpu", threads=threads, engine=engine)
     t1 = time.perf_counter()
-    pipeline = Pipeline.load(TranscribeOptions(device="cpu", threads=threads))
-    torch.set_num_threads(threads)
+    pipeline = Pipeline.load(options)  # the engine's own imports (torch's for the torch engine) count as weights
     times = {"imports": t1 - t0, "weights": time.perf_counter() - t1, "audio": 0.0, "encoder": 0.0, "decoder": 0.0}
     vad = pipeline.vad_options(VadOptions())
     for path in files:
@@ -182,7 +180,7 @@ def breakdown(inputs: list[Path], args, tiny_en: str) -> dict:
     out = {}
     for system in SYSTEMS:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--threads", str(args.threads),
-               "--tiny-en", tiny_en, *map(str, files)]
+               "--tiny-en", tiny_en, "--engine", args.engine, *map(str, files)]
         runs = [json.loads(measure(cmd, env)[2]) for _ in range(args.breakdown_runs)]
         out[system] = {k: statistics.median(r[k] for r in runs) for k in STAGES}
     return out
@@ -205,7 +203,8 @@ def _shown(path: Path) -> str:
 
 
 def report(results: dict) -> None:
-    print(f"\ncold start: whole processes, {results['threads']} thread(s), {results['pairs']} interleaved pairs "
+    print(f"\ncold start: whole processes, {results['threads']} thread(s), whisfusion --engine {results['engine']}, "
+          f"{results['pairs']} interleaved pairs "
           f"per job (medians; ratio = whisfusion / faster-whisper tiny.en int8 greedy)")
     print(f"{'job':<12}{'':<10}{'whisfusion':>12}{'faster-whisper':>16}{'ratio':>8}{'target':>8}")
     for job, r in results["jobs"].items():
@@ -232,12 +231,13 @@ def main() -> None:
     parser.add_argument("--breakdown-runs", type=int, default=3)
     parser.add_argument("--help-runs", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--engine", default="auto", help="whisfusion's --engine (auto: numpy on the CPU)")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-en", help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one breakdown run, inside a fresh process
-        times = child_whisfusion(args.files, args.threads) if args.child == "whisfusion" \
+        times = child_whisfusion(args.files, args.threads, args.engine) if args.child == "whisfusion" \
             else child_faster_whisper(args.files, args.threads, args.tiny_en)
         print(json.dumps(times))
         return
@@ -246,7 +246,7 @@ def main() -> None:
 
     tiny_en = str(tiny_en_dir())
     jobs = {"jfk": [JFK], "folder": [args.folder]}
-    results = {"threads": args.threads, "pairs": args.pairs, "breakdown_runs": args.breakdown_runs,
+    results = {"threads": args.threads, "engine": args.engine, "pairs": args.pairs, "breakdown_runs": args.breakdown_runs,
                "help_runs": args.help_runs, "folder": _shown(args.folder), "n_folder_files": len(audio_files(args.folder)),
                "jobs": {}, "breakdown": {}}
     for job, inputs in jobs.items():

@@ -117,11 +117,11 @@ def test_decoder_hidden_states_logits_and_alignment_match_torch(random_decoder):
         logits = decoder.project(hidden).numpy()
         heads = [(0, 1), (1, 0), (1, 3)]
         weights = decoder.alignment_weights(idx, heads, cross_kv=kv)[0].numpy()
-    our_kv = ours.cross_kv(states[0].numpy())
-    our_hidden = ours.hidden_states(idx[0].numpy(), our_kv)
+    our_kv = ours.cross_kv(states.numpy())
+    our_hidden = ours.hidden_states(idx.numpy(), our_kv)[0]
     _close(our_hidden, hidden.numpy())
     _close(ours.project(our_hidden), logits)
-    _close(ours.alignment_weights(idx[0].numpy(), heads, our_kv), weights)
+    _close(ours.alignment_weights(idx.numpy(), heads, our_kv)[0], weights)
     ids = np.array([3, 17, 279])
     _close(our_hidden @ ours.output_rows(ids).T, logits[:, ids])
 
@@ -149,7 +149,7 @@ VARIANTS = [{}, {"refine": 0}, {"shortlist": 0}, {"repeat_penalty": 0.0}, {"pad_
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
 def test_decoding_loop_gives_the_same_tokens(default_models, variant):
     from whisfusion_cli.decoding import decode_windows
-    from whisfusion_cli.numpy_decoding import decode_window
+    from whisfusion_cli.numpy_decoding import decode_windows as decode_numpy
 
     torch_model, numpy_model = default_models
     tok = torch_model.tokenizer
@@ -160,7 +160,7 @@ def test_decoding_loop_gives_the_same_tokens(default_models, variant):
         duration = len(audio) / 16000
         states = torch_model.encoder.encode([audio])[0]
         ref = decode_windows(torch_model.decoder, [states], options, tok.prefix_ids, tok.pad_id, [duration])[0]
-        out = decode_window(numpy_model.decoder, states.numpy(), options, tok.prefix_ids, tok.pad_id, duration)
+        out = decode_numpy(numpy_model.decoder, [states.numpy()], options, tok.prefix_ids, tok.pad_id, [duration])[0]
         assert out.text_tokens == ref.text_tokens, (path.name, tok.decode(out.text_tokens), tok.decode(ref.text_tokens))
         assert np.allclose(out.token_confidences, ref.token_confidences, atol=1e-3), path.name
         assert out.seq_len == ref.seq_len and out.n_canvas_tokens == ref.n_canvas_tokens
@@ -168,7 +168,7 @@ def test_decoding_loop_gives_the_same_tokens(default_models, variant):
 
 def test_decoding_loop_alignment_matches_torch(default_models):
     from whisfusion_cli.decoding import decode_windows
-    from whisfusion_cli.numpy_decoding import decode_window
+    from whisfusion_cli.numpy_decoding import decode_windows as decode_numpy
 
     torch_model, numpy_model = default_models
     tok, heads = torch_model.tokenizer, [(1, 0), (3, 2)]
@@ -176,13 +176,13 @@ def test_decoding_loop_alignment_matches_torch(default_models):
     states = torch_model.encoder.encode([audio])[0]
     ref = decode_windows(torch_model.decoder, [states], torch_model.decoding, tok.prefix_ids, tok.pad_id, [10.0],
                          alignment_heads=heads)[0]
-    out = decode_window(numpy_model.decoder, states.numpy(), torch_model.decoding, tok.prefix_ids, tok.pad_id, 10.0,
-                        alignment_heads=heads)
+    out = decode_numpy(numpy_model.decoder, [states.numpy()], torch_model.decoding, tok.prefix_ids, tok.pad_id, [10.0],
+                       alignment_heads=heads)[0]
     _close(out.alignment, ref.alignment.numpy(), rel=1e-4)
 
 
 def test_decoding_loop_refuses_what_only_torch_runs(default_models):
-    from whisfusion_cli.numpy_decoding import decode_window
+    from whisfusion_cli.numpy_decoding import decode_windows as decode_numpy
 
     _, numpy_model = default_models
     states = np.zeros((60, 384), dtype=np.float32)
@@ -190,4 +190,4 @@ def test_decoding_loop_refuses_what_only_torch_runs(default_models):
                          "pad_context": None}, "'remask' strategy"), ({"shortlist_int8": True}, "int8 shortlist")):
         options = dataclasses.replace(numpy_model.decoding, **change)
         with pytest.raises(ValueError, match=what):
-            decode_window(numpy_model.decoder, states, options, [50257, 50362], 50256, 2.0)
+            decode_numpy(numpy_model.decoder, [states], options, [50257, 50362], 50256, [2.0])

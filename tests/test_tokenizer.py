@@ -20,6 +20,6 @@ def test_pieces_and_the_raw_text_of_ids(tmp_path):
     tok = Tokenizer(make_word_tokenizer(tmp_path / "tok.json"), TokenizerConfig(prefix_ids=[1], pad_id=2, eos_id=2))
     the, cat = tok.encode("the")[0], tok.encode("cat")[0]
     assert tok.piece(the) == "the" and tok.piece(2) == "</s>" and tok.piece(tok.vocab_size + 5) == ""
-    assert {"<s>", "the", "cat"} <= set(tok.pieces()) and len(tok.pieces()) == tok.vocab_size
+    assert {"<s>", "the", "cat"} <= set(tok.pieces()) and len(list(tok.pieces())) == tok.vocab_size
     assert tok.decode_raw((the, cat)) == "the cat"
     assert tok.decode_raw([1, the, 2, cat]) == "<s> the </s> cat" and tok.decode([1, the, 2, cat]) == "the"

@@ -8,6 +8,8 @@ from here and validate against it.
 # transcribe / bench
 DEVICES = ("auto", "cpu", "cuda")  # or "cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# auto: numpy where it runs what is asked (the CPU, float32, Whisper-family decoders), torch elsewhere
+ENGINES = ("auto", "numpy", "torch")
 OUTPUT_FORMATS = ("txt", "vtt", "srt", "tsv", "json")
 ALL_FORMATS = "all"
 # decoding

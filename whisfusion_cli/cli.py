@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__, first_line
-from .choices import (ALL_FORMATS, DEVICES, DTYPES, ENCODER_BACKENDS, ENCODER_MODES, MAX_SEGMENT_SECONDS,
+from .choices import (ALL_FORMATS, DEVICES, DTYPES, ENGINES, ENCODER_BACKENDS, ENCODER_MODES, MAX_SEGMENT_SECONDS,
                       OUTPUT_FORMATS, SELECTIONS, STRATEGIES, TRAIN_STAGES)
 
 EXIT_FAILED = 1  # some input failed, or the run could not start
@@ -129,9 +129,12 @@ def transcribe(
                                help="auto, cpu, cuda (or cuda:N)."),
     dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
+    engine: str = typer.Option("auto", "--engine", autocompletion=_complete(ENGINES),
+                               help="numpy (CPU, float32, no torch: the fastest start), torch (every device and "
+                               "option), or auto: numpy where it runs what is asked, else torch."),
     int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder "
-                                        "and encoder (CPU only; faster, tokens may differ slightly). Default: the "
+                                        "and encoder (CPU only, torch engine; tokens may differ slightly). Default: the "
                                         "model's choice (the embedded model: int8 on the CPU)."),
     encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
                                                   autocompletion=_complete(ENCODER_BACKENDS),

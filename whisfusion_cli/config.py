@@ -123,6 +123,18 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class AudioEncoderDims:
+    """The shape of a Whisper audio encoder (model.AudioEncoder, numpy_model.NumpyAudioEncoder)."""
+
+    n_mels: int  # log-mel bins of the input (80; 128 for large-v3)
+    n_ctx: int  # rows of the position table: encoder frames of a 30 s window (1500)
+    n_state: int  # width (d_model)
+    n_head: int
+    n_layer: int
+    n_mlp: int  # hidden width of each block's MLP (4 * n_state in every released Whisper)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 

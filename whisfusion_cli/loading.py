@@ -84,6 +84,78 @@ def external_tensors(external: dict, memo: dict | None = None) -> dict:
     return out
 
 
+def load_numpy_decoder(path, memo: dict | None = None) -> "tuple[NumpyDecoder, dict]":
+    """(numpy_model.NumpyDecoder, config dict) from one of our model directories, for the torch-free CPU
+    engine: the weights read as float32 arrays, the borrowed token table left a view of its Whisper's file.
+    NumpyUnsupported where the engine cannot run the model (the torch engine can)."""
+    from .config import CheckpointError, WEIGHTS_FILE, read_model_config
+    from .numpy_model import NumpyDecoder, NumpyUnsupported
+    from .whisper_source import open_whisper
+
+    path = Path(path)
+    config = read_model_config(path)
+    NumpyDecoder.check_config(config["decoder"])
+    weights = _numpy_state_dict(path / WEIGHTS_FILE)
+    memo = {} if memo is None else memo
+    for key, ref in (config.get("external_weights") or {}).items():
+        checkpoint = open_whisper(ref["source"], memo)
+        if ref["key"] not in checkpoint:
+            raise CheckpointError(f"external weight {ref['key']} not found in {ref['source']}")
+        weights[key] = checkpoint.view(ref["key"])
+    try:
+        return NumpyDecoder(weights, config["decoder"]), config
+    except NumpyUnsupported:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: {e}") from None
+
+
+SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                      "U8": "u1", "BOOL": "?"}
+
+
+def _numpy_state_dict(path: Path) -> dict:
+    """A model.safetensors as numpy arrays: views of the memory-mapped file, float32 as stored (other floats
+    widened), checked as safetensors.numpy.load_file checks them (tests/test_numpy_engine.py compares). Our
+    reader because the library's copies the whole file first (0.19 s of a 0.4 s start, measured)."""
+    import json
+    import mmap
+
+    from .config import CheckpointError
+    from .numpy_model import NumpyUnsupported, as_float32
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+    try:
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+        raise bad(getattr(e, "strerror", None) or str(e)) from None
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise bad("truncated or not safetensors")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except ValueError:
+        raise bad("damaged header") from None
+    header.pop("__metadata__", None)
+    out, body = {}, 8 + n
+    for name, spec in header.items():
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise NumpyUnsupported(f"{path}: {name} is stored as {dtype}, which numpy cannot hold") if dtype == "BF16" \
+                else bad(f"{name}: unknown dtype {dtype}")
+        begin, end = spec["data_offsets"]
+        shape = tuple(spec["shape"])
+        kind = np.dtype(SAFETENSORS_DTYPES[dtype])
+        if not 0 <= begin <= end <= len(data) - body or end - begin != int(np.prod(shape)) * kind.itemsize:
+            raise bad(f"{name}: data out of place or truncated")
+        array = np.frombuffer(data, dtype=kind, count=int(np.prod(shape)), offset=body + begin).reshape(shape)
+        out[name] = as_float32(array) if kind.kind == "f" else array
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Whole models: decoder + tokenizer + encoder + decoding defaults
 
@@ -97,6 +169,7 @@ class LoadedModel:
     decoding: object
     config: dict = field(default_factory=dict)
     int8: bool = False  # decoder and encoder Linear layers dynamically quantised to int8
+    engine: str = "torch"  # "torch" (model.py) or "numpy" (numpy_model.py: CPU, float32, no torch)
 
 
 def resolve_model(name_or_path=None) -> Path:
@@ -118,29 +191,25 @@ def resolve_model(name_or_path=None) -> Path:
 
 
 def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dict | None = None,
-               int8: bool | None = False) -> LoadedModel:
+               int8: bool | None = False, engine: str = "torch") -> LoadedModel:
     """The model `name_or_path` (None: the embedded default) on device. int8: dynamic int8 quantisation of the
     decoder's and the encoder's Linear layers (CPU, float32 only); None: the model's own choice
-    (`runtime.int8_on_cpu` in its config) where it runs in float32 on the CPU, float elsewhere."""
+    (`runtime.int8_on_cpu` in its config) where it runs in float32 on the CPU, float elsewhere.
+    engine "numpy": the torch-free CPU engine (float32; device, dtype and int8 must leave it there)."""
+    if engine == "numpy":
+        if str(device) != "cpu" or dtype not in (None, "float32") or int8:
+            raise ValueError("the numpy engine runs on the CPU in float32, without int8; use --engine torch")
+        return _load_numpy_model(name_or_path, encoder_options)
     import torch
 
-    from .decoding_options import DecodingOptions
     from .encoder import load_encoder
-    from .tokenizer import Tokenizer, TokenizerConfig
 
     if int8 and torch.device(device).type != "cpu":
         raise ValueError("int8 quantisation runs on the CPU only; use device cpu")
     path = resolve_model(name_or_path)
     whisper_memo: dict = {}  # the token table and the encoder of one Whisper come from one read of its file
     decoder, config = load_model_dir(path, device=device, dtype=dtype, memo=whisper_memo)
-    try:
-        decoding = DecodingOptions.from_config(config.get("decoding") or {})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))
-    tokenizer = Tokenizer(path / tok_cfg.file, tok_cfg)
-    enc_spec = dict(config.get("encoder", {}))
-    enc_spec.update(encoder_options or {})
+    decoding, tokenizer, enc_spec = _model_parts(path, config, encoder_options)
     if int8 is None:
         int8 = bool((config.get("runtime") or {}).get(INT8_ON_CPU)) and decoder.device.type == "cpu" \
             and decoder.dtype == torch.float32
@@ -152,8 +221,77 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
         # off the CPU or for a non-float32 decoder.
         decoder = quantize_decoder(decoder, inplace=True)
     encoder = load_encoder(enc_spec, device=device, dtype=dtype or torch.float32, memo=whisper_memo)
-    name = "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
-    return LoadedModel(name, decoder, tokenizer, encoder, decoding, config, int8)
+    return LoadedModel(_model_name(path, name_or_path), decoder, tokenizer, encoder, decoding, config, int8)
+
+
+def _load_numpy_model(name_or_path, encoder_options: dict | None) -> LoadedModel:
+    from .encoder import load_encoder
+
+    path = resolve_model(name_or_path)
+    whisper_memo: dict = {}
+    decoder, config = load_numpy_decoder(path, memo=whisper_memo)
+    decoding, tokenizer, enc_spec = _model_parts(path, config, encoder_options)
+    encoder = load_encoder(enc_spec, memo=whisper_memo, engine="numpy")
+    return LoadedModel(_model_name(path, name_or_path), decoder, tokenizer, encoder, decoding, config, False, "numpy")
+
+
+def _model_parts(path: Path, config: dict, encoder_options: dict | None) -> tuple:
+    """(decoding defaults, tokenizer, encoder spec) of a model directory, whatever engine runs it."""
+    from .decoding_options import DecodingOptions
+    from .tokenizer import Tokenizer, TokenizerConfig
+
+    try:
+        decoding = DecodingOptions.from_config(config.get("decoding") or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    tok_cfg = TokenizerConfig.from_dict(config.get("tokenizer", {}))
+    enc_spec = dict(config.get("encoder", {}))
+    enc_spec.update(encoder_options or {})
+    return decoding, Tokenizer(path / tok_cfg.file, tok_cfg), enc_spec
+
+
+def _model_name(path: Path, name_or_path) -> str:
+    return "default" if path == DEFAULT_MODEL_DIR else str(name_or_path)
+
+
+def choose_engine(options, decoding: "dict | None" = None) -> str:
+    """The engine a transcribe.TranscribeOptions runs on: its `engine` where it says "torch" or "numpy" (a
+    one-line ValueError where numpy cannot run what it asks for), else ("auto") numpy wherever numpy can run
+    it (the CPU in float32, no --int8, our own encoder, a Whisper-family decoder and decoding options that
+    numpy_decoding runs), torch elsewhere. decoding: the decoding overrides (options.decoding)."""
+    from .config import read_config, read_model_config
+    from .decoding_options import DecodingOptions
+    from .devices import device_names
+    from .numpy_decoding import unsupported
+
+    if options.engine == "torch":
+        return "torch"
+    reasons = []
+    device, dtype = device_names(options.device, options.dtype)
+    if device != "cpu" or dtype != "float32":
+        reasons.append(f"{device} in {dtype} (it runs on the CPU in float32)")
+    if options.int8:
+        reasons.append("int8 (torch's dynamic quantisation)")
+    if options.encoder_backend not in (None, "auto"):
+        reasons.append(f"the {options.encoder_backend} encoder backend")
+    config = read_model_config(resolve_model(options.model))
+    family = read_config(config["decoder"]).family
+    if family != "whisper":
+        reasons.append(f"the {family} decoder family")
+    else:
+        overrides = _clean_overrides(options.decoding if decoding is None else decoding)
+        try:
+            merged = dataclasses.replace(DecodingOptions.from_config(config.get("decoding") or {}), **overrides)
+        except (TypeError, ValueError):
+            merged = None  # reported by the engine that runs it
+        reason = unsupported(merged) if merged is not None else None
+        if reason:
+            reasons.append(reason)
+    if not reasons:
+        return "numpy"
+    if options.engine == "numpy":
+        raise ValueError(f"the numpy engine does not run {'; '.join(reasons)}: use --engine torch (or auto)")
+    return "torch"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +307,7 @@ class Pipeline:
         self.model = model
         overrides = _clean_overrides(decoding_overrides or {})
         self.decoding = dataclasses.replace(model.decoding, **overrides)
-        if self.decoding.shortlist_int8 and model.decoder.device.type != "cpu":
+        if self.decoding.shortlist_int8 and model.engine == "torch" and model.decoder.device.type != "cpu":
             if overrides.get("shortlist_int8"):
                 raise ValueError("--shortlist-int8 runs on the CPU only; drop it on a GPU")
             # The model's CPU default does not apply on a GPU; the results record what ran.
@@ -188,6 +326,16 @@ class Pipeline:
     def load(cls, options) -> "Pipeline":
         """The model a transcribe.TranscribeOptions names, on the device, with the threads, encoder batch and
         backend, int8 choice and decoding overrides it asks for."""
+        encoder_options = {"batch_size": options.batch_size}  # windows per encoder call, as per decoder batch
+        if options.encoder_backend is not None:
+            encoder_options["backend"] = options.encoder_backend
+        if choose_engine(options) == "numpy":
+            if options.threads:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(options.threads, user_api="blas")  # numpy's BLAS, for the rest of the process
+            encoder_options.pop("backend", None)
+            return cls(load_model(options.model, encoder_options=encoder_options, engine="numpy"), options.decoding)
         import torch
 
         from .devices import resolve_device
@@ -195,9 +343,6 @@ class Pipeline:
         device, dtype = resolve_device(options.device, options.dtype)
         if options.threads:
             torch.set_num_threads(options.threads)
-        encoder_options = {"batch_size": options.batch_size}  # windows per encoder call, as per decoder batch
-        if options.encoder_backend is not None:
-            encoder_options["backend"] = options.encoder_backend
         model = load_model(options.model, device=str(device), dtype=dtype, encoder_options=encoder_options,
                            int8=options.int8)
         return cls(model, options.decoding)
@@ -225,18 +370,27 @@ class Pipeline:
         heads = self.model.config.get("alignment_heads")
         if heads:
             return [(int(layer), int(head)) for layer, head in heads]
-        c = self.model.decoder.config
-        return [(layer, head) for layer in range(c.n_layer // 2, c.n_layer) for head in range(c.n_head)]
+        decoder = self.model.decoder
+        c = decoder.config if self.model.engine == "torch" else decoder  # a ModelConfig; NumpyDecoder has both
+        n_layer, n_head = c.n_layer, c.n_head
+        return [(layer, head) for layer in range(n_layer // 2, n_layer) for head in range(n_head)]
 
     def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE,
                word_timestamps: bool = False):
+        heads = self.alignment_heads if word_timestamps else None
+        if self.model.engine == "numpy":
+            from .numpy_decoding import decode_windows as decode_numpy
+
+            # One candidate per window draws no random numbers: seeds play no part.
+            return decode_numpy(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
+                                durations, heads, max_batch_windows=batch_size)
         from .decoding import decode_windows
 
         # Up to batch_size windows share a forward per step, sorted by length; each has its own seed, so a
         # window decodes the same (up to float rounding) whatever else is in the batch.
         return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
                               durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size,
-                              alignment_heads=self.alignment_heads if word_timestamps else None)
+                              alignment_heads=heads)
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .attention import attend
 # The architecture dataclass and its presets are read without torch (config.py); re-exported here.
-from .config import FIXED_UPSTREAM_FIELDS, IGNORED_UPSTREAM_FIELDS, PRESETS, ModelConfig  # noqa: F401
+from .config import FIXED_UPSTREAM_FIELDS, IGNORED_UPSTREAM_FIELDS, PRESETS, AudioEncoderDims, ModelConfig  # noqa: F401
 
 ROPE_BASE = 10000
 class Embedding(nn.Embedding):
@@ -444,16 +444,6 @@ class WhisperDiffusionDecoder(DecoderBase):
 
 # ----------------------------------------------------------------------------------------------------------
 # Whisper's audio encoder (the frozen front end of every model; encoder.py feeds it log-mel features)
-
-
-@dataclass(frozen=True)
-class AudioEncoderDims:
-    n_mels: int  # log-mel bins of the input (80; 128 for large-v3)
-    n_ctx: int  # rows of the position table: encoder frames of a 30 s window (1500)
-    n_state: int  # width (d_model)
-    n_head: int
-    n_layer: int
-    n_mlp: int  # hidden width of each block's MLP (4 * n_state in every released Whisper)
 
 
 class EncoderSelfAttention(WhisperAttention):

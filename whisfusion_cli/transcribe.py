@@ -32,7 +32,7 @@ import numpy as np
 
 from . import __version__
 from .audio import SAMPLE_RATE, AudioError, InputFile, audio_info, expand_inputs
-from .choices import ENCODER_BACKENDS, MAX_SEGMENT_SECONDS
+from .choices import ENCODER_BACKENDS, ENGINES, MAX_SEGMENT_SECONDS
 from .devices import device_names
 from .display import Reporter
 from .distributed import in_halves_on_oom
@@ -62,7 +62,10 @@ class TranscribeOptions:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16/float16 on GPU), "float32", "bfloat16", "float16"
     batch_size: int = DEFAULT_BATCH_SIZE  # windows per encoder/decoder batch, across files
-    threads: int | None = None  # torch CPU threads; None leaves torch's default
+    threads: int | None = None  # CPU threads (torch's or numpy's BLAS); None leaves the library's default
+    # "numpy": the torch-free CPU engine (no torch import: the fastest start); "torch": model.py, every device
+    # and option; "auto": numpy wherever it runs what is asked (loading.choose_engine), torch elsewhere.
+    engine: str = "auto"
     # int8 dynamic quantisation of the decoder's and the encoder's Linear layers (CPU only). None: the model's
     # choice (the embedded default model runs int8 on the CPU, float32 weights elsewhere).
     int8: bool | None = None
@@ -89,6 +92,8 @@ class TranscribeOptions:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.output_dir is not None:
             self.output_dir = Path(self.output_dir)
             parse_formats(self.output_format)  # fail early on a bad format
@@ -131,6 +136,7 @@ class TranscriptionResult:
     vad: dict = field(default_factory=dict)
     encoder: dict = field(default_factory=dict)
     int8: bool = False  # the decoder and the encoder ran int8-quantised
+    engine: str = ""  # "numpy" or "torch" (loading.LoadedModel.engine)
     word_timestamps: bool = False
     outputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # one line each, e.g. why finished outputs were redone
@@ -151,7 +157,7 @@ class TranscriptionResult:
             "whisfusion": {
                 "version": __version__, "file": self.path, "duration": round(self.duration, 3), "model": self.model,
                 "decoding": self.decoding, "vad": self.vad, "encoder": self.encoder, "int8": self.int8,
-                "word_timestamps": self.word_timestamps, "elapsed_s": round(self.elapsed, 3),
+                "engine": self.engine, "word_timestamps": self.word_timestamps, "elapsed_s": round(self.elapsed, 3),
                 "windows": [w.to_dict() for w in self.windows],
             },
         }
@@ -338,6 +344,7 @@ class Transcriber:
         return {"model": pipeline.model.name, "decoding": pipeline.decoding.to_dict(),
                 "vad": dataclasses.asdict(pipeline.vad_options(self.options.vad)),
                 "encoder": pipeline.model.encoder.describe(), "int8": pipeline.model.int8,
+                "engine": pipeline.model.engine,
                 "language": pipeline.language, "word_timestamps": self.options.word_timestamps}
 
 
@@ -407,7 +414,7 @@ def run_settings(options: TranscribeOptions, model=None) -> dict:
         device, dtype = options.device, options.dtype
     return json.loads(json.dumps({
         "model": model_id, "decoding": decoding, "vad": dataclasses.asdict(options.vad), "int8": options.int8,
-        "encoder_backend": options.encoder_backend, "device": device, "dtype": dtype,
+        "engine": options.engine, "encoder_backend": options.encoder_backend, "device": device, "dtype": dtype,
         "min_duration_s": options.min_duration_s, "word_timestamps": options.word_timestamps,
         "max_segment_s": options.max_segment_s, "subtitles": dataclasses.asdict(options.subtitles),
     }, sort_keys=True))  # tuples become lists, as they come back from the record

