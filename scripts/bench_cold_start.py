@@ -242,7 +242,13 @@ def main() -> None:
         print(json.dumps(times))
         return
     sys.path.insert(0, str(ROOT))
+    import compileall
+
     from whisfusion_cli.whisper_source import tiny_en_dir
+
+    # Byte-compiled, as `pip install` leaves an installed package (faster-whisper's is): an editable checkout
+    # under PYTHONDONTWRITEBYTECODE would compile every module in every process.
+    compileall.compile_dir(str(ROOT / "whisfusion_cli"), quiet=1)
 
     tiny_en = str(tiny_en_dir())
     jobs = {"jfk": [JFK], "folder": [args.folder]}

@@ -191,3 +191,123 @@ def test_decoding_loop_refuses_what_only_torch_runs(default_models):
         options = dataclasses.replace(numpy_model.decoding, **change)
         with pytest.raises(ValueError, match=what):
             decode_numpy(numpy_model.decoder, [states], options, [50257, 50362], 50256, [2.0])
+
+
+def test_a_batch_of_windows_decodes_as_each_alone_and_as_torch_batched(default_models):
+    from whisfusion_cli.decoding import decode_windows
+    from whisfusion_cli.numpy_decoding import decode_windows as decode_numpy
+
+    torch_model, numpy_model = default_models
+    tok = torch_model.tokenizer
+    audio = [load_audio(p)[: 10 * 16000] for p in [AUDIO / "jfk.wav", *ASTERISK[:5]]]
+    durations = [len(a) / 16000 for a in audio]
+    states = torch_model.encoder.encode(audio)
+    arrays = [s.numpy() for s in states]
+    together = decode_numpy(numpy_model.decoder, arrays, torch_model.decoding, tok.prefix_ids, tok.pad_id, durations,
+                            alignment_heads=[(3, 2)])
+    alone = [decode_numpy(numpy_model.decoder, [a], torch_model.decoding, tok.prefix_ids, tok.pad_id, [d],
+                          alignment_heads=[(3, 2)])[0] for a, d in zip(arrays, durations)]
+    ref = decode_windows(torch_model.decoder, states, torch_model.decoding, tok.prefix_ids, tok.pad_id, durations)
+    assert len({len(a) for a in arrays}) > 1  # windows of different lengths share the batch
+    for t, a, r in zip(together, alone, ref):
+        assert t.text_tokens == a.text_tokens == r.text_tokens
+        _close(t.alignment, a.alignment, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights, engine choice, and the whole transcribe path
+
+
+def test_own_safetensors_reader_matches_the_library(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR, _numpy_state_dict
+
+    ours, ref = _numpy_state_dict(DEFAULT_MODEL_DIR / "model.safetensors"), load_file(DEFAULT_MODEL_DIR / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    assert all(ours[k].dtype == np.float32 and np.array_equal(ours[k], ref[k].astype(np.float32)) for k in ref)
+    mixed = {"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": np.ones(3, dtype=np.float16), "c": np.array([True])}
+    save_file(mixed, str(tmp_path / "m.safetensors"), metadata={"format": "np"})
+    back = _numpy_state_dict(tmp_path / "m.safetensors")
+    assert back["a"].dtype == np.int64 and np.array_equal(back["a"], mixed["a"]) and back["b"].dtype == np.float32
+    assert back["c"].dtype == bool and back["c"][0]
+
+
+def test_damaged_weights_are_one_line_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    from whisfusion_cli.config import CheckpointError
+    from whisfusion_cli.loading import _numpy_state_dict
+    from whisfusion_cli.numpy_model import NumpyUnsupported
+
+    save_file({"w": np.ones((4, 4), dtype=np.float32)}, str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    cases = {"empty": b"", "truncated": data[:-8], "header": data[:8] + b"{not json" + data[17:], "garbage": b"x" * 100}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="not a readable safetensors file") as e:
+            _numpy_state_dict(tmp_path / name)
+        assert "\n" not in str(e.value)
+    header = b'{"w":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}'
+    (tmp_path / "bf16").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(NumpyUnsupported, match="BF16"):
+        _numpy_state_dict(tmp_path / "bf16")
+
+
+def test_engine_choice(tmp_path, monkeypatch):
+    from tiny_model import make_model_dir
+
+    from whisfusion_cli import devices
+    from whisfusion_cli.loading import choose_engine
+    from whisfusion_cli.transcribe import TranscribeOptions
+
+    monkeypatch.setattr(devices, "cuda_possible", lambda: False)
+    cpu = dict(device="cpu")
+    assert choose_engine(TranscribeOptions(**cpu)) == "numpy"  # the embedded default on the CPU
+    assert choose_engine(TranscribeOptions()) == "numpy"  # auto device, no GPU
+    assert choose_engine(TranscribeOptions(**cpu, int8=False)) == "numpy"
+    for torch_only in (dict(int8=True), dict(encoder_backend="ctranslate2"), dict(decoding={"candidates": 3}),
+                       dict(decoding={"strategy": "remask", "shortlist": 0, "pad_context": None}),
+                       dict(decoding={"shortlist_int8": True})):
+        assert choose_engine(TranscribeOptions(**cpu, **torch_only)) == "torch", torch_only
+        with pytest.raises(ValueError, match="the numpy engine does not run") as e:
+            choose_engine(TranscribeOptions(**cpu, **torch_only, engine="numpy"))
+        assert "--engine torch" in str(e.value) and "\n" not in str(e.value)
+    smdm = make_model_dir(tmp_path / "smdm")  # an upstream-family decoder: torch only
+    assert choose_engine(TranscribeOptions(**cpu, model=str(smdm))) == "torch"
+    with pytest.raises(ValueError, match="smdm decoder family"):
+        choose_engine(TranscribeOptions(**cpu, model=str(smdm), engine="numpy"))
+    assert choose_engine(TranscribeOptions(**cpu, engine="torch")) == "torch"
+    with pytest.raises(ValueError, match="--engine must be one of"):
+        TranscribeOptions(engine="jax")
+
+
+def test_transcribe_on_both_engines_gives_the_same_transcripts(tmp_path):
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe
+
+    paths = [AUDIO / "jfk.wav", *ASTERISK[:4]]
+    results = {}
+    for engine in ("numpy", "torch"):
+        options = TranscribeOptions(device="cpu", engine=engine, int8=False, output_dir=tmp_path / engine,
+                                    output_format="json,srt", word_timestamps=True)
+        results[engine] = list(transcribe([str(p) for p in paths], options))
+    for a, b in zip(results["numpy"], results["torch"]):
+        assert a.status == b.status == "ok" and a.text == b.text and a.text
+        assert (a.engine, b.engine) == ("numpy", "torch")
+        for sa, sb in zip(a.segments, b.segments):
+            assert abs(sa.start - sb.start) <= 0.05 and abs(sa.end - sb.end) <= 0.05
+        record = json.loads((tmp_path / "numpy" / f"{Path(a.path).stem}.json").read_text())
+        assert record["whisfusion"]["engine"] == "numpy" and record["whisfusion"]["encoder"]["backend"] == "numpy"
+
+
+def test_the_cli_on_the_cpu_never_imports_torch():
+    """The README's main job in a fresh process: the JFK sentence, and neither torch nor transformers loaded."""
+    code = ("import sys\nfrom whisfusion_cli.cli import main\n"
+            "sys.argv = ['whisfusion', 'transcribe', sys.argv[1], '--device', 'cpu', '-q']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('LOADED', 'torch' in sys.modules, 'transformers' in sys.modules, 'librosa' in sys.modules)\n")
+    jfk = ROOT / "whisfusion_cli" / "assets" / "examples" / "jfk.wav"
+    out = subprocess.run([sys.executable, "-c", code, str(jfk)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ask not what your country can do for you" in out.stdout.lower().replace(",", "").replace(".", "").replace("\n", " ")
+    assert "LOADED False False False" in out.stdout

@@ -296,7 +296,8 @@ class NumpyWhisperEncoder(_Encoder):
 
     backend = "numpy"
 
-    def __init__(self, checkpoint: "WhisperCheckpoint", options: EncoderOptions | None = None):
+    def __init__(self, checkpoint: "WhisperCheckpoint", options: EncoderOptions | None = None,
+                 weights: dict[str, np.ndarray] | None = None):
         from .numpy_model import NumpyAudioEncoder
         from .whisper_source import ENCODER_PREFIX
 
@@ -308,7 +309,8 @@ class NumpyWhisperEncoder(_Encoder):
         self.source = checkpoint.source
         self.dims = checkpoint.encoder_dims()
         self.dim, self.num_mel_bins = self.dims.n_state, self.dims.n_mels
-        weights = {n[len(ENCODER_PREFIX):]: checkpoint.array(n) for n in checkpoint.names(ENCODER_PREFIX)}
+        if weights is None:  # else the arrays of an encoder made before (the numpy engine's cache)
+            weights = {n[len(ENCODER_PREFIX):]: checkpoint.array(n) for n in checkpoint.names(ENCODER_PREFIX)}
         self.encoder = NumpyAudioEncoder(weights, checkpoint.n_head)
 
     def encode(self, audio: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -394,14 +396,15 @@ def _check_clip(audio: Any, index: int) -> np.ndarray:
 
 def load_encoder(
     spec: dict[str, Any], device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None,
-    memo: dict | None = None, engine: str = "torch",
+    memo: dict | None = None, engine: str = "torch", weights: dict | None = None,
 ) -> "WhisperAudioEncoder | NumpyWhisperEncoder":
     """Build the encoder a model directory describes, e.g. {"source": "tiny.en", "mode": "short"}.
 
     Keys: "source" (required: "tiny.en", a model directory or a hub name), any EncoderOptions field, and
     "dim" (checked against the loaded encoder, so a decoder is never paired with the wrong encoder width).
     memo: checkpoints already open (whisper_source.open_whisper), e.g. the one the decoder's token table came from.
-    engine: "torch" (WhisperAudioEncoder on device) or "numpy" (NumpyWhisperEncoder, CPU, no torch).
+    engine: "torch" (WhisperAudioEncoder on device) or "numpy" (NumpyWhisperEncoder, CPU, no torch; weights:
+    the arrays of one made before).
     """
     from .whisper_source import open_whisper
 
@@ -414,7 +417,7 @@ def load_encoder(
     options = EncoderOptions(**{k: v for k, v in spec.items() if k in option_names})
     checkpoint = open_whisper(spec["source"], memo)
     if engine == "numpy":
-        encoder = NumpyWhisperEncoder(checkpoint, options)
+        encoder = NumpyWhisperEncoder(checkpoint, options, weights)
     else:
         encoder = WhisperAudioEncoder(checkpoint, options, device=device, dtype=dtype)
     if "dim" in spec and int(spec["dim"]) != encoder.dim:

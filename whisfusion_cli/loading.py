@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,8 +87,8 @@ def external_tensors(external: dict, memo: dict | None = None) -> dict:
 
 def load_numpy_decoder(path, memo: dict | None = None) -> "tuple[NumpyDecoder, dict]":
     """(numpy_model.NumpyDecoder, config dict) from one of our model directories, for the torch-free CPU
-    engine: the weights read as float32 arrays, the borrowed token table left a view of its Whisper's file.
-    NumpyUnsupported where the engine cannot run the model (the torch engine can)."""
+    engine: the weights and the borrowed token table read as float32 arrays. NumpyUnsupported where the
+    engine cannot run the model (the torch engine can)."""
     from .config import CheckpointError, WEIGHTS_FILE, read_model_config
     from .numpy_model import NumpyDecoder, NumpyUnsupported
     from .whisper_source import open_whisper
@@ -101,7 +102,7 @@ def load_numpy_decoder(path, memo: dict | None = None) -> "tuple[NumpyDecoder, d
         checkpoint = open_whisper(ref["source"], memo)
         if ref["key"] not in checkpoint:
             raise CheckpointError(f"external weight {ref['key']} not found in {ref['source']}")
-        weights[key] = checkpoint.view(ref["key"])
+        weights[key] = checkpoint.array(ref["key"])
     try:
         return NumpyDecoder(weights, config["decoder"]), config
     except NumpyUnsupported:
@@ -225,14 +226,93 @@ def load_model(name_or_path=None, device="cpu", dtype=None, encoder_options: dic
 
 
 def _load_numpy_model(name_or_path, encoder_options: dict | None) -> LoadedModel:
+    """The model on the numpy engine, its float32 arrays from the engine cache where they were made before."""
+    from .config import read_model_config
     from .encoder import load_encoder
+    from .numpy_model import NumpyDecoder
 
     path = resolve_model(name_or_path)
-    whisper_memo: dict = {}
-    decoder, config = load_numpy_decoder(path, memo=whisper_memo)
+    config = read_model_config(path)
+    NumpyDecoder.check_config(config["decoder"])
     decoding, tokenizer, enc_spec = _model_parts(path, config, encoder_options)
-    encoder = load_encoder(enc_spec, memo=whisper_memo, engine="numpy")
+    memo: dict = {}  # the token table and the encoder of one Whisper come from one read of its file
+    cache = engine_cache_path(path, config, enc_spec, memo)
+    arrays = _read_engine_cache(cache)
+    if arrays is not None:
+        try:
+            decoder = NumpyDecoder(arrays["decoder"], config["decoder"])
+            encoder = load_encoder(enc_spec, memo=memo, engine="numpy", weights=arrays["encoder"])
+        except (KeyError, ValueError):  # not what this version writes: made again below
+            arrays = None
+    if arrays is None:
+        decoder, _ = load_numpy_decoder(path, memo=memo)
+        encoder = load_encoder(enc_spec, memo=memo, engine="numpy")
+        _write_engine_cache(cache, {"decoder": decoder.w, "encoder": encoder.encoder.w})
     return LoadedModel(_model_name(path, name_or_path), decoder, tokenizer, encoder, decoding, config, False, "numpy")
+
+
+# The numpy engine's cache: a model's float32 arrays (decoder, borrowed token table, encoder; self-attention
+# projections fused) as one safetensors file, memory-mapped on later loads. Widening the float16 files
+# (the shipped model, tiny.en's model.bin) took 0.3-0.6 s of every start (measured); a mapped file takes none.
+ENGINE_CACHE_SUBDIR = "numpy-engine"
+ENGINE_CACHE_VERSION = 1  # of what the file holds; part of its key
+
+
+def engine_cache_path(path: Path, config: dict, enc_spec: dict, memo: dict) -> Path:
+    """Where the numpy engine keeps the arrays of the model directory `path`: a file named by a digest of
+    what they are made from (this format's version, the decoder config, and the path, size and modification
+    time of every weights file read), so a changed or reinstalled file gets a new one. In the user's cache
+    (whisper_source.cache_dir: $XDG_CACHE_HOME/whisfusion)."""
+    import hashlib
+    import json
+
+    from .config import WEIGHTS_FILE
+    from .whisper_source import cache_dir, open_whisper
+
+    sources = [str(path / WEIGHTS_FILE)]
+    for ref in [*(config.get("external_weights") or {}).values(), {"source": enc_spec["source"]}]:
+        sources.append(open_whisper(ref["source"], memo).origin)
+    files = []
+    for source in sources:
+        st = os.stat(source)
+        files.append([os.path.realpath(source), st.st_size, st.st_mtime_ns])
+    key = json.dumps([ENGINE_CACHE_VERSION, config["decoder"], config.get("external_weights"), files], sort_keys=True)
+    return cache_dir() / ENGINE_CACHE_SUBDIR / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+
+def _read_engine_cache(cache: Path) -> "dict | None":
+    """{"decoder": arrays, "encoder": arrays} mapped from the cache file; None where there is none or it is
+    damaged (truncated, half-written by a killed process: it is made again)."""
+    from .config import CheckpointError
+
+    if not cache.is_file():
+        return None
+    try:
+        arrays = _numpy_state_dict(cache)
+    except CheckpointError:
+        return None
+    parts: dict = {"decoder": {}, "encoder": {}}
+    for name, array in arrays.items():
+        part, _, rest = name.partition("/")
+        if part not in parts:
+            return None
+        parts[part][rest] = array
+    return parts
+
+
+def _write_engine_cache(cache: Path, parts: dict) -> None:
+    """Write the cache file atomically; where the cache cannot be written (a read-only home, a full disk)
+    every load makes the arrays again, as it did the first time."""
+    from safetensors.numpy import save_file
+
+    from .fileio import atomic_path
+
+    arrays = {f"{part}/{name}": np.ascontiguousarray(a) for part, named in parts.items() for name, a in named.items()}
+    try:
+        with atomic_path(cache) as tmp:
+            save_file(arrays, str(tmp), metadata={"format": "whisfusion-numpy-engine", "version": str(ENGINE_CACHE_VERSION)})
+    except OSError:
+        pass
 
 
 def _model_parts(path: Path, config: dict, encoder_options: dict | None) -> tuple:

@@ -87,9 +87,10 @@ class _Batch:
         shortlist is scored on the whole vocabulary (all such windows in one product) and, with `top` > 0,
         gets its shortlist from those logits (Shortlist)."""
         columns = int(ends[windows].max())
-        kv = [(k[windows], v[windows]) for k, v in self.kv]
-        hidden = self.decoder.hidden_states(np.where(x[windows, :columns] == FILL, FILL_INPUT, x[windows, :columns]),
-                                            kv, ends[windows], self.frames[windows])
+        every = len(windows) == len(self.canvas)  # the usual case: no copy of the keys and values
+        kv = self.kv if every else [(k[windows], v[windows]) for k, v in self.kv]
+        x = x[:, :columns] if every else x[windows, :columns]
+        hidden = self.decoder.hidden_states(np.where(x == FILL, FILL_INPUT, x), kv, ends[windows], self.frames[windows])
         rows, cols = np.nonzero(masked[windows, :columns])
         logits, vocabularies = [None] * len(windows), [None] * len(windows)
         full = [j for j, w in enumerate(windows) if self.shortlists[w] is None]

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which every Whisper layer norm uses
+SELF_QKV = "self_attn.qkv"  # the fused self-attention projection of every block (fuse)
 CONV_KERNEL = 3  # both convolutions of Whisper's stem (padding 1; the second has stride 2)
 # erf as a rational function in float32 (Eigen's and XLA's fast erf, max error ~1 ulp on [-4, 4]; erf is
 # +-1 in float32 beyond): numpy has no erf, and scipy's costs an import as long as this module's run.
@@ -125,12 +126,13 @@ def key_mask(lengths: np.ndarray | None, size: int) -> np.ndarray | None:
 
 
 def fuse(w: dict, prefix: str, names=("q_proj", "k_proj", "v_proj")) -> None:
-    """One Linear `prefix + "qkv"` of the projections `names` (rows stacked; a missing bias is zeros): one
-    matrix product instead of three, the same numbers."""
-    weights = [w[f"{prefix}{n}.weight"] for n in names]
+    """The Linear layers `names` replaced by one, `prefix + "qkv"` (rows stacked; a missing bias is zeros):
+    one matrix product instead of three, the same numbers."""
+    weights = [w.pop(f"{prefix}{n}.weight") for n in names]
+    biases = [w.pop(f"{prefix}{n}.bias", None) for n in names]
     w[prefix + "qkv.weight"] = np.concatenate(weights)
-    w[prefix + "qkv.bias"] = np.concatenate([w.get(f"{prefix}{n}.bias", np.zeros(len(m), np.float32))
-                                             for n, m in zip(names, weights)])
+    w[prefix + "qkv.bias"] = np.concatenate([np.zeros(len(m), np.float32) if b is None else b
+                                             for b, m in zip(biases, weights)])
 
 
 def conv1d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, stride: int) -> np.ndarray:
@@ -157,8 +159,9 @@ class NumpyAudioEncoder:
         self.w, self.n_head = dict(weights), n_head
         self.n_layer = 1 + max(int(name.split(".")[1]) for name in weights if name.startswith("layers."))
         self.n_ctx, self.dim = weights["embed_positions.weight"].shape
-        for i in range(self.n_layer):
-            fuse(self.w, f"layers.{i}.self_attn.")
+        if f"layers.0.{SELF_QKV}.weight" not in weights:  # else `w` of an encoder made before (a cache of it)
+            for i in range(self.n_layer):
+                fuse(self.w, f"layers.{i}.self_attn.")
 
     def __call__(self, mel: np.ndarray) -> np.ndarray:
         w = self.w
@@ -200,20 +203,22 @@ class NumpyDecoder:
 
     def __init__(self, weights: dict[str, np.ndarray], config: dict):
         self.check_config(config)
-        self.w, self.n_layer, self.n_head = weights, int(config["n_layer"]), int(config["n_head"])
-        expected = self.names(self.n_layer)
+        self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
+        fused = f"layers.0.{SELF_QKV}.weight" in weights  # `w` of a decoder made before (a cache of it)
+        expected = self.names(self.n_layer, fused)
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
             raise ValueError(f"weights do not fit the decoder its config describes (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
+        self.w = dict(weights)  # the arrays it runs on, self-attention projections fused
+        if not fused:
+            for i in range(self.n_layer):
+                fuse(self.w, f"layers.{i}.self_attn.")
         self.block_size = int(config.get("block_size", weights["embed_positions.weight"].shape[0]))
         self.mask_token_id = int(config["vocab_size"])  # one past the tokenizer's vocabulary
         self.n_logits = int(config.get("output_vocab_size") or config["vocab_size"])
-        self.table = weights["embed_tokens.weight"]
+        self.table = self.w["embed_tokens.weight"]
         self._head: np.ndarray | None = None  # the float32 output projection, made on first use
-        self.w = dict(weights)
-        for i in range(self.n_layer):
-            fuse(self.w, f"layers.{i}.self_attn.")
 
     @staticmethod
     def check_config(config) -> None:
@@ -225,14 +230,18 @@ class NumpyDecoder:
             raise NumpyUnsupported("the numpy engine does not run a decoder with a condition projection")
 
     @staticmethod
-    def names(n_layer: int) -> set[str]:
-        """The weights' names (model.WhisperDiffusionDecoder's state dict without a condition projection)."""
+    def names(n_layer: int, fused: bool = False) -> set[str]:
+        """The weights' names (model.WhisperDiffusionDecoder's state dict without a condition projection);
+        fused: as `w` holds them (the self-attention's q/k/v projections as one)."""
         block = [f"{norm}.{p}" for norm in ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
                  for p in ("weight", "bias")]
         block += [f"{attn}.{proj}.{p}" for attn in ("self_attn", "encoder_attn")
                   for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for p in ("weight", "bias")
                   if (proj, p) != ("k_proj", "bias")]
         block += [f"{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")]
+        if fused:
+            block = [n for n in block if not n.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+            block += [f"{SELF_QKV}.weight", f"{SELF_QKV}.bias"]
         top = {"embed_tokens.weight", "embed_positions.weight", "mask_embedding", "layer_norm.weight", "layer_norm.bias"}
         return top | {f"layers.{i}.{name}" for i in range(n_layer) for name in block}
 
