@@ -130,12 +130,10 @@ def transcribe(
     dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
                               help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
-    engine: str = typer.Option("auto", "--engine", autocompletion=_complete(ENGINES),
-                               help="numpy (CPU, float32, no torch: the fastest start), torch (every device and "
-                               "option), or auto: numpy where it runs what is asked, else torch."),
+    engine: str = typer.Option("auto", "--engine", autocompletion=_complete(ENGINES), help="numpy (CPU, float32, no "
+                               "torch: fastest start), torch (every device, option), auto (numpy where it can)."),
     int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder "
-                                        "and encoder (CPU only, torch engine; tokens may differ slightly). Default: the "
-                                        "model's choice (the embedded model: int8 on the CPU)."),
+                                        "and encoder (CPU, torch engine). Default: the model's choice on torch."),
     encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
                                                   autocompletion=_complete(ENCODER_BACKENDS),
                                                   help="torch, ctranslate2 (CTranslate2's Whisper "
