@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from .model import DecoderBase
+    from .numpy_model import NumpyDecoder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default"
 # Config key (section "runtime"): run this model int8-quantised by default on the CPU. A model sets it when
@@ -403,10 +404,11 @@ class Pipeline:
         self.language = model.config.get("language") or DEFAULT_LANGUAGE
 
     @classmethod
-    def load(cls, options) -> "Pipeline":
-        """The model a transcribe.TranscribeOptions names, on the device, with the threads, encoder batch and
-        backend, int8 choice and decoding overrides it asks for."""
-        encoder_options = {"batch_size": options.batch_size}  # windows per encoder call, as per decoder batch
+    def load(cls, options, encoder_options: dict | None = None) -> "Pipeline":
+        """The model a transcribe.TranscribeOptions names, on the engine and device, with the threads, encoder
+        batch and backend, int8 choice and decoding overrides it asks for; encoder_options: more EncoderOptions
+        fields (bench's encoder mode)."""
+        encoder_options = {"batch_size": options.batch_size, **(encoder_options or {})}  # windows per encoder call
         if options.encoder_backend is not None:
             encoder_options["backend"] = options.encoder_backend
         if choose_engine(options) == "numpy":

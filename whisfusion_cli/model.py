@@ -12,7 +12,6 @@ precompute the cross-attention keys/values of an audio window once):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from ..choices import DTYPES, ENCODER_BACKENDS
+from ..choices import DTYPES, ENCODER_BACKENDS, ENGINES
 
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 1
@@ -27,7 +27,7 @@ AUTO = "auto"
 # Keys each kind of system spec accepts (the first bare value of a spec is its model); a whisfusion spec
 # takes these and the DecodingOptions fields (`decoding_fields`). `canvas` is another name for seq_len.
 SPEC_KEYS = {
-    "whisfusion": {"model", "canvas", "int8", "encoder_mode", "encoder_backend", "label"},
+    "whisfusion": {"model", "canvas", "int8", "engine", "encoder_mode", "encoder_backend", "label"},
     "whisper": {"model", "beams", "label"},
     "faster-whisper": {"model", "beams", "compute_type", "label"},
 }
@@ -36,6 +36,7 @@ SPEC_KEYS = {
 SPEC_VALUE_FORMS = {
     "beams": (r"[1-9]\d*", "a positive integer"), "int8": (r"[01]", "0 or 1"),
     "encoder_backend": ("|".join(ENCODER_BACKENDS), f"one of {', '.join(ENCODER_BACKENDS)}"),
+    "engine": ("|".join(ENGINES), f"one of {', '.join(ENGINES)}"),
 }
 
 

@@ -75,28 +75,32 @@ class WhisfusionSystem:
     seed + i, and the text of the segments."""
 
     def __init__(self, spec: SystemSpec, options: BenchOptions):
-        from ..loading import Pipeline, load_model
+        from ..loading import Pipeline
         from ..transcribe import TranscribeOptions, Transcriber
 
-        device, dtype = device_dtype(options)
-        enc_opts = {key: spec.params["encoder_" + key] for key in ("mode", "backend") if "encoder_" + key in spec.params}
+        device, _ = device_dtype(options)
         int8 = {"1": True, "0": False}.get(spec.params.get("int8"))  # absent: the model's choice, as transcribe
         try:
-            model = load_model(None if spec.model == "default" else spec.model, device=str(device), dtype=dtype,
-                               encoder_options=enc_opts, int8=int8)
+            # The engine, device and options resolved as `whisfusion transcribe` resolves them.
+            pipeline = Pipeline.load(TranscribeOptions(
+                model=None if spec.model == "default" else spec.model, device=options.device, dtype=options.dtype,
+                threads=options.threads,
+                int8=int8, encoder_backend=spec.params.get("encoder_backend"), engine=spec.params.get("engine", "auto"),
+                decoding=decoding_overrides(spec)), encoder_options=self._encoder_mode(spec))
         except ValueError as e:
             raise BenchError(f"system {spec.text!r}: {e}") from None
-        try:
-            pipeline = Pipeline(model, decoding_overrides(spec))
-        except ValueError as e:
-            raise BenchError(f"system {spec.text!r}: {e}") from None
+        model = pipeline.model
         self.device = str(device)
         self.meter = StageMeter(self.device)
         # Every utterance of a dataset is scored, however short (transcribe refuses clips under 0.1 s).
         self.driver = Transcriber(TranscribeOptions(min_duration_s=0.0), pipeline, reporter=self.meter)
         self.spec = spec
         self.info = {"decoding": pipeline.decoding.to_dict(), "model_name": model.name,
-                     "encoder": model.encoder.describe(), "int8": model.int8}
+                     "encoder": model.encoder.describe(), "int8": model.int8, "engine": model.engine}
+
+    @staticmethod
+    def _encoder_mode(spec: SystemSpec) -> dict:
+        return {"mode": spec.params["encoder_mode"]} if "encoder_mode" in spec.params else {}
 
     def transcribe(self, audio: np.ndarray) -> Hypothesis:
         from ..transcribe import STATUS_ERROR
