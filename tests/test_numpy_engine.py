@@ -311,3 +311,51 @@ def test_the_cli_on_the_cpu_never_imports_torch():
     assert out.returncode == 0, out.stderr
     assert "ask not what your country can do for you" in out.stdout.lower().replace(",", "").replace(".", "").replace("\n", " ")
     assert "LOADED False False False" in out.stdout
+
+
+def test_engine_cache_is_written_once_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """The float32 arrays are written to the user cache on the first load and mapped on the next (which does
+    not make them again); a truncated file is made again; a cache that cannot be written still loads."""
+    import whisfusion_cli.loading as loading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = loading.load_model(None, engine="numpy")
+    (cache,) = (tmp_path / "cache" / "whisfusion" / loading.ENGINE_CACHE_SUBDIR).glob("*.safetensors")
+    audio = load_audio(AUDIO / "jfk.wav")[: 5 * 16000]
+    reference = first.encoder.encode([audio])[0]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the arrays were made again instead of read from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(loading, "load_numpy_decoder", no_build)
+        second = loading.load_model(None, engine="numpy")
+    assert np.array_equal(second.encoder.encode([audio])[0], reference)
+    assert not second.decoder.w["layers.0.fc1.weight"].flags.writeable  # a view of the mapped file
+
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])  # a killed writer, a full disk
+    third = loading.load_model(None, engine="numpy")
+    assert np.array_equal(third.encoder.encode([audio])[0], reference)
+    assert cache.stat().st_size > 100_000_000  # written whole again
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a directory")  # the cache cannot be created under it
+    fourth = loading.load_model(None, engine="numpy")
+    assert np.array_equal(fourth.encoder.encode([audio])[0], reference)
+
+
+def test_engine_cache_key_follows_the_weights_files(tmp_path):
+    import os
+    import shutil
+
+    from whisfusion_cli.config import read_model_config
+    from whisfusion_cli.loading import DEFAULT_MODEL_DIR, engine_cache_path
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, model)
+    config = read_model_config(model)
+    key = engine_cache_path(model, config, config["encoder"], {})
+    assert key == engine_cache_path(model, config, config["encoder"], {})
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    assert engine_cache_path(model, config, config["encoder"], {}) != key  # a rewritten file: a new cache
