@@ -20,19 +20,17 @@ import torch
 
 # The options, the result and the text helpers are torch-free (decoding_options.py); re-exported here.
 from .decoding_options import (  # noqa: F401
-    CANVAS_MARGIN, FALSE_WORDS, MIN_CANVAS, MIN_SEQ_LEN, NONE_WORDS, PAD_CONTEXT_OFF, REFINE_FRACTION, RETIRED_FIELDS,
-    SHORTLIST_OFF, TOKENS_PER_SECOND, TRUE_WORDS, UPSTREAM_CANDIDATES, UPSTREAM_CANVAS, UPSTREAM_FALLBACK_RATIO,
+    CANVAS_MARGIN, DEFAULT_MAX_BATCH_WINDOWS, FALSE_WORDS, FILL, FILL_INPUT, MIN_CANVAS, MIN_SEQ_LEN, NONE_WORDS,
+    PAD_CONTEXT_OFF, REFINE_FRACTION, RETIRED_FIELDS, SHORTLIST_OFF, TOKENS_PER_SECOND, TRUE_WORDS, UPSTREAM_CANDIDATES, UPSTREAM_CANVAS, UPSTREAM_FALLBACK_RATIO,
     UPSTREAM_PAD, UPSTREAM_PREFIX, UPSTREAM_SCHEDULE, UPSTREAM_STEPS, WORD_START_MARKERS, DecodingOptions,
     DecodingResult, text_tokens, words_from_tokens,
 )
 from .distributed import in_halves_on_oom
-from .forward import FILL, FILL_INPUT, Ragged, SharedForward, to_device
+from .forward import Ragged, SharedForward, to_device
 from .upstream import ReferenceForward, Trace, remask
 
 # ROVER: weight of the vote frequency against the mean confidence of a word (Fiscus 1997, alpha).
 ROVER_ALPHA = 0.5
-# decode_windows: windows decoded together, at most this many per forward pass.
-DEFAULT_MAX_BATCH_WINDOWS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ RETIRED_FIELDS = {"blocks": 1, "cut_at_pad": True, "fast": True}
 NONE_WORDS = {"seq_len": ("auto", "audio", "none"), "pad_context": ("off", "none"), "seed": ("none",)}
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "on"), ("false", "0", "off")
 MIN_SEQ_LEN = 2  # a canvas holds at least the prefix and one token
+# Canvas positions past a window's length in a batch of windows of different lengths: no token (every
+# comparison with a real token or the mask id is false); the trunk sees FILL_INPUT there, behind the mask.
+FILL = -1
+FILL_INPUT = 0
+# decode_windows (both engines): windows decoded together, at most this many per forward pass.
+DEFAULT_MAX_BATCH_WINDOWS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,10 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Canvas positions past a window's length in a batch of windows of different lengths: no token (every
-# comparison with a real token or the mask id is false); the trunk sees FILL_INPUT there, behind the mask.
-FILL = -1
-FILL_INPUT = 0
+from .decoding_options import FILL, FILL_INPUT
 # Hidden rows projected onto the whole vocabulary in one matrix product: the logits of 512 rows onto 50k tokens
 # are 100 MB in float32 (K = 15 canvases of 256 positions would be 0.8 GB at once); more rows go in chunks.
 # Peak memory per 30 s window of the 170M preset at K = 1 / 4 / 15 (scripts/bench_decoding.py --memory): 291 /

@@ -86,17 +86,17 @@ def external_tensors(external: dict, memo: dict | None = None) -> dict:
     return out
 
 
-def load_numpy_decoder(path, memo: dict | None = None) -> "tuple[NumpyDecoder, dict]":
+def load_numpy_decoder(path, memo: dict | None = None, config: dict | None = None) -> "tuple[NumpyDecoder, dict]":
     """(numpy_model.NumpyDecoder, config dict) from one of our model directories, for the torch-free CPU
     engine: the weights and the borrowed token table read as float32 arrays. NumpyUnsupported where the
-    engine cannot run the model (the torch engine can)."""
+    engine cannot run the model (the torch engine can). config: the directory's, where the caller read it."""
     from .config import CheckpointError, WEIGHTS_FILE, read_model_config
     from .numpy_model import NumpyDecoder, NumpyUnsupported
     from .whisper_source import open_whisper
 
     path = Path(path)
-    config = read_model_config(path)
-    NumpyDecoder.check_config(config["decoder"])
+    config = read_model_config(path) if config is None else config
+    NumpyDecoder.check_config(config["decoder"])  # before the weights are read
     weights = _numpy_state_dict(path / WEIGHTS_FILE)
     memo = {} if memo is None else memo
     for key, ref in (config.get("external_weights") or {}).items():
@@ -246,7 +246,7 @@ def _load_numpy_model(name_or_path, encoder_options: dict | None) -> LoadedModel
         except (KeyError, ValueError):  # not what this version writes: made again below
             arrays = None
     if arrays is None:
-        decoder, _ = load_numpy_decoder(path, memo=memo)
+        decoder, _ = load_numpy_decoder(path, memo=memo, config=config)
         encoder = load_encoder(enc_spec, memo=memo, engine="numpy")
         _write_engine_cache(cache, {"decoder": decoder.w, "encoder": encoder.encoder.w})
     return LoadedModel(_model_name(path, name_or_path), decoder, tokenizer, encoder, decoding, config, False, "numpy")

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decoding_options import DecodingOptions, DecodingResult, text_tokens
+from .decoding_options import DEFAULT_MAX_BATCH_WINDOWS, FILL, FILL_INPUT, DecodingOptions, DecodingResult, text_tokens
 from .numpy_model import NumpyDecoder, log_softmax, softmax
 
-FILL = -1  # forward.FILL: a canvas position past its window's end
-FILL_INPUT = 0  # forward.FILL_INPUT: what the trunk reads there (any valid id; the position is masked out)
 TOP_BLOCK = 256  # logits per block in top_ids
-DEFAULT_MAX_BATCH_WINDOWS = 8  # decoding.DEFAULT_MAX_BATCH_WINDOWS
 
 
 def unsupported(options: DecodingOptions) -> str | None:
