@@ -142,6 +142,22 @@ def test_whisper_family_from_pretrained_decoder(tmp_path, tmp_path_factory):
     assert summary["best_val_loss"] == evals[-1]["val_loss"]
 
 
+def test_freeze_keeps_matching_parameters_at_their_initial_values(tmp_path, tmp_path_factory):
+    """--freeze encoder_attn: the cross-attention stays tiny.en's own, bit for bit, while the rest trains."""
+    shards = speech_shards(tmp_path_factory)
+    whisper_dir = make_tiny_whisper(tmp_path_factory.getbasetemp() / "tiny-whisper")
+    T.train(T.TrainOptions(data=str(shards), output=str(tmp_path / "run"), init=str(whisper_dir), batch_size=8,
+                           max_steps=6, lr=1e-2, warmup=1, eval_every=100, val_items=4, wer_items=0,
+                           freeze=("encoder_attn",), progress=False))
+    start = T.whisper_decoder_from_pretrained(str(whisper_dir), TINY_DIM).state_dict()
+    trained, _ = load_model_dir(tmp_path / "run" / "model")
+    sd = trained.state_dict()
+    frozen = [k for k in start if "encoder_attn" in k]
+    assert frozen and all(torch.equal(sd[k], start[k]) for k in frozen)
+    assert not torch.equal(sd["layers.0.self_attn.q_proj.weight"], start["layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(sd["mask_embedding"], start["mask_embedding"])
+
+
 def summary_seq_len(run):
     first = json.loads((run / T.METRICS_FILE).read_text().splitlines()[0])
     return first["seq_len"]
@@ -183,7 +199,7 @@ def test_resume_fixed_options_are_marked_on_their_fields():
         "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
         "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
         "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask",
-        "state_noise", "distill", "distill_teacher"}
+        "state_noise", "distill", "distill_teacher", "freeze"}
 
 
 def test_a_resume_that_would_change_the_trajectory_is_refused(tmp_path):

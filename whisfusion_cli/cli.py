@@ -426,6 +426,9 @@ def train(
     layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise LR decay, e.g. 0.9."),
     freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings",
                                                      help="Whisper family: keep the tied token table fixed (default)."),
+    freeze: List[str] = typer.Option([], "--freeze", metavar="PATTERN",
+                                     help="Keep every parameter whose name contains PATTERN at its initial value "
+                                     "(repeatable), e.g. encoder_attn (the cross-attention) or layers.0."),
     eval_every: int = typer.Option(500, "--eval-every", min=1, help="Steps between validations."),
     save_every: int = typer.Option(500, "--save-every", min=1, help="Steps between last.pt checkpoints."),
     log_every: int = typer.Option(10, "--log-every", min=1, help="Steps between metrics lines."),
@@ -460,7 +463,7 @@ def train(
     if stage not in TRAIN_STAGES:
         raise typer.BadParameter(f"choose from {', '.join(TRAIN_STAGES)}", param_hint="--stage")
     flags.update(data=data if len(data) > 1 else data[0], output=str(output), betas=_pair(betas, "--betas"),
-                 mask_range=_pair(mask_range, "--mask-range"), patience=patience or None,
+                 mask_range=_pair(mask_range, "--mask-range"), patience=patience or None, freeze=tuple(freeze),
                  progress=not flags.pop("quiet"))
     _run_training_job(train_main, flags, f"continue with the same command plus --resume (from {output}/last.pt)")
 

@@ -109,6 +109,9 @@ class TrainOptions:
     ema_decay: float | None = _fixed()  # None: 0.995 in stage 2, off otherwise; 0 turns it off
     layer_decay: float | None = _fixed()  # e.g. 0.9 (stage 2 option)
     freeze_embeddings: bool | None = _fixed()  # Whisper family: keep the tied token table fixed (default True)
+    # Parameters kept at their initial values: every one whose name contains one of these (e.g. "encoder_attn",
+    # the cross-attention, so a Whisper-initialised decoder keeps reading the encoder as Whisper does).
+    freeze: tuple[str, ...] = _fixed(())
     eval_every: int = 500
     save_every: int = 500
     log_every: int = 10
@@ -465,6 +468,8 @@ def trainable_names(decoder, o: TrainOptions) -> set[str]:
     family = decoder.config.family
     names = set()
     for name, _ in decoder.named_parameters():
+        if any(pattern in name for pattern in o.freeze):
+            continue
         if o.stage == "1":
             if _is_adapter(name, family):
                 names.add(name)
