@@ -1,0 +1,85 @@
+"""A tune split of other real voices: single words and short phrases from two Debian packages.
+
+The Asterisk tune split is one studio voice, so a candidate that learns that voice and forgets the others
+looks good on it. This set holds other speakers, so checkpoints can be judged on more than one voice without
+reading a report set:
+
+  ktuberling-data   72 English words and two-word names spoken for KTuberling (sounds/en/*.ogg; the
+                    text is the file's name without its playground), GPL-2.0-or-later
+  alsa-utils         8 spoken channel names ("Front Left", ...; /usr/share/sounds/alsa), GPL-2.0
+
+Isolated words are hard for every model (Whisper tiny.en too: no context), so its WER is high and moves in
+large steps; it is one of three tune sets, never a report set.
+
+    python scripts/other_voices.py OUT    # apt-get download + dpkg -x (no root needed)
+
+writes OUT/wav/* (the packages' own files, read as they are) and OUT/tune.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import soundfile as sf
+
+KTUBERLING = ("ktuberling-data", "usr/share/ktuberling/sounds", "GPL-2.0-or-later (Debian ktuberling-data, sounds/en)")
+ALSA = ("alsa-utils", "usr/share/sounds/alsa", "GPL-2.0 (Debian alsa-utils, /usr/share/sounds/alsa)")
+THEME_PREFIXES = ("egypt_", "moon_", "pizzeria_", "tv_")  # KTuberling's playgrounds, not spoken
+# Names whose spelling is not what is said.
+SPOKEN = {"palmtree": "palm tree", "fallingstar": "falling star", "sphynx": "sphinx", "broccolli": "broccoli",
+          "ufo": "UFO"}
+
+
+def unpack(package: str, work: Path) -> Path:
+    subprocess.run(["apt-get", "download", package], cwd=work, check=True, capture_output=True)
+    deb = next(work.glob(f"{package}_*.deb"))
+    root = work / package
+    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def ktuberling_items(root: Path) -> list[tuple[Path, str]]:
+    items = []
+    for ogg in sorted((root / KTUBERLING[1] / "en").glob("*.ogg")):
+        name = ogg.stem
+        for prefix in THEME_PREFIXES:
+            name = name.removeprefix(prefix)
+        items.append((ogg, SPOKEN.get(name, name)))
+    return items
+
+
+def alsa_items(root: Path) -> list[tuple[Path, str]]:
+    return [(wav, wav.stem.replace("_", " ")) for wav in sorted((root / ALSA[1]).glob("*.wav")) if wav.stem != "Noise"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
+    (args.out / "wav").mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for (package, _, license), items in ((KTUBERLING, ktuberling_items(unpack(KTUBERLING[0], work))),
+                                             (ALSA, alsa_items(unpack(ALSA[0], work)))):
+            for source, text in items:
+                name = f"{package.split('-')[0]}_{source.stem}{source.suffix}"
+                shutil.copy(source, args.out / "wav" / name)
+                rows.append({"id": Path(name).stem, "audio": f"wav/{name}", "text": text,
+                             "duration": round(sf.info(source).duration, 3), "license": license})
+    tmp = args.out / "tune.jsonl.part"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(args.out / "tune.jsonl")
+    print(f"{len(rows)} clips, {sum(r['duration'] for r in rows):.1f} s -> {args.out / 'tune.jsonl'}")
+
+
+if __name__ == "__main__":
+    main()
