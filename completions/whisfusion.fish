@@ -87,6 +87,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from train' -l ema-decay -x -d
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l layer-decay -x -d 'Layer-wise LR decay, e.g. 0.9'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l freeze-embeddings -d 'Whisper family: keep the tied token table fixed (default)'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l train-embeddings -d 'Whisper family: keep the tied token table fixed (default)'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l freeze -x -d 'Keep every parameter whose name contains PATTERN at its initial val...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l eval-every -x -d 'Steps between validations'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l save-every -x -d 'Steps between last.pt checkpoints'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l log-every -x -d 'Steps between metrics lines'
