@@ -142,7 +142,8 @@ def default_models():
     return load_model(None, int8=False), load_model(None, engine="numpy")
 
 
-VARIANTS = [{}, {"refine": 0}, {"shortlist": 0}, {"repeat_penalty": 0.0}, {"pad_context": 0},
+VARIANTS = [{}, {"refine": 0}, {"shortlist": 0}, {"repeat_penalty": 0.0}, {"pad_context": 0}, {"refine_no_copy": True},
+            {"refine_no_copy": True, "shortlist": 0},
             {"steps": 4, "refine": 2, "refine_fraction": 0.5}, {"seq_len": 40}]
 
 

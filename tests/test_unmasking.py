@@ -143,3 +143,20 @@ def test_block_filling_decodes_as_the_option_did(case, blocks, extra):
             out = decode_traced(dec, cond, options, Trace(policies=[FillInBlocks(blocks)]), prefix, pad, seconds)
             then = recorded[f"{family}/{case}"][i]
             assert out.tokens.tolist() == then["tokens"] and out.text_tokens == then["text_tokens"], (family, i)
+
+
+def test_refine_no_copy_bans_only_a_copys_left_neighbour():
+    """refine_no_copy: at a re-masked position equal to its left neighbour, that token (and only it) gets -inf,
+    over the whole vocabulary or through a shortlist's ids; other positions keep their logits."""
+    from whisfusion_cli.decoding import _ban_copies, _copies
+
+    canvas = torch.tensor([[7, 8, 5, 5, 6, 6, 9, 9]])  # prefix 2; the end of text is 9
+    copies = _copies(canvas, canvas == 9, 2)
+    assert copies.tolist() == [[False, False, False, True, False, True, False, False]]
+    logits = torch.zeros(3, 10)
+    left, is_copy = torch.tensor([5, 5, 6]), torch.tensor([True, False, True])
+    banned = _ban_copies(logits, left, is_copy, None)
+    assert torch.isinf(banned).nonzero().tolist() == [[0, 5], [2, 6]]
+    short = (torch.tensor([6, 5, 9]), None)
+    banned = _ban_copies(torch.zeros(3, 3), left, is_copy, short)
+    assert torch.isinf(banned).nonzero().tolist() == [[0, 1], [2, 0]]

@@ -113,8 +113,8 @@ def transcribe(
                                             help="Candidate selection: confidence, mbr or rover."),
     strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGIES),
                                            help="Unmasking: remask (upstream) or confidence."),
-    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the "
-                                         "confidence fill: re-predict the least sure tokens (model default if unset)."),
+    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the fill."),
+    refine_no_copy: Optional[bool] = typer.Option(None, "--refine-no-copy/--refine-copy", help="Refine: no copy of the word before."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
                                             "each position's N best tokens (faster; 0: whole vocabulary, exact)."),
     shortlist_int8: Optional[bool] = typer.Option(None, "--shortlist-int8/--shortlist-float", help="Pick the "
@@ -478,7 +478,7 @@ def train(
     "  whisfusion      model (default|DIR|name), engine (auto|numpy|torch), int8 (0|1), encoder_mode,\n"
     "                  encoder_backend, label, and any\n"
     "                  one-word decoding option: steps, candidates, selection, seq_len|canvas (N|auto),\n"
-    "                  strategy, refine, shortlist, shortlist_int8 (0|1), pad_context (N|off), seed, ...\n"
+    "                  strategy, refine, refine_no_copy (0|1), shortlist, shortlist_int8 (0|1), pad_context (N|off), seed, ...\n"
     "  whisper         model (tiny.en|DIR|hub name), beams, label   (transformers generate)\n"
     "  faster-whisper  model (tiny.en|CT2 DIR), beams, compute_type, label\n\n"
     "Writes results.json, results.csv, hypotheses.csv, wer_vs_rtfx.png and latency_vs_duration.png to "

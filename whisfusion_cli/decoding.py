@@ -200,8 +200,8 @@ class Refine(Policy):
     tokens of every row, `fraction` of the transcript in the first pass and linearly fewer after, and every
     parallel-duplicate signature, then predicts them again with everything else known."""
 
-    def __init__(self, passes: int, fraction: float, keep: int | None):
-        self.passes, self.fraction, self.keep = passes, fraction, keep
+    def __init__(self, passes: int, fraction: float, keep: int | None, no_copy: bool = False):
+        self.passes, self.fraction, self.keep, self.no_copy = passes, fraction, keep, no_copy
 
     def share(self, r: int) -> float:
         """The share of the transcript pass r re-masks."""
@@ -209,7 +209,8 @@ class Refine(Policy):
 
     def finish(self, batch: Batch, canvas, confidences, policies: list) -> tuple:
         for r in range(self.passes):
-            canvas, confidences = _refine_pass(batch, canvas, confidences, self.share(r), self.keep, policies)
+            canvas, confidences = _refine_pass(batch, canvas, confidences, self.share(r), self.keep, policies,
+                                               self.no_copy)
         return canvas, confidences
 
 
@@ -224,7 +225,7 @@ def confidence_policies(options: DecodingOptions, pad_id: int | None, extra=()) 
     if options.shortlist:
         policies.append(Shortlist(options.shortlist, pad_id, options.shortlist_int8))
     if options.refine:
-        policies.append(Refine(options.refine, options.refine_fraction, options.pad_context))
+        policies.append(Refine(options.refine, options.refine_fraction, options.pad_context, options.refine_no_copy))
     return policies
 
 
@@ -362,11 +363,13 @@ def _sample(logits, rows, generator, temperature: float):
     return pick, logp.gather(-1, pick[:, None]).squeeze(-1).exp()
 
 
-def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | None, policies=()):
+def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | None, policies=(),
+                 no_copy: bool = False):
     """One mask-predict pass over committed canvases: re-mask the least confident `share` of each row's
     transcript (and any token equal to a neighbour or pair equal to the pair before it, the parallel-duplicate
     signatures) and predict them again with everything else known. The end-of-text boundary is included, so
-    a transcript can grow or shrink by a token. keep: options.pad_context (the columns the trunk runs on)."""
+    a transcript can grow or shrink by a token. keep: options.pad_context (the columns the trunk runs on).
+    no_copy: a token re-masked for equalling its left neighbour is not predicted as that token again."""
     R, L = canvas.shape
     W, P = R // batch.K, batch.P
     is_pad = canvas == batch.pad_id
@@ -377,6 +380,7 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
     c = confidences.masked_fill(~real, float("inf"))
     c[:, :P] = float("inf")
+    copies = _copies(canvas, is_pad, P)
     m = (_ranks(c) < n_row[:, None]) | _duplicates(canvas, is_pad, P)
     if keep is None:
         ends, row_len = None, batch.ragged.row_lengths(batch.K, R, L, canvas.device)
@@ -389,9 +393,12 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     run = batch.forward.run(x[:, : host.columns], windows, host.ragged, batch.K > 1 and all(host.same))
     positions, _, index = _gather(run, m, host.counts, windows, batch.K, host.columns)
     logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in windows])
+    flat = canvas.flatten()
     confs, picks = [], []
-    for w in windows:
+    for w, at in zip(windows, index.split([host.counts[w] for w in windows])):  # each window's flat positions
         short = _vocabulary(policies, w)
+        if no_copy:
+            logits[w] = _ban_copies(logits[w], flat[at - 1], copies.flatten()[at], short)
         conf, pick = torch.softmax(logits[w].float(), dim=-1).max(-1)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
@@ -698,6 +705,22 @@ def _ranks(values, descending=False):
     ranks = torch.empty(R, L, dtype=torch.long, device=values.device)
     order = values.argsort(dim=1, descending=descending, stable=True)
     return ranks.scatter_(1, order, torch.arange(L, device=values.device).expand(R, L))
+
+
+def _copies(canvas, is_pad, P: int):
+    """bool [R, L]: every token equal to its left neighbour (never end-of-text, never the prefix)."""
+    left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
+    copy = (canvas == left) & ~is_pad
+    copy[:, :P] = False
+    return copy
+
+
+def _ban_copies(logits, left, is_copy, short):
+    """logits [n, V'] of re-masked positions with -inf at each copy's left-neighbour token (left, is_copy:
+    [n]); short: the window's shortlist (ids, rows) or None (the whole vocabulary)."""
+    ids = torch.arange(logits.size(-1), device=logits.device) if short is None else short[0]
+    ban = (ids[None, :] == left[:, None]) & is_copy[:, None]
+    return logits.masked_fill(ban, float("-inf"))
 
 
 def _duplicates(canvas, is_pad, P: int):

@@ -83,6 +83,10 @@ class DecodingOptions:
     repeat_penalty: float = 0.0  # "confidence" strategy: defer committing a token equal to a neighbour's
     refine: int = 0  # "confidence" strategy: mask-predict passes after the fill (re-predict the least sure)
     refine_fraction: float = REFINE_FRACTION  # share of the transcript re-masked in the first refine pass
+    # Refine passes: a token re-masked because it equals its left neighbour may not be predicted as that
+    # token again (the model tends to re-predict the copy with everything else known: a short word read as
+    # its neighbour, "press press for"); an end of text, another word or a real repeat by a different token.
+    refine_no_copy: bool = False
     shortlist: int = SHORTLIST_OFF  # "confidence" strategy: after step 0, score only each position's top-N
     pad_context: int | None = PAD_CONTEXT_OFF  # "confidence" strategy: end-of-text positions kept after a transcript
     shortlist_int8: bool = False  # with shortlist: pick it through an int8 output projection (CPU only)

@@ -50,7 +50,8 @@ def decode_windows(decoder: NumpyDecoder, conditions: list[np.ndarray], options:
         batch = _Batch(decoder, [conditions[i] for i in idx], [lengths[i] for i in idx], prefix, pad_id)
         _unmask(batch, options)
         for r in range(options.refine):
-            _refine_pass(batch, options.refine_fraction * (options.refine - r) / options.refine, options.pad_context)
+            _refine_pass(batch, options.refine_fraction * (options.refine - r) / options.refine, options.pad_context,
+                         options.refine_no_copy)
         out = [batch.result(w, options) for w in range(len(idx))]
         if alignment_heads:
             _align(batch, out, alignment_heads)
@@ -162,9 +163,10 @@ def _unmask(batch: _Batch, options: DecodingOptions) -> None:
         batch.confidences = np.where(commit, np.maximum(scores, 0), batch.confidences).astype(np.float32)
 
 
-def _refine_pass(batch: _Batch, share: float, keep: int | None) -> None:
+def _refine_pass(batch: _Batch, share: float, keep: int | None, no_copy: bool = False) -> None:
     """decoding._refine_pass with one candidate: re-mask the least confident `share` of each transcript and
-    every parallel-duplicate signature, and predict them again with everything else known."""
+    every parallel-duplicate signature, and predict them again with everything else known (no_copy: a token
+    equal to its left neighbour is not predicted as that token again)."""
     canvas, P = batch.canvas, batch.P
     W, L = canvas.shape
     is_pad, real = canvas == batch.pad_id, canvas != FILL
@@ -181,10 +183,17 @@ def _refine_pass(batch: _Batch, share: float, keep: int | None) -> None:
     x = np.where(m, batch.mask_id, canvas)
     rows, cols, logits, vocabularies = batch.predict(x, m, np.arange(W), ends, 0)
     canvas, confidences = canvas.copy(), batch.confidences.copy()
+    copies = (canvas == _shift(canvas, 1, FILL)) & ~is_pad
+    copies[:, :P] = False
     for w in range(W):
+        at = rows == w
+        if no_copy:
+            ids = np.arange(logits[w].shape[-1]) if vocabularies[w] is None else vocabularies[w]
+            col = cols[at]
+            ban = (ids[None, :] == canvas[w, col - 1][:, None]) & copies[w, col][:, None]
+            logits[w] = np.where(ban, -np.inf, logits[w])
         probs = softmax(logits[w])
         picks = probs.argmax(-1)
-        at = rows == w
         canvas[w, cols[at]] = picks if vocabularies[w] is None else vocabularies[w][picks]
         confidences[w, cols[at]] = np.take_along_axis(probs, picks[:, None], 1)[:, 0]
     batch.canvas, batch.confidences = canvas, confidences
