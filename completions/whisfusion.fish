@@ -19,7 +19,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l candidates
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l schedule -x -d 'Mask ratio per step, e.g. 1.0,0.9,0.85,0.8'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l selection -x -a 'confidence mbr rover' -d 'Candidate selection: confidence, mbr or rover'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l strategy -x -a 'remask confidence' -d 'Unmasking: remask (upstream) or confidence'
-complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l refine -x -d 'Mask-predict passes after the fill'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l refine -x -d 'Mask-predict passes after the fill (unset: the model\'s)'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l refine-no-copy -d 'Refine: no copy of the word before'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l refine-copy -d 'Refine: no copy of the word before'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l shortlist -x -d 'After the first step, score only each position\'s N best tokens (fas...'

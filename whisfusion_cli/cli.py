@@ -113,7 +113,7 @@ def transcribe(
                                             help="Candidate selection: confidence, mbr or rover."),
     strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGIES),
                                            help="Unmasking: remask (upstream) or confidence."),
-    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the fill."),
+    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the fill (unset: the model's)."),
     refine_no_copy: Optional[bool] = typer.Option(None, "--refine-no-copy/--refine-copy", help="Refine: no copy of the word before."),
     shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
                                             "each position's N best tokens (faster; 0: whole vocabulary, exact)."),

@@ -21,9 +21,9 @@ import torch
 # The options, the result and the text helpers are torch-free (decoding_options.py); re-exported here.
 from .decoding_options import (  # noqa: F401
     CANVAS_MARGIN, DEFAULT_MAX_BATCH_WINDOWS, FALSE_WORDS, FILL, FILL_INPUT, MIN_CANVAS, MIN_SEQ_LEN, NONE_WORDS,
-    PAD_CONTEXT_OFF, REFINE_FRACTION, RETIRED_FIELDS, SHORTLIST_OFF, TOKENS_PER_SECOND, TRUE_WORDS, UPSTREAM_CANDIDATES, UPSTREAM_CANVAS, UPSTREAM_FALLBACK_RATIO,
-    UPSTREAM_PAD, UPSTREAM_PREFIX, UPSTREAM_SCHEDULE, UPSTREAM_STEPS, WORD_START_MARKERS, DecodingOptions,
-    DecodingResult, text_tokens, words_from_tokens,
+    PAD_CONTEXT_OFF, REFINE_FRACTION, RETIRED_FIELDS, SHORTLIST_OFF, TOKENS_PER_SECOND, TRUE_WORDS,
+    UPSTREAM_CANDIDATES, UPSTREAM_CANVAS, UPSTREAM_FALLBACK_RATIO, UPSTREAM_PAD, UPSTREAM_PREFIX, UPSTREAM_SCHEDULE,
+    UPSTREAM_STEPS, WORD_START_MARKERS, DecodingOptions, DecodingResult, text_tokens, words_from_tokens,
 )
 from .distributed import in_halves_on_oom
 from .forward import Ragged, SharedForward, to_device
@@ -380,7 +380,6 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     n_row = (first_pad.float() * share).ceil().long().clamp(min=1)
     c = confidences.masked_fill(~real, float("inf"))
     c[:, :P] = float("inf")
-    copies = _copies(canvas, is_pad, P)
     m = (_ranks(c) < n_row[:, None]) | _duplicates(canvas, is_pad, P)
     if keep is None:
         ends, row_len = None, batch.ragged.row_lengths(batch.K, R, L, canvas.device)
@@ -393,12 +392,13 @@ def _refine_pass(batch: Batch, canvas, confidences, share: float, keep: int | No
     run = batch.forward.run(x[:, : host.columns], windows, host.ragged, batch.K > 1 and all(host.same))
     positions, _, index = _gather(run, m, host.counts, windows, batch.K, host.columns)
     logits = run.gathered_logits(positions, [_vocabulary(policies, w) for w in windows])
-    flat = canvas.flatten()
+    if no_copy:  # each window's re-masked positions (flat over the canvas), their left tokens, which are copies
+        flat, copies = canvas.flatten(), _copies(canvas, is_pad, P).flatten()
+        for w, at in zip(windows, index.split([host.counts[w] for w in windows])):
+            logits[w] = _ban_copies(logits[w], flat[at - 1], copies[at], _vocabulary(policies, w))
     confs, picks = [], []
-    for w, at in zip(windows, index.split([host.counts[w] for w in windows])):  # each window's flat positions
+    for w in windows:
         short = _vocabulary(policies, w)
-        if no_copy:
-            logits[w] = _ban_copies(logits[w], flat[at - 1], copies.flatten()[at], short)
         conf, pick = torch.softmax(logits[w].float(), dim=-1).max(-1)
         confs.append(conf)
         picks.append(pick if short is None else short[0][pick])
@@ -727,13 +727,12 @@ def _duplicates(canvas, is_pad, P: int):
     """bool [R, L]: every token equal to its left neighbour, and both tokens of a pair equal to the pair
     before it ("can do can do", the two-token form of the same parallel duplicate); never end-of-text."""
     left = torch.nn.functional.pad(canvas[:, :-1], (1, 0), value=FILL)
-    dup = (canvas == left) & ~is_pad
     left2 = torch.nn.functional.pad(canvas[:, :-2], (2, 0), value=FILL)
     left3 = torch.nn.functional.pad(canvas[:, :-3], (3, 0), value=FILL)
     pair_end = (canvas == left2) & (left == left3) & ~is_pad
-    dup |= pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
-    dup[:, :P] = False
-    return dup
+    pairs = pair_end | torch.nn.functional.pad(pair_end[:, 1:], (0, 1), value=False)
+    pairs[:, :P] = False
+    return _copies(canvas, is_pad, P) | pairs
 
 
 def _window_ends(batch: Batch, canvas, keep: int):

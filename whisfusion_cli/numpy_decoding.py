@@ -183,11 +183,10 @@ def _refine_pass(batch: _Batch, share: float, keep: int | None, no_copy: bool = 
     x = np.where(m, batch.mask_id, canvas)
     rows, cols, logits, vocabularies = batch.predict(x, m, np.arange(W), ends, 0)
     canvas, confidences = canvas.copy(), batch.confidences.copy()
-    copies = (canvas == _shift(canvas, 1, FILL)) & ~is_pad
-    copies[:, :P] = False
+    copies = _copies(canvas, is_pad, P) if no_copy else None
     for w in range(W):
         at = rows == w
-        if no_copy:
+        if no_copy:  # decoding._ban_copies: -inf at each re-masked copy's left token
             ids = np.arange(logits[w].shape[-1]) if vocabularies[w] is None else vocabularies[w]
             col = cols[at]
             ban = (ids[None, :] == canvas[w, col - 1][:, None]) & copies[w, col][:, None]
@@ -267,11 +266,16 @@ def _window_ends(canvas: np.ndarray, lengths: np.ndarray, pad_id: int, keep: int
     return np.minimum(lengths, L - _trailing_run((canvas == pad_id) | (canvas == FILL)) + keep)
 
 
+def _copies(canvas: np.ndarray, is_pad: np.ndarray, P: int) -> np.ndarray:
+    """Every token equal to its left neighbour (never end-of-text, never the prefix)."""
+    copy = (canvas == _shift(canvas, 1, FILL)) & ~is_pad
+    copy[:, :P] = False
+    return copy
+
+
 def _duplicates(canvas: np.ndarray, is_pad: np.ndarray, P: int) -> np.ndarray:
     """Every token equal to its left neighbour, and both tokens of a pair equal to the pair before it."""
-    left = _shift(canvas, 1, FILL)
-    dup = (canvas == left) & ~is_pad
-    pair_end = (canvas == _shift(canvas, 2, FILL)) & (left == _shift(canvas, 3, FILL)) & ~is_pad
-    dup |= pair_end | _shift(pair_end, -1, False)
-    dup[:, :P] = False
-    return dup
+    pair_end = (canvas == _shift(canvas, 2, FILL)) & (_shift(canvas, 1, FILL) == _shift(canvas, 3, FILL)) & ~is_pad
+    pairs = pair_end | _shift(pair_end, -1, False)
+    pairs[:, :P] = False
+    return _copies(canvas, is_pad, P) | pairs
