@@ -158,6 +158,49 @@ def test_freeze_keeps_matching_parameters_at_their_initial_values(tmp_path, tmp_
     assert not torch.equal(sd["mask_embedding"], start["mask_embedding"])
 
 
+def test_copy_unlikelihood_penalises_the_neighbours_token_and_not_true_repeats():
+    """The term, computed position by position: -log(1 - p(left)) - log(1 - p(right)) at each masked position,
+    a neighbour that equals the position's own token (a true repeat, the canvas edge) or lies outside the
+    predicted vocabulary (a prompt token) left out."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.tensor([[5, 7, 7, 2, 9, 9], [1, 3, 40, 6, 8, 0]])  # 40: outside the 12 predicted tokens
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    logits = torch.randn(int(mask.sum()), 12, generator=g, requires_grad=True)
+    got = T.copy_unlikelihood(logits, target, mask)
+    p, want, k = logits.softmax(-1), 0.0, 0
+    for b, i in mask.nonzero().tolist():
+        for j in (i - 1, i + 1):
+            if 0 <= j < target.size(1) and target[b, j] != target[b, i] and target[b, j] < 12:
+                want = want - math.log(1 - float(p[k, target[b, j]]))
+        k += 1
+    assert math.isclose(float(got), want, rel_tol=1e-5)
+    got.backward()  # lowering it lowers the neighbours' logits: their gradient is positive
+    assert float(logits.grad[0, 7]) > 0 and float(logits.grad[1, 5]) > 0
+    assert torch.isfinite(logits.grad).all()
+    certain = torch.full((1, 12), -1e4)
+    certain[0, 5] = 1e4  # the neighbour's token with probability 1: a large but finite penalty
+    one = T.copy_unlikelihood(certain, target[:1, :2], torch.tensor([[False, True]]))
+    assert math.isfinite(float(one)) and float(one) > 10
+
+
+def test_copy_loss_trains_and_is_refused_when_negative(tmp_path, tmp_path_factory):
+    """--copy-loss adds its term to the loss the run optimises and reports (same seed, same masks: larger). The
+    untrained model gives its neighbours' tokens ~1e-5 in all, below float32's resolution of the summed loss
+    at weight 1, hence a large weight here."""
+    shards = speech_shards(tmp_path_factory)
+    whisper_dir = make_tiny_whisper(tmp_path_factory.getbasetemp() / "tiny-whisper")
+    losses = []
+    for weight in (0.0, 1e4):
+        summary = T.train(T.TrainOptions(data=str(shards), output=str(tmp_path / f"run{weight}"), init=str(whisper_dir),
+                                         batch_size=8, max_steps=1, lr=1e-3, warmup=1, eval_every=100, val_items=4,
+                                         wer_items=0, copy_loss=weight, progress=False))
+        assert summary["step"] == 1 and math.isfinite(summary["last_loss"])
+        losses.append(summary["last_loss"])
+    assert losses[1] > losses[0]
+    with pytest.raises(ValueError, match="copy_loss"):
+        T.TrainOptions(data="d", output=str(tmp_path), copy_loss=-1.0)
+
+
 def summary_seq_len(run):
     first = json.loads((run / T.METRICS_FILE).read_text().splitlines()[0])
     return first["seq_len"]
@@ -199,7 +242,7 @@ def test_resume_fixed_options_are_marked_on_their_fields():
         "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
         "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
         "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask",
-        "state_noise", "distill", "distill_teacher", "freeze"}
+        "state_noise", "distill", "distill_teacher", "freeze", "copy_loss"}
 
 
 def test_a_resume_that_would_change_the_trajectory_is_refused(tmp_path):

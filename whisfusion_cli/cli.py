@@ -453,6 +453,8 @@ def train(
     distill: float = typer.Option(0.0, "--distill", min=0.0, help="Weight of a KL term to a frozen, causal copy of "
                                   "a pre-trained Whisper decoder, teacher-forced on each item (Whisper family; 0: off)."),
     distill_teacher: str = typer.Option("tiny.en", "--distill-teacher", help="The teacher: a Whisper name or directory."),
+    copy_loss: float = typer.Option(0.0, "--copy-loss", min=0.0, help="Weight of an unlikelihood term against "
+                                    "predicting a neighbour's token at a masked position (0: off)."),
     name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ):

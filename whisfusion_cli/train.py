@@ -133,6 +133,10 @@ class TrainOptions:
     # on each item's own encoder states (distill.py); 0 turns it off.
     distill: float = _fixed(0.0)
     distill_teacher: str = _fixed(TINY_EN_NAME)  # a Whisper name or directory (its decoder)
+    # Weight of an unlikelihood term (Welleck et al., 2019) against predicting a neighbour's token at a masked
+    # position: the default model's repeats ("press press for" for "press 1 for") are a short word replaced by
+    # its neighbour, which the masked-token loss alone does not discourage enough. 0 turns it off.
+    copy_loss: float = _fixed(0.0)
 
     def __post_init__(self):
         self.stage = str(self.stage)
@@ -145,6 +149,8 @@ class TrainOptions:
             lo, hi = self.mask_range
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"mask_range {self.mask_range}: need 0 <= lo <= hi <= 1")
+        if self.copy_loss < 0.0:
+            raise ValueError("copy_loss must be >= 0")
         if not 0.0 <= self.state_time_mask < 0.5 or self.state_noise < 0.0:
             raise ValueError("state_time_mask must lie in [0, 0.5) and state_noise must be >= 0")
         if self.canvas not in ("fixed", "audio"):
@@ -237,6 +243,27 @@ def draw_masks(seed: int, step: int, global_batch: int, seq_len: int, mask_range
     mask = u < p[:, None]
     mask[:, :n_prefix_fixed] = False
     return mask
+
+
+def copy_unlikelihood(logits, target, mask):
+    """Summed -log(1 - p(neighbour's token)) over the masked positions, for the left and the right neighbour
+    in the target, wherever that token differs from the position's own (a true repeat is not penalised).
+    logits: [n_masked, vocab] for target[mask], in the order of mask's True entries."""
+    import torch
+
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    own = target[mask]
+    total = logits.new_zeros(())
+    vocab = logits.size(1)
+    for neighbour in (torch.cat([target[:, :1], target[:, :-1]], 1), torch.cat([target[:, 1:], target[:, -1:]], 1)):
+        other = neighbour[mask]  # the edge positions are their own neighbour, so they drop out below
+        # A prompt token beside the first word (<|notimestamps|>) lies outside the predicted vocabulary.
+        counted = (other != own) & (other < vocab)
+        p = (logits.gather(1, other.clamp(max=vocab - 1)[:, None]).squeeze(1) - log_z).exp()
+        term = -torch.log1p(-p.clamp(max=1.0 - 1e-6))
+        total = total + torch.where(counted, term, torch.zeros_like(term)).sum()
+    return total
 
 
 def augment_states(cond, frames: list[int], time_mask: float, noise: float, seed: int, step: int, micro: int):
@@ -789,6 +816,8 @@ def _train(options: TrainOptions, group, console=None) -> dict:
                         loss_sum = F.cross_entropy(logits.float(), target[mask], reduction="sum")
                         if run.teacher is not None:  # the pre-trained decoder's view of the same masked tokens
                             loss_sum = loss_sum + o.distill * run.teacher.loss(logits, target, mask, cond, frames)
+                        if o.copy_loss:
+                            loss_sum = loss_sum + o.copy_loss * copy_unlikelihood(logits, target, mask)
                         # DDP averages gradients over ranks: scale by world so the result is sum / n_masked.
                         run.scaler.scale(loss_sum * (group.world / n_masked)).backward()
                     step_loss += loss_sum.detach().double()
