@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model from nothing but offline packages (see docs/MODEL_CARD.md).
-# Every step resumes where it stopped when run again. CPU: ~3 h on 2 cores; a GPU shortens training.
+# Every step resumes where it stopped when run again. CPU: ~3.5 h on 2 cores; a GPU shortens training.
 set -euo pipefail
 W=${1:-work_data}
 mkdir -p "$W"
@@ -36,6 +36,33 @@ whisfusion train --data "$W/shards/train3" --val-data "$W/shards/test_synth" -o 
 #    split at every pause of 0.6 s (one utterance per window, as in training), chosen with
 #    scripts/sweep_decoding.py and `whisfusion bench` (see the model card); int8 on the CPU by default
 #    (runtime.int8_on_cpu: as accurate as float32 on the test sets, 1.3-1.9x faster end to end).
-python scripts/package_default.py "$W/runs/phase3/model" whisfusion_cli/assets/default \
-  --decoding '{"steps": 8, "repeat_penalty": 0.5, "candidates": 1, "seed": 0, "refine": 4, "refine_fraction": 0.3, "shortlist": 16, "pad_context": 5}' \
+#    This is 0.1.0's default model ($W/models/0.1.0); refine passes that never re-predict a copy came later.
+DECODING='{"steps": 8, "repeat_penalty": 0.5, "candidates": 1, "seed": 0, "refine": 4, "refine_fraction": 0.3, "shortlist": 16, "pad_context": 5, "refine_no_copy": true}'
+python scripts/package_default.py "$W/runs/phase3/model" "$W/models/0.1.0" --decoding "$DECODING" \
+  --max-window 10 --split-silence 0.6 --int8-on-cpu --alignment-heads '[[1,0],[2,0],[2,5],[3,0],[3,1],[3,2],[3,3],[3,4]]'
+# 5. The second generation (docs/EXPERIMENTS.md, "Robust fine-tuning"): 0.1.0 fine-tuned on real speech (the
+#    Asterisk train split, twice) and 1,272 new synthetic clips, 300 steps with training's cross-attention masking
+#    padded encoder states as inference does (~15 min on one core), then the mean of its weights and 0.1.0's.
+python scripts/asterisk.py "$W/asterisk"
+python scripts/corpus.py --out "$W/corpus/ft" --n 1272 --seed 4 --workers 2
+whisfusion preprocess "$W/asterisk/train.jsonl" -o "$W/shards/ast_train"
+whisfusion preprocess "$W/asterisk/tune.jsonl" -o "$W/shards/ast_tune"
+whisfusion preprocess "$W/corpus/ft/manifest.jsonl" -o "$W/shards/ft"
+OMP_NUM_THREADS=1 whisfusion train --data "$W/shards/ft" --data "$W/shards/ast_train" --data "$W/shards/ast_train" \
+  --val-data "$W/shards/ast_tune" -o "$W/runs/finetune" --stage scratch --init "$W/models/0.1.0" --canvas audio \
+  --batch-size 32 --lr 1e-4 --warmup 20 --max-steps 300 --eval-every 50 --save-every 25 --wer-items 0 \
+  --val-items 20 --patience 0 --seed 777
+python scripts/package_default.py "$W/runs/finetune/model" "$W/models/finetune" --decoding "$DECODING" \
   --max-window 10 --split-silence 0.6 --int8-on-cpu
+# 6. Ship the mean; word timestamps read every head of the upper half (chosen on the word-timing dev half).
+python scripts/average_models.py "$W/models/mean" "$W/models/0.1.0:0.5" "$W/models/finetune:0.5"
+python - "$W/models/mean" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path("whisfusion_cli/assets/default")
+config = json.loads((src / "config.json").read_text())
+config["alignment_heads"] = [[layer, head] for layer in (2, 3) for head in range(6)]
+for name in ("model.safetensors", "tokenizer.json"):
+    shutil.copy(src / name, dst / name)
+(dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+PY

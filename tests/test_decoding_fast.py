@@ -97,7 +97,7 @@ def test_batched_windows_decode_like_single_windows(family, strategy, request, m
     # And one window alone through the single-window entry point, seeded the same way.
     lone = parallel_diffusion_decode(dec, conds[3], dataclasses.replace(options, seed=options.seed + 3), prefix, pad,
                                      duration=durations[3])
-    _same(lone, batched[3])
+    _same(lone, batched[3], atol=1e-5)  # batched[3] came from a batch: its products round as the batch's do
 
 
 @pytest.mark.parametrize("strategy", ["remask", "refine"])
