@@ -257,8 +257,14 @@ class Group:
         """Tear down a process group this Group started (exiting with gloo's threads alive can abort a rank
         after a good run); a group the caller started stays."""
         if self.own:
+            import gc
+
             import torch.distributed as dist
 
+            # A finished run's DDP wrapper is still alive here, in reference cycles that hold the process group
+            # (checked: one per rank); collected at interpreter exit instead, gloo's threads die with it and can
+            # abort the rank ("terminate called without an active exception", once in CI after a good run).
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.own = False
