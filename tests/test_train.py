@@ -167,7 +167,7 @@ def test_copy_unlikelihood_penalises_the_neighbours_token_and_not_true_repeats()
     mask = torch.tensor([[1, 1, 1, 0, 1, 1], [0, 1, 0, 1, 1, 1]], dtype=torch.bool)
     logits = torch.randn(int(mask.sum()), 12, generator=g, requires_grad=True)
     got = T.copy_unlikelihood(logits, target, mask)
-    p, want, k = logits.softmax(-1), 0.0, 0
+    p, want, k = logits.detach().softmax(-1), 0.0, 0
     for b, i in mask.nonzero().tolist():
         for j in (i - 1, i + 1):
             if 0 <= j < target.size(1) and target[b, j] != target[b, i] and target[b, j] < 12:
