@@ -173,7 +173,7 @@ def test_copy_unlikelihood_penalises_the_neighbours_token_and_not_true_repeats()
             if 0 <= j < target.size(1) and target[b, j] != target[b, i] and target[b, j] < 12:
                 want = want - math.log(1 - float(p[k, target[b, j]]))
         k += 1
-    assert math.isclose(float(got), want, rel_tol=1e-5)
+    assert math.isclose(float(got.detach()), want, rel_tol=1e-5)
     got.backward()  # lowering it lowers the neighbours' logits: their gradient is positive
     assert float(logits.grad[0, 7]) > 0 and float(logits.grad[1, 5]) > 0
     assert torch.isfinite(logits.grad).all()
