@@ -56,13 +56,5 @@ python scripts/package_default.py "$W/runs/finetune/model" "$W/models/finetune" 
   --max-window 10 --split-silence 0.6 --int8-on-cpu
 # 6. Ship the mean; word timestamps read every head of the upper half (chosen on the word-timing dev half).
 python scripts/average_models.py "$W/models/mean" "$W/models/0.1.0:0.5" "$W/models/finetune:0.5"
-python - "$W/models/mean" <<'PY'
-import json, shutil, sys
-from pathlib import Path
-src, dst = Path(sys.argv[1]), Path("whisfusion_cli/assets/default")
-config = json.loads((src / "config.json").read_text())
-config["alignment_heads"] = [[layer, head] for layer in (2, 3) for head in range(6)]
-for name in ("model.safetensors", "tokenizer.json"):
-    shutil.copy(src / name, dst / name)
-(dst / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-PY
+python scripts/package_default.py "$W/models/mean" whisfusion_cli/assets/default --int8-on-cpu \
+  --alignment-heads '[[2,0],[2,1],[2,2],[2,3],[2,4],[2,5],[3,0],[3,1],[3,2],[3,3],[3,4],[3,5]]'
