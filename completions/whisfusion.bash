@@ -97,9 +97,10 @@ _whisfusion() {
         --distill) COMPREPLY=(); return ;;
         --distill-teacher) COMPREPLY=(); return ;;
         --copy-loss) COMPREPLY=(); return ;;
+        --self-correct) COMPREPLY=(); return ;;
         --name) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --output -o --stage --base --init --config --tokenizer --val-data --val-items --wer-items --seq-len --batch-size --grad-accum --lr --min-lr-ratio --warmup --max-steps --epochs --stop-at --time-limit --weight-decay --betas --grad-clip --mask-range --ema-decay --layer-decay --freeze-embeddings --train-embeddings --freeze --eval-every --save-every --log-every --patience --decode-steps --decode-candidates --canvas --state-time-mask --state-noise --seed --device --precision --resume --distill --distill-teacher --copy-loss --name --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--data --output -o --stage --base --init --config --tokenizer --val-data --val-items --wer-items --seq-len --batch-size --grad-accum --lr --min-lr-ratio --warmup --max-steps --epochs --stop-at --time-limit --weight-decay --betas --grad-clip --mask-range --ema-decay --layer-decay --freeze-embeddings --train-embeddings --freeze --eval-every --save-every --log-every --patience --decode-steps --decode-candidates --canvas --state-time-mask --state-noise --seed --device --precision --resume --distill --distill-teacher --copy-loss --self-correct --name --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=() ;;
     bench)
         case "$prev" in

@@ -106,6 +106,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from train' -l resume -d 'Cont
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l distill -x -d 'Weight of a KL term to a frozen, causal copy of a pre-trained Whisp...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l distill-teacher -x -d 'The teacher: a Whisper name or directory'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l copy-loss -x -d 'Weight of an unlikelihood term against predicting a neighbour\'s tok...'
+complete -c whisfusion -n '__fish_seen_subcommand_from train' -l self-correct -x -d 'Share of the masked positions given the model\'s own predictions bef...'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l name -x -d 'Prefix of the upstream-format .pt files'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l quiet -s q -d 'No progress display'
 complete -c whisfusion -n '__fish_seen_subcommand_from train' -l help -d 'Show this message and exit'

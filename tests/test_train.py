@@ -201,6 +201,49 @@ def test_copy_loss_trains_and_is_refused_when_negative(tmp_path, tmp_path_factor
         T.TrainOptions(data="d", output=str(tmp_path), copy_loss=-1.0)
 
 
+class _CountingDecoder(torch.nn.Module):
+    """A stand-in decoder whose argmax at position i is token 100 + i, whatever its input."""
+
+    def forward(self, idx, cond, positions=None, frames=None):
+        B, L = idx.shape
+        logits = torch.nn.functional.one_hot(100 + torch.arange(L), 200).float().expand(B, L, 200)
+        return logits[positions]
+
+
+def test_self_correct_fills_only_masked_positions_with_the_models_own_prediction():
+    """The SMART inputs: where `fill` marks a masked position it holds the decoder's argmax there; every other
+    position (masked or not) is as it was; the draws depend on (seed, step) only and follow the share."""
+    idx = torch.tensor([[1, 99, 99, 7, 99], [1, 5, 99, 99, 99]])
+    mask = idx == 99
+    fill = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    got = T.self_correct_inputs(_CountingDecoder(), idx, mask, fill, None, None)
+    want = torch.tensor([[1, 101, 99, 7, 104], [1, 5, 102, 99, 104]])
+    assert torch.equal(got, want)
+    assert torch.equal(T.self_correct_inputs(_CountingDecoder(), idx, mask, torch.zeros_like(fill), None, None), idx)
+    a, b = T.draw_self_correct(3, 10, 64, 40, 0.5), T.draw_self_correct(3, 10, 64, 40, 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, T.draw_self_correct(3, 11, 64, 40, 0.5))
+    assert abs(float(a.float().mean()) - 0.5) < 0.05
+    assert not T.draw_self_correct(3, 10, 8, 40, 0.0).any() and T.draw_self_correct(3, 10, 8, 40, 1.0).all()
+
+
+def test_self_correct_trains_resumes_exactly_and_is_refused_out_of_range(tmp_path, tmp_path_factory):
+    """--self-correct changes what the run optimises (same seed, same masks: another loss), a resumed run
+    continues it exactly, and a share outside [0, 1] is refused."""
+    shards = speech_shards(tmp_path_factory)
+    whisper_dir = make_tiny_whisper(tmp_path_factory.getbasetemp() / "tiny-whisper")
+    opts = dict(data=str(shards), init=str(whisper_dir), batch_size=8, max_steps=4, lr=1e-3, warmup=1,
+                eval_every=100, val_items=4, wer_items=0, log_every=1, progress=False)
+    plain = T.train(T.TrainOptions(output=str(tmp_path / "plain"), **opts))
+    smart = T.train(T.TrainOptions(output=str(tmp_path / "smart"), self_correct=0.5, **opts))
+    assert math.isfinite(smart["last_loss"]) and smart["last_loss"] != plain["last_loss"]
+    T.train(T.TrainOptions(output=str(tmp_path / "halves"), self_correct=0.5, stop_at=2, **opts))
+    T.train(T.TrainOptions(output=str(tmp_path / "halves"), self_correct=0.5, resume=True, **opts))
+    assert _losses(tmp_path / "halves")[0] == _losses(tmp_path / "smart")[0]
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="self_correct"):
+            T.TrainOptions(data="d", output=str(tmp_path), self_correct=share)
+
+
 def summary_seq_len(run):
     first = json.loads((run / T.METRICS_FILE).read_text().splitlines()[0])
     return first["seq_len"]
@@ -242,7 +285,7 @@ def test_resume_fixed_options_are_marked_on_their_fields():
         "stage", "base", "init", "config", "tokenizer", "seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio",
         "warmup", "max_steps", "epochs", "weight_decay", "betas", "adam_eps", "grad_clip", "mask_range", "ema_decay",
         "layer_decay", "freeze_embeddings", "seed", "val_items", "mask_prefix", "canvas", "state_time_mask",
-        "state_noise", "distill", "distill_teacher", "freeze", "copy_loss"}
+        "state_noise", "distill", "distill_teacher", "freeze", "copy_loss", "self_correct"}
 
 
 def test_a_resume_that_would_change_the_trajectory_is_refused(tmp_path):

@@ -455,6 +455,9 @@ def train(
     distill_teacher: str = typer.Option("tiny.en", "--distill-teacher", help="The teacher: a Whisper name or directory."),
     copy_loss: float = typer.Option(0.0, "--copy-loss", min=0.0, help="Weight of an unlikelihood term against "
                                     "predicting a neighbour's token at a masked position (0: off)."),
+    self_correct: float = typer.Option(0.0, "--self-correct", min=0.0, max=1.0,
+                                       help="Share of the masked positions given the model's own predictions "
+                                       "before the training forward, the loss still on all of them (SMART; 0: off)."),
     name: str = typer.Option("whisfusion", "--name", help="Prefix of the upstream-format .pt files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ):

@@ -42,6 +42,7 @@ EMA_DECAY = 0.995
 LAYER_DECAY = 0.9
 MAX_AUTO_CANVAS = 448  # Whisper's decoder position table
 STATE_MASK_SPANS = 2  # spans of encoder frames masked per item by --state-time-mask
+SELF_CORRECT_STREAM = 7_919  # offsets --self-correct's draws from the masks' (same seed, same step)
 LENGTH_GROUP = 32  # global batches per length-sorted chunk (bucketing of variable-length encoder states)
 LAST_CHECKPOINT = "last.pt"
 MODEL_SUBDIR = "model"
@@ -137,6 +138,11 @@ class TrainOptions:
     # position: the default model's repeats ("press press for" for "press 1 for") are a short word replaced by
     # its neighbour, which the masked-token loss alone does not discourage enough. 0 turns it off.
     copy_loss: float = _fixed(0.0)
+    # SMART (Ghazvininejad et al., 2020): this share of each item's masked positions holds the model's own
+    # prediction (the argmax of a no-grad pass over the masked canvas) instead of the mask token, and the loss
+    # still counts every masked position. Decoding commits its own tokens step by step and predicts the rest
+    # from them, wrong ones included; training on true context only never shows it such a canvas. 0: off.
+    self_correct: float = _fixed(0.0)
 
     def __post_init__(self):
         self.stage = str(self.stage)
@@ -151,6 +157,8 @@ class TrainOptions:
                 raise ValueError(f"mask_range {self.mask_range}: need 0 <= lo <= hi <= 1")
         if self.copy_loss < 0.0:
             raise ValueError("copy_loss must be >= 0")
+        if not 0.0 <= self.self_correct <= 1.0:
+            raise ValueError(f"self_correct must lie in [0, 1], got {self.self_correct}")
         if not 0.0 <= self.state_time_mask < 0.5 or self.state_noise < 0.0:
             raise ValueError("state_time_mask must lie in [0, 0.5) and state_noise must be >= 0")
         if self.canvas not in ("fixed", "audio"):
@@ -264,6 +272,30 @@ def copy_unlikelihood(logits, target, mask):
         term = -torch.log1p(-p.clamp(max=1.0 - 1e-6))
         total = total + torch.where(counted, term, torch.zeros_like(term)).sum()
     return total
+
+
+def draw_self_correct(seed: int, step: int, global_batch: int, seq_len: int, share: float):
+    """bool [global_batch, seq_len]: the positions that take the model's own prediction where they are masked
+    (TrainOptions.self_correct). A function of (seed, step) only, as draw_masks is, from a stream of its own."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + SELF_CORRECT_STREAM)
+    return torch.rand(global_batch, seq_len, generator=g) < share
+
+
+def self_correct_inputs(decoder, idx, mask, fill, cond, frames):
+    """The canvas idx with its masked positions that `fill` marks set to the decoder's own argmax there, from
+    a no-grad forward of idx (the rest unchanged). The prediction is made with every masked position masked,
+    as at a decoding step, so the tokens that replace masks are the ones decoding would have committed."""
+    import torch
+
+    fill = fill & mask
+    if not bool(fill.any()):
+        return idx
+    with torch.no_grad():
+        pred = idx.clone()
+        pred[mask] = decoder(idx, cond, positions=mask, frames=frames).argmax(-1)
+    return torch.where(fill, pred, idx)
 
 
 def augment_states(cond, frames: list[int], time_mask: float, noise: float, seed: int, step: int, micro: int):
@@ -1054,7 +1086,8 @@ def set_lr(optimizer, lr: float) -> float:
 
 def micro_batch(run: Run, rows: list[int], masks, step: int, micro: int):
     """(canvas, target, mask, condition, frames) of this rank's micro-batch `micro` of the global batch (rows,
-    masks), on the rank's device, the encoder states augmented."""
+    masks), on the rank's device, the encoder states augmented and, with self_correct, some masks replaced by
+    the model's own predictions."""
     import torch
 
     o, batches, device = run.o, run.train_batches, run.group.device
@@ -1070,6 +1103,10 @@ def micro_batch(run: Run, rows: list[int], masks, step: int, micro: int):
                               step, m)
     cond, frames = cond.to(device), frames.to(device)
     idx = torch.where(mask, torch.full_like(target, run.decoder.config.mask_token_id), target)
+    if o.self_correct:
+        fill = draw_self_correct(o.seed, step, run.global_batch, run.seq_len, o.self_correct)
+        with run.autocast():
+            idx = self_correct_inputs(run.decoder, idx, mask, fill[sl, : mask.size(1)].to(device), cond, frames)
     return idx, target, mask, cond, frames
 
 
