@@ -40,9 +40,10 @@ whisfusion train --data "$W/shards/train3" --val-data "$W/shards/test_synth" -o 
 DECODING='{"steps": 8, "repeat_penalty": 0.5, "candidates": 1, "seed": 0, "refine": 4, "refine_fraction": 0.3, "shortlist": 16, "pad_context": 5, "refine_no_copy": true}'
 python scripts/package_default.py "$W/runs/phase3/model" "$W/models/0.1.0" --decoding "$DECODING" \
   --max-window 10 --split-silence 0.6 --int8-on-cpu --alignment-heads '[[1,0],[2,0],[2,5],[3,0],[3,1],[3,2],[3,3],[3,4]]'
-# 5. The second generation (docs/EXPERIMENTS.md, "Robust fine-tuning"): 0.1.0 fine-tuned on real speech (the
-#    Asterisk train split, twice) and 1,272 new synthetic clips, 300 steps with training's cross-attention masking
-#    padded encoder states as inference does (~15 min on one core), then the mean of its weights and 0.1.0's.
+# 5. The second generation (docs/EXPERIMENTS.md, "Robust fine-tuning" and "High mask ratios"): 0.1.0 fine-tuned
+#    on real speech (the Asterisk train split, twice) and 1,272 new synthetic clips, 300 steps at mask ratios
+#    U(0.5, 1) with training's cross-attention masking padded encoder states as inference does (~17 min on one
+#    core), then the mean of its weights and 0.1.0's.
 python scripts/asterisk.py "$W/asterisk"
 python scripts/corpus.py --out "$W/corpus/ft" --n 1272 --seed 4 --workers 2
 whisfusion preprocess "$W/asterisk/train.jsonl" -o "$W/shards/ast_train"
@@ -51,7 +52,7 @@ whisfusion preprocess "$W/corpus/ft/manifest.jsonl" -o "$W/shards/ft"
 OMP_NUM_THREADS=1 whisfusion train --data "$W/shards/ft" --data "$W/shards/ast_train" --data "$W/shards/ast_train" \
   --val-data "$W/shards/ast_tune" -o "$W/runs/finetune" --stage scratch --init "$W/models/0.1.0" --canvas audio \
   --batch-size 32 --lr 1e-4 --warmup 20 --max-steps 300 --eval-every 50 --save-every 25 --wer-items 0 \
-  --val-items 20 --patience 0 --seed 777
+  --val-items 20 --patience 0 --seed 777 --mask-range 0.5,1.0
 python scripts/package_default.py "$W/runs/finetune/model" "$W/models/finetune" --decoding "$DECODING" \
   --max-window 10 --split-silence 0.6 --int8-on-cpu
 # 6. Ship the mean; word timestamps read every head of the upper half (chosen on the word-timing dev half).
