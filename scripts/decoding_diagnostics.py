@@ -9,27 +9,25 @@ clip decoded whole by the torch engine (float32), corpus WER with the Whisper En
         the model's decoding defaults against more steps, more refinement passes and a left-to-right bias
         of the commit order (semi-autoregressive filling)
 
-docs/EXPERIMENTS.md ("Length, order and steps") has what they measured. Needs the test extra (jiwer,
-whisper-normalizer).
+docs/EXPERIMENTS.md ("Length, order and steps") has what they measured. Manifests and audio are read, and
+WER computed, as `whisfusion bench` does. Needs the test extra (jiwer, whisper-normalizer).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
-import jiwer
 import torch
-from whisper_normalizer.english import EnglishTextNormalizer
 
-from whisfusion_cli.audio import SAMPLE_RATE, load_audio
+from whisfusion_cli.audio import SAMPLE_RATE
+from whisfusion_cli.bench.metrics import corpus_error_rates
+from whisfusion_cli.bench.run import read_item_audio
+from whisfusion_cli.data import read_dataset
 from whisfusion_cli.decoding import Policy, decode_traced
 from whisfusion_cli.loading import load_model
 from whisfusion_cli.upstream import Trace
-
-NORMALISE = EnglishTextNormalizer()
 
 
 class ForceLength(Policy):
@@ -65,19 +63,8 @@ class LeftBias(Policy):
         step.scores = torch.where(step.masked, step.scores - self.weight * (pos - first) / n, step.scores)
 
 
-def read_manifest(path: Path) -> list[tuple[Path, str]]:
-    items = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            item = json.loads(line)
-            audio = Path(item["audio"])
-            items.append((audio if audio.is_absolute() else path.parent / audio, item["text"]))
-    return items
-
-
 def corpus_wer(refs: list[str], hyps: list[str]) -> float:
-    pairs = [(NORMALISE(r), NORMALISE(h)) for r, h in zip(refs, hyps) if NORMALISE(r).strip()]
-    return 100 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
+    return 100 * corpus_error_rates(refs, hyps)["wer"]
 
 
 def decode_all(model, options, clips, policies=lambda text: []) -> list[str]:
@@ -105,7 +92,7 @@ def main() -> None:
     tok = model.tokenizer
     sets = []
     for manifest in a.manifests:
-        clips = [(load_audio(p), text) for p, text in read_manifest(manifest)]
+        clips = [(read_item_audio(item), item.text) for item in read_dataset(manifest)]
         sets.append([(audio, text, model.encoder.encode([audio])[0]) for audio, text in clips])
     if a.what == "length":
         P = len(tok.prefix_ids)

@@ -42,7 +42,9 @@ EMA_DECAY = 0.995
 LAYER_DECAY = 0.9
 MAX_AUTO_CANVAS = 448  # Whisper's decoder position table
 STATE_MASK_SPANS = 2  # spans of encoder frames masked per item by --state-time-mask
-SELF_CORRECT_STREAM = 7_919  # offsets --self-correct's draws from the masks' (same seed, same step)
+# --self-correct's draws are seeded this many steps after the masks' (draw_masks): within a run of fewer steps
+# no step's fill reuses any step's mask draw.
+SELF_CORRECT_STREAM = 7_919
 LENGTH_GROUP = 32  # global batches per length-sorted chunk (bucketing of variable-length encoder states)
 LAST_CHECKPOINT = "last.pt"
 MODEL_SUBDIR = "model"
@@ -276,7 +278,8 @@ def copy_unlikelihood(logits, target, mask):
 
 def draw_self_correct(seed: int, step: int, global_batch: int, seq_len: int, share: float):
     """bool [global_batch, seq_len]: the positions that take the model's own prediction where they are masked
-    (TrainOptions.self_correct). A function of (seed, step) only, as draw_masks is, from a stream of its own."""
+    (TrainOptions.self_correct). A function of (seed, step) only, as draw_masks is, seeded SELF_CORRECT_STREAM
+    steps away from it."""
     import torch
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + SELF_CORRECT_STREAM)
