@@ -123,6 +123,7 @@ def transcribe(
                                               "end is predicted, decode only it and N positions after it "
                                               "(faster); off: the whole canvas."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Correct each window's text with Whisper's own decoder."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
     device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES),
@@ -152,8 +153,7 @@ def transcribe(
     max_line_count: Optional[int] = typer.Option(None, "--max-line-count", min=1, metavar="LINES",
                                                  help="SRT/VTT: at most this many lines per cue (needs "
                                                  "--max-line-width)."),
-    highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each word as it is "
-                                         "spoken (needs --word-timestamps)."),
+    highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each spoken word (needs --word-timestamps)."),
     max_segment_s: float = typer.Option(MAX_SEGMENT_SECONDS, "--max-cue-duration", min=0.5, metavar="SECONDS",
                                         help="Longest segment (subtitle cue); segments also end at sentence "
                                         "ends and pauses."),

@@ -476,7 +476,7 @@ def _result(canvas, confidences, prefix, pad_id, options: DecodingOptions, to_wo
 @torch.no_grad()
 def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pad_id, durations=None, to_words=None,
                    *, seeds=None, max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS,
-                   alignment_heads=None) -> list[DecodingResult]:
+                   alignment_heads=None, revise=None) -> list[DecodingResult]:
     """Decode many windows; results in input order.
 
     Windows go through one forward per step together, at most `max_batch_windows` at a time (memory: the
@@ -486,7 +486,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone). A
     batch the device has no memory for is decoded in halves. alignment_heads: (layer, head) pairs; each
     result then carries their cross-attention over its chosen text (`alignment`), from one more forward per
-    batch on the final canvases.
+    batch on the final canvases. revise(results, states): may replace each result's text before its alignment
+    is read (verification, verify.py).
     """
     if max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
@@ -514,6 +515,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
                                             options, [_generator(seeds[i]) for i in idx], pad_id, ragged)
         batch = [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
                          prefix, pad_id, options, to_words) for w, i in enumerate(idx)]
+        if revise is not None:
+            revise(batch, [states[i] for i in idx])
         if alignment_heads:
             _align(decoder, batch, kv, frames, prefix, pad_id, alignment_heads)
         return batch

@@ -92,6 +92,9 @@ class DecodingOptions:
     shortlist_int8: bool = False  # with shortlist: pick it through an int8 output projection (CPU only)
     selection: str = "confidence"
     seed: int | None = None
+    # After decoding, the causal decoder of the Whisper the encoder comes from checks each window's text left to
+    # right and corrects it where it disagrees (verify.py); the text's end stays the draft's.
+    verify: bool = False
 
     def __post_init__(self):
         if self.candidates < 1 or self.steps < 1:

@@ -402,6 +402,7 @@ class Pipeline:
         self._words = words_from_tokens(model.tokenizer)
         self._to_words = self._words if self.decoding.selection != "confidence" else None
         self.language = model.config.get("language") or DEFAULT_LANGUAGE
+        self.verifier = self._verifier() if self.decoding.verify else None
 
     @classmethod
     def load(cls, options, encoder_options: dict | None = None) -> "Pipeline":
@@ -460,19 +461,44 @@ class Pipeline:
     def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE,
                word_timestamps: bool = False):
         heads = self.alignment_heads if word_timestamps else None
+        revise = self._verify if self.verifier is not None else None
         if self.model.engine == "numpy":
             from .numpy_decoding import decode_windows as decode_numpy
 
             # One candidate per window draws no random numbers: seeds play no part.
             return decode_numpy(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
-                                durations, heads, max_batch_windows=batch_size)
+                                durations, heads, max_batch_windows=batch_size, revise=revise)
         from .decoding import decode_windows
 
         # Up to batch_size windows share a forward per step, sorted by length; each has its own seed, so a
         # window decodes the same (up to float rounding) whatever else is in the batch.
         return decode_windows(self.model.decoder, conditions, self.decoding, self.prefix_ids, self.pad_id,
                               durations, to_words=self._to_words, seeds=seeds, max_batch_windows=batch_size,
-                              alignment_heads=heads)
+                              alignment_heads=heads, revise=revise)
+
+    def _verifier(self):
+        """verify.Verifier: the causal decoder of the Whisper whose encoder the model runs on (its tokens are
+        the model's: a Whisper-family tokenizer)."""
+        from .tokenizer import TokenizerConfig
+        from .verify import Verifier
+        from .whisper_source import open_whisper
+
+        tok = self.model.tokenizer
+        source = (self.model.config.get("encoder") or {}).get("source")
+        if getattr(tok, "config", TokenizerConfig()).kind != "whisper" or not source:
+            raise ValueError("--verify needs a model with a Whisper encoder and Whisper's tokenizer")
+        try:
+            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, is_word=_word_test(tok))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
+
+    def _verify(self, results, states) -> None:
+        """Each window's text replaced by its verified text (revise hook of the decode loops)."""
+        for r, s in zip(results, states):
+            if not isinstance(s, np.ndarray):
+                s = s.float().cpu().numpy()
+            verified = self.verifier.verify(r.text_tokens, s, r.token_confidences or None)
+            r.text_tokens, r.token_confidences = verified.tokens, verified.confidences
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)
@@ -506,6 +532,18 @@ class Pipeline:
                                run if word_timestamps else None))
             k, t0 = k + len(run), t0 + len(tokens)
         return out
+
+
+def _word_test(tokenizer):
+    """is_word(token id): whether the token's text holds a letter or a digit (memoised)."""
+    memo: dict[int, bool] = {}
+
+    def is_word(token: int) -> bool:
+        if token not in memo:
+            memo[token] = any(ch.isalnum() for ch in tokenizer.decode_raw([token]))
+        return memo[token]
+
+    return is_word
 
 
 def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, float]:

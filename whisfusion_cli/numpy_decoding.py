@@ -34,9 +34,10 @@ def unsupported(options: DecodingOptions) -> str | None:
 
 def decode_windows(decoder: NumpyDecoder, conditions: list[np.ndarray], options: DecodingOptions, prefix_ids,
                    pad_id: int, durations: list[float | None], alignment_heads=None,
-                   max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS) -> list[DecodingResult]:
+                   max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS, revise=None) -> list[DecodingResult]:
     """Windows' encoder states [F_i, d] -> their DecodingResults (one candidate each), in input order, as
-    decoding.decode_windows gives: at most max_batch_windows windows per forward, sorted by length."""
+    decoding.decode_windows gives: at most max_batch_windows windows per forward, sorted by length.
+    revise(results, states): may replace each result's text before its alignment is read (verification)."""
     reason = unsupported(options)
     if reason is not None:
         raise ValueError(f"the numpy engine does not run {reason}; use --engine torch")
@@ -53,6 +54,8 @@ def decode_windows(decoder: NumpyDecoder, conditions: list[np.ndarray], options:
             _refine_pass(batch, options.refine_fraction * (options.refine - r) / options.refine, options.pad_context,
                          options.refine_no_copy)
         out = [batch.result(w, options) for w in range(len(idx))]
+        if revise is not None:
+            revise(out, [conditions[i] for i in idx])
         if alignment_heads:
             _align(batch, out, alignment_heads)
         for i, result in zip(idx, out):

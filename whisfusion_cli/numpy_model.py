@@ -197,7 +197,42 @@ class NumpyAudioEncoder:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The Whisper-family diffusion decoder
+# The Whisper-family diffusion decoder (and, with a SelfAttentionCache, Whisper's own causal decoder)
+
+
+def causal_mask(past: int, size: int) -> np.ndarray:
+    """The additive mask [1, 1, size, past + size] of `size` new positions after `past` cached ones: each
+    attends to every cached position, to itself and to the new ones before it."""
+    keys = np.arange(past + size)
+    allowed = keys[None, :] <= past + np.arange(size)[:, None]
+    return np.where(allowed, np.float32(0.0), np.float32(-np.inf))[None, None]
+
+
+class SelfAttentionCache:
+    """The self-attention keys and values [1, H, T, hs] of every layer for the T positions a causal decoder
+    has run so far, so a longer sequence runs only its new positions."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[np.ndarray | None] = [None] * n_layer
+        self.values: list[np.ndarray | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+
+    def extend(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer`'s keys and values with the new positions' k, v appended (and kept)."""
+        if self.keys[layer] is not None:
+            k = np.concatenate([self.keys[layer], k], axis=-2)
+            v = np.concatenate([self.values[layer], v], axis=-2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (tokens the verifier did not accept)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
 
 
 class NumpyUnsupported(ValueError):
@@ -263,28 +298,37 @@ class NumpyDecoder:
         return [(heads(linear(states, w, f"layers.{i}.encoder_attn.k_proj"), H),
                  heads(linear(states, w, f"layers.{i}.encoder_attn.v_proj"), H)) for i in range(self.n_layer)]
 
-    def hidden_states(self, idx: np.ndarray, kv, lengths=None, frames=None, capture: dict | None = None) -> np.ndarray:
+    def hidden_states(self, idx: np.ndarray, kv, lengths=None, frames=None, capture: dict | None = None,
+                      cache: "SelfAttentionCache | None" = None) -> np.ndarray:
         """Canvases idx int64 [B, T] -> final hidden states [B, T, d] (model.DecoderBase.hidden_states).
         lengths [B]: each row's canvas positions (the rest is padding no position attends to); frames [B]: the
         encoder states of each row's window in kv. capture {layer: head list}: the cross-attention weights
-        [B, len(heads), T, F] of those heads, stored back into it (word timestamps)."""
+        [B, len(heads), T, F] of those heads, stored back into it (word timestamps). cache: causal decoding
+        (Whisper's own decoder, verify.py): idx continues the positions whose self-attention keys and values
+        the cache holds, each position attends to those and to itself and the ones before it, and the new keys
+        and values are added to the cache."""
         B, T = idx.shape
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        past = 0 if cache is None else cache.length
+        if past + T > self.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.block_size}")
         w = self.w
         is_mask = idx == self.mask_token_id
         tokens = self.table[np.minimum(idx, self.table.shape[0] - 1)].astype(np.float32)
-        x = np.where(is_mask[..., None], w["mask_embedding"], tokens) + w["embed_positions.weight"][:T]
-        masks = (key_mask(lengths, T), key_mask(frames, kv[0][0].shape[2]))
+        x = np.where(is_mask[..., None], w["mask_embedding"], tokens) + w["embed_positions.weight"][past : past + T]
+        self_mask = key_mask(lengths, T) if cache is None else causal_mask(past, T)
+        masks = (self_mask, key_mask(frames, kv[0][0].shape[2]))
         for i in range(self.n_layer):
-            x = self._block(x, i, kv[i], masks, capture)
+            x = self._block(x, i, kv[i], masks, capture, cache)
         return layer_norm(x, w["layer_norm.weight"], w["layer_norm.bias"])
 
-    def _block(self, x: np.ndarray, i: int, kv, masks, capture: dict | None) -> np.ndarray:
+    def _block(self, x: np.ndarray, i: int, kv, masks, capture: dict | None,
+               cache: "SelfAttentionCache | None" = None) -> np.ndarray:
         w, H, p = self.w, self.n_head, f"layers.{i}."
         scale = (x.shape[-1] // H) ** -0.5
         h = layer_norm(x, w[p + "self_attn_layer_norm.weight"], w[p + "self_attn_layer_norm.bias"])
         q, k, v = (heads(part, H) for part in np.split(linear(h, w, p + "self_attn.qkv"), 3, axis=-1))
+        if cache is not None:
+            k, v = cache.extend(i, k, v)
         x = x + linear(attend(q, k, v, scale, masks[0]), w, p + "self_attn.out_proj")
         h = layer_norm(x, w[p + "encoder_attn_layer_norm.weight"], w[p + "encoder_attn_layer_norm.bias"])
         q = heads(linear(h, w, p + "encoder_attn.q_proj"), H)
@@ -322,4 +366,4 @@ class NumpyDecoder:
         return self.head[ids]
 
 
-__all__ = ["as_float32", "NumpyAudioEncoder", "NumpyDecoder", "NumpyUnsupported", "gelu", "erf", "layer_norm", "softmax", "log_softmax"]
+__all__ = ["as_float32", "causal_mask", "NumpyAudioEncoder", "NumpyDecoder", "SelfAttentionCache", "NumpyUnsupported", "gelu", "erf", "layer_norm", "softmax", "log_softmax"]

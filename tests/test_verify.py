@@ -1,0 +1,156 @@
+"""Verification by Whisper's own causal decoder (verify.py): the numpy causal decoder against the torch one,
+the cache against a whole forward, and what the speculative check does with right, shifted and wrong drafts."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from whisfusion_cli import train as T  # noqa: E402
+from whisfusion_cli.audio import load_audio  # noqa: E402
+from whisfusion_cli.distill import Teacher  # noqa: E402
+from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder  # noqa: E402
+from whisfusion_cli.loading import Pipeline, load_model  # noqa: E402
+from whisfusion_cli.numpy_model import SelfAttentionCache, causal_mask  # noqa: E402
+from whisfusion_cli.verify import VERIFY_MAX_CHANGED, Verifier, edit_share  # noqa: E402
+from whisfusion_cli.whisper_source import open_whisper  # noqa: E402
+
+AUDIO = Path(__file__).parent / "data" / "audio"
+EOS, PREFIX = 50256, [50257, 50362]
+JFK_FIRST = "And so my fellow Americans, ask not what your country can do for you"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = load_model(None, engine="numpy")
+    verifier = Verifier.from_checkpoint(open_whisper("tiny.en"), PREFIX, EOS)
+    audio = load_audio(str(AUDIO / "jfk.wav"))[: 16000 * 5]  # "And so my fellow Americans, ask not"
+    states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="short")).encode([audio])[0].numpy()
+    return model, verifier, states
+
+
+def test_causal_mask_lets_each_new_position_see_the_cached_ones_and_those_before_it():
+    mask = causal_mask(2, 3)[0, 0]
+    assert mask.shape == (3, 5)
+    assert (np.isfinite(mask) == np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)).all()
+
+
+def test_numpy_causal_decoder_matches_the_torch_teacher_and_its_cache_a_whole_forward(setup):
+    """The verifier's logits against distill.Teacher (tiny.en's decoder in torch, causal, teacher-forced); run in
+    two parts through the cache, against one forward of the whole sequence."""
+    _, verifier, states = setup
+    d = verifier.decoder
+    ids = PREFIX + [843, 523, 616, 6283, 3399]  # " And so my fellow Americans"
+    kv = d.cross_kv(states[None])
+    whole = d.hidden_states(np.array([ids]), kv, cache=SelfAttentionCache(d.n_layer))[0]
+    cache = SelfAttentionCache(d.n_layer)
+    first = d.hidden_states(np.array([ids[:3]]), kv, cache=cache)[0]
+    rest = d.hidden_states(np.array([ids[3:]]), kv, cache=cache)[0]
+    assert cache.length == len(ids)
+    np.testing.assert_allclose(np.concatenate([first, rest]), whole, atol=2e-4)
+
+    teacher = Teacher(T.whisper_decoder_from_pretrained("tiny.en", 384), EOS, len(PREFIX))
+    target = torch.tensor([ids + [EOS]])
+    positions = teacher.positions(target)
+    ref = teacher.log_probs(target, torch.from_numpy(states)[None], torch.tensor([len(states)]), positions).numpy()
+    logits = d.project(whole[len(PREFIX) - 1:])  # the rows predicting each text token and the end
+    ours = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def _greedy(verifier, states, text_ids):
+    """The verifier's own text for a draft (what it accepts and corrects)."""
+    return verifier._check(text_ids, states)[0]
+
+
+def test_a_draft_the_verifier_agrees_with_is_accepted_in_one_round(setup):
+    model, verifier, states = setup
+    checked = _greedy(verifier, states, model.tokenizer.encode(" And so my fellow Americans, ask not"))
+    result = verifier.verify(checked, states)
+    assert result.tokens == checked and result.rounds == 1 and result.changed == 0.0 and not result.kept_draft
+    assert len(result.confidences) == len(checked) and all(0.0 < p <= 1.0 for p in result.confidences)
+
+
+def test_a_repeated_or_dropped_word_is_corrected_and_the_rest_of_the_draft_realigned(setup):
+    model, verifier, states = setup
+    right = _greedy(verifier, states, model.tokenizer.encode(" And so my fellow Americans, ask not"))
+    repeated = right[:3] + [right[2]] + right[3:]  # "so my my fellow"
+    dropped = right[:2] + right[3:]  # "so fellow"
+    for draft in (repeated, dropped):
+        result = verifier.verify(draft, states)
+        assert result.tokens == right, model.tokenizer.decode(result.tokens)
+        # A repeat is seen at once (the verifier's word is the draft's next); a dropped word first reads as a
+        # replaced one, and the round after realigns the draft.
+        assert result.rounds == (2 if draft is repeated else 3)
+
+
+def test_the_draft_stands_where_the_verifier_rewrote_most_of_it(setup):
+    model, verifier, states = setup
+    draft = model.tokenizer.encode(" Bananas are rich in potassium and fibre")
+    result = verifier.verify(draft, states, [0.5] * len(draft))
+    assert result.changed > VERIFY_MAX_CHANGED and result.kept_draft
+    assert result.tokens == draft and result.confidences == [0.5] * len(draft)
+
+
+def test_the_text_ends_where_the_draft_ends_and_keeps_its_closing_mark(setup):
+    """On audio-length states the causal decoder would go on past the window ("Americans. and"): the end is the
+    draft's, its closing punctuation too."""
+    model, verifier, states = setup
+    tok = model.tokenizer
+    words = Verifier(verifier.decoder, PREFIX, EOS, is_word=lambda t: any(c.isalnum() for c in tok.decode_raw([t])))
+    encoder = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="short"))
+    first = encoder.encode([load_audio(str(AUDIO / "jfk.wav"))[: int(2.4 * 16000)]])[0].numpy()  # the first window
+    draft = tok.encode(" And so my fellow Americans.")
+    result = words.verify(draft, first)
+    assert tok.decode(result.tokens).strip() == "And so my fellow Americans."
+    assert not result.kept_draft
+    # A word the draft lost before its closing mark, which the verifier is sure of, is taken.
+    audio = load_audio(str(AUDIO / "jfk.wav"))[int(7.2 * 16000) : 11 * 16000]
+    end = encoder.encode([audio])[0].numpy()
+    result = words.verify(tok.encode(" Ask what you can do for your."), end)
+    assert tok.decode(result.tokens).strip().lower() == "ask what you can do for your country"
+
+
+def test_edit_share():
+    assert edit_share([], []) == 0.0
+    assert edit_share([1, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+    assert edit_share([1, 2, 3, 4], [1, 2, 9, 4]) == pytest.approx(0.25)
+    assert edit_share([1, 2], [5, 6, 7, 8]) == 1.0
+
+
+def test_the_default_model_verifies_and_the_option_turns_it_off(setup):
+    model, _, _ = setup
+    assert model.decoding.verify is True  # the embedded default's decoding (MODEL_CARD.md)
+    assert Pipeline(model).verifier is not None
+    assert Pipeline(model, {"verify": False}).verifier is None
+    assert Pipeline(model, {"verify": False}).decoding.to_dict()["verify"] is False
+
+
+def test_verified_and_draft_transcripts_of_the_readme_clip(setup):
+    """Both engines run the same verifier; word timestamps are read for the verified text."""
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe_file
+
+    texts = {}
+    for engine in ("numpy", "torch"):
+        for verify in (True, False):
+            options = TranscribeOptions(engine=engine, decoding={"verify": verify}, word_timestamps=True)
+            result = transcribe_file(AUDIO / "jfk.wav", options)
+            assert result.ok and result.decoding["verify"] is verify
+            words = [w for s in result.segments for w in s.words]
+            assert [w.word for w in words] == [t for s in result.segments for t in s.text.split()] or words
+            texts[engine, verify] = result.text
+    assert texts["numpy", True] == texts["torch", True]
+    assert "ask not what your country can do for you" in texts["numpy", True].lower().replace(",", "").replace(".", "")
+    assert "ask what you can do for your country" in texts["numpy", True].lower()
+
+
+def test_verify_needs_a_whisper_tokenizer(setup):
+    model, _, _ = setup
+    llama_like = dataclasses.replace(model, config={**model.config, "encoder": {}})
+    with pytest.raises(ValueError, match="--verify needs"):
+        Pipeline(llama_like, {"verify": True})

@@ -1,0 +1,167 @@
+"""Verification of each window's diffusion draft by the Whisper decoder the model's encoder comes from.
+
+The default model's decoder is Whisper tiny.en's made bidirectional and trained to fill masks; the original,
+causal tiny.en decoder (installed with the encoder) still knows what English says next, but on the
+audio-length encoder states the model runs on it cannot find the end of a window (it starts the window
+over: EXPERIMENTS.md, "Whisper tiny.en's own decoder as a verifier"). Together each covers the other's
+weakness, as in speculative decoding: the causal decoder reads the draft left to right, one forward of all the
+draft's remaining tokens per round; the draft is accepted up to the first token where the causal decoder's
+own greedy choice differs; that choice is taken, the draft realigned after it (a draft token dropped, added or
+replaced), and the next round goes on from there. The draft says where the text ends: verification stops
+where the draft is used up. Where the causal decoder rewrote more than VERIFY_MAX_CHANGED of the draft it was
+not checking but making text up (it does on isolated words, in noise), and the draft stands.
+
+Runs on numpy (numpy_model.NumpyDecoder with a SelfAttentionCache), whatever engine decoded the draft.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .numpy_model import NumpyDecoder, SelfAttentionCache, softmax
+
+DECODER_PREFIX = "model.decoder."
+# More of the draft than this rewritten (token edit share) and the draft is kept: chosen on the three tune
+# sets (EXPERIMENTS.md, "Verification by tiny.en's decoder"): 0.3 / 0.4 / 0.5 gave mean WER 27.4 / 26.4 / 27.2.
+VERIFY_MAX_CHANGED = 0.4
+# After a disagreement, the draft positions (behind, ahead of the one disagreed with) where the verifier's
+# token is looked for, to realign the rest of the draft: a repeated or dropped word shifts it by one.
+REALIGN_BEHIND, REALIGN_AHEAD = 1, 3
+# The verifier's way of failing on these states: it starts the window over. Its last RESTART_TOKENS tokens
+# equal to its first ones end the text there (the copy dropped).
+RESTART_TOKENS = 3
+# Text at most this much longer than the draft (share of its tokens, at least LENGTH_SLACK_MIN tokens).
+LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
+# Positions projected onto the vocabulary at once while checking a round: the projection (50k x 384 for
+# tiny.en) is most of the verifier's time, and a round's accepted run is often short, so the first block is
+# small and the later ones larger.
+# Where the draft ends in punctuation and the verifier says a word instead, the word is taken only at this
+# probability or more: a word the draft lost ("for your. -> country", 0.99) rather than the verifier talking
+# on past the window ("Americans. -> and", 0.32; both the README's JFK clip).
+CLOSING_WORD_PROBABILITY = 0.5
+LOGIT_ROWS_FIRST, LOGIT_ROWS = 4, 12
+
+
+@dataclass
+class Verified:
+    """A window's text after verification: the verifier's where it checked the draft, else the draft's."""
+
+    tokens: list[int]
+    confidences: list[float]  # the verifier's probability of each token (the draft's where the draft stands)
+    rounds: int  # forwards of the verifier (a greedy decoder would need len(tokens) + 1)
+    changed: float  # share of the draft the verifier rewrote
+    kept_draft: bool
+
+
+class Verifier:
+    """Whisper's own causal decoder over the text tokens and end-of-text, checking drafts (`verify`)."""
+
+    def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None):
+        """is_word(token id): whether a token holds a letter or a digit (None: all do). The draft's closing
+        punctuation is kept: where the window ends the verifier would go on talking ("Americans. and")."""
+        self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
+        self.is_word = is_word or (lambda token: True)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, table: np.ndarray | None = None,
+                        is_word=None) -> "Verifier":
+        """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
+        float16 widened). table: the token table where the caller holds it already (the same Whisper's)."""
+        weights = {name[len(DECODER_PREFIX):]: (table if table is not None and name.endswith("embed_tokens.weight")
+                                                else checkpoint.array(name))
+                   for name in checkpoint.names(DECODER_PREFIX)}
+        if "embed_tokens.weight" not in weights:
+            raise ValueError(f"{checkpoint.origin}: no Whisper decoder to verify with")
+        vocab, dim = weights["embed_tokens.weight"].shape
+        weights["mask_embedding"] = np.zeros(dim, np.float32)  # never read: a causal decoder has no masks
+        n_layer = 1 + max(int(n.split(".")[1]) for n in weights if n.startswith("layers."))
+        config = {"family": "whisper", "n_layer": n_layer, "n_head": checkpoint.n_head, "n_embd": dim,
+                  "vocab_size": vocab, "output_vocab_size": eos_id + 1,
+                  "block_size": weights["embed_positions.weight"].shape[0]}
+        return cls(NumpyDecoder(weights, config), prefix_ids, eos_id, is_word)
+
+    def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
+        """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
+        draft = list(draft)
+        out, confidences, rounds = self._check(draft, states)
+        changed = edit_share(draft, out)
+        if changed > VERIFY_MAX_CHANGED:
+            kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
+            return Verified(draft, kept, rounds, changed, True)
+        return Verified(out, confidences, rounds, changed, False)
+
+    def _check(self, draft: list[int], states: np.ndarray) -> tuple[list[int], list[float], int]:
+        d, eos = self.decoder, self.eos_id
+        kv = d.cross_kv(np.asarray(states, np.float32)[None])
+        cache = SelfAttentionCache(d.n_layer)
+        limit = min(len(draft) + max(LENGTH_SLACK_MIN, int(LENGTH_SLACK * len(draft))),
+                    d.block_size - len(self.prefix) - 1)
+        pending = list(self.prefix)  # tokens in the text whose keys and values the cache does not hold yet
+        out: list[int] = []
+        confidences: list[float] = []
+        at, rounds = 0, 0  # the draft position the next round starts from
+        while True:
+            proposal = draft[at:] + [eos]
+            hidden = d.hidden_states(np.array([pending + proposal], np.int64), kv, cache=cache)[0]
+            rounds += 1
+            first = len(pending) - 1  # the row that predicts proposal[0]
+            accepted, choice, p_choice = self._accept(hidden, first, proposal, limit - len(out))
+            out += proposal[:accepted]
+            confidences += p_choice[:accepted]
+            at += accepted
+            if _restarted(out):
+                return _cut_restart(out, confidences) + (rounds,)
+            if choice is None or choice == eos or at >= len(draft) or len(out) >= limit:
+                return out, confidences, rounds  # the end: accepted, the verifier's, the draft's or the limit
+            if at == len(draft) - 1 and not self.is_word(draft[at]) and self.is_word(choice) \
+                    and p_choice[accepted] < CLOSING_WORD_PROBABILITY:
+                return out + [draft[at]], confidences + [p_choice[accepted]], rounds  # the draft's closing mark
+            out.append(choice)
+            confidences.append(p_choice[accepted])
+            if _restarted(out):
+                return _cut_restart(out, confidences) + (rounds,)
+            # The keys and values of rejected proposal tokens go; the verifier's choice runs next round.
+            cache.truncate(len(self.prefix) + len(out) - 1)
+            pending = [choice]
+            window = range(max(at - REALIGN_BEHIND, 0), min(at + REALIGN_AHEAD, len(draft)))
+            hit = next((i for i in window if draft[i] == choice), None)
+            at = hit + 1 if hit is not None else at + 1
+
+    def _accept(self, hidden: np.ndarray, first: int, proposal: list[int], room: int):
+        """(proposal tokens accepted, the verifier's choice at the first one not accepted or None when all
+        were, every checked row's probability of its choice). The end of text is accepted by stopping."""
+        probs: list[float] = []
+        k = 0
+        while k < len(proposal):
+            rows = hidden[first + k : first + k + (LOGIT_ROWS if k else LOGIT_ROWS_FIRST)]
+            p = softmax(self.decoder.project(rows))
+            choices = p.argmax(-1)
+            for row, c in enumerate(choices):
+                probs.append(float(p[row, c]))
+                token = proposal[k]
+                if int(c) != token or token == self.eos_id or k >= room:
+                    return k, (None if (int(c) == token == self.eos_id or k >= room) else int(c)), probs
+                k += 1
+        return k, None, probs
+
+
+def edit_share(draft: list[int], text: list[int]) -> float:
+    """Share of the longer of two token sequences not in their longest matching blocks (0: the same)."""
+    if not draft and not text:
+        return 0.0
+    matcher = difflib.SequenceMatcher(None, draft, text, autojunk=False)
+    return 1.0 - sum(block.size for block in matcher.get_matching_blocks()) / max(len(draft), len(text))
+
+
+def _restarted(out: list[int]) -> bool:
+    return len(out) >= 2 * RESTART_TOKENS and out[-RESTART_TOKENS:] == out[:RESTART_TOKENS]
+
+
+def _cut_restart(out: list[int], confidences: list[float]) -> tuple[list[int], list[float]]:
+    return out[:-RESTART_TOKENS], confidences[:-RESTART_TOKENS]
+
+
+__all__ = ["Verified", "Verifier", "VERIFY_MAX_CHANGED", "edit_share"]
