@@ -42,7 +42,10 @@ LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
 # probability or more: a word the draft lost ("for your. -> country", 0.99) rather than the verifier talking
 # on past the window ("Americans. -> and", 0.32; both the README's JFK clip).
 CLOSING_WORD_PROBABILITY = 0.5
-LOGIT_ROWS_FIRST, LOGIT_ROWS = 4, 12
+LOGIT_ROWS_FIRST, LOGIT_ROWS = 4, 8
+# Draft tokens checked per round at most: a round's forward costs its tokens, and where the draft is poor
+# most of a long proposal is thrown away at the first disagreement.
+MAX_PROPOSAL = 12
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Verifier:
         confidences: list[float] = []
         at, rounds = 0, 0  # the draft position the next round starts from
         while True:
-            proposal = draft[at:] + [eos]
+            proposal = draft[at : at + MAX_PROPOSAL] + ([eos] if at + MAX_PROPOSAL >= len(draft) else [])
             hidden = d.hidden_states(np.array([pending + proposal], np.int64), kv, cache=cache)[0]
             rounds += 1
             first = len(pending) - 1  # the row that predicts proposal[0]
@@ -131,21 +134,23 @@ class Verifier:
             at = hit + 1 if hit is not None else at + 1
 
     def _accept(self, hidden: np.ndarray, first: int, proposal: list[int], room: int):
-        """(proposal tokens accepted, the verifier's choice at the first one not accepted or None when all
-        were, every checked row's probability of its choice). The end of text is accepted by stopping."""
+        """(proposal tokens accepted, the verifier's own next token after them or None where the text ends
+        there, every checked row's probability of its choice). The end of text is accepted by stopping; a
+        proposal accepted whole (cut at MAX_PROPOSAL, no end in it) gives the token after it."""
         probs: list[float] = []
         k = 0
-        while k < len(proposal):
+        while True:
             rows = hidden[first + k : first + k + (LOGIT_ROWS if k else LOGIT_ROWS_FIRST)]
             p = softmax(self.decoder.project(rows))
-            choices = p.argmax(-1)
-            for row, c in enumerate(choices):
+            for row, c in enumerate(p.argmax(-1).tolist()):
                 probs.append(float(p[row, c]))
-                token = proposal[k]
-                if int(c) != token or token == self.eos_id or k >= room:
-                    return k, (None if (int(c) == token == self.eos_id or k >= room) else int(c)), probs
+                if k >= room:
+                    return k, None, probs
+                if k == len(proposal):
+                    return k, c, probs
+                if c != proposal[k] or c == self.eos_id:
+                    return k, (None if c == proposal[k] else c), probs
                 k += 1
-        return k, None, probs
 
 
 def edit_share(draft: list[int], text: list[int]) -> float:

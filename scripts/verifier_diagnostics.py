@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""What Whisper tiny.en's own causal decoder (verify.py's verifier) reads from each encoder mode: on a tune
+manifest, each clip encoded whole in "short" (audio-length, what the default model runs on), "pad_trim" (30 s
+encoded, the audio's frames kept) and "full" (30 s, all 1,500 frames), then
+
+- teacher-forced: the share of the reference's text tokens that are the decoder's top choice, and whether it
+  puts end-of-text after the last one;
+- greedy: its own transcript, stopped at end-of-text (or at twice the reference's tokens), corpus WER.
+
+    python scripts/verifier_diagnostics.py MANIFEST [--modes short,pad_trim,full]
+
+docs/EXPERIMENTS.md ("Verification by tiny.en's own decoder") has what it measured. Manifests and audio are read,
+and WER computed, as `whisfusion bench` does (the test extra: jiwer, whisper-normalizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from whisfusion_cli.bench.metrics import corpus_error_rates
+from whisfusion_cli.bench.run import read_item_audio
+from whisfusion_cli.data import read_dataset
+from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder
+from whisfusion_cli.loading import load_model
+from whisfusion_cli.numpy_model import SelfAttentionCache
+from whisfusion_cli.verify import Verifier
+from whisfusion_cli.whisper_source import open_whisper
+
+
+def teacher_forced(verifier: Verifier, states: np.ndarray, text: list[int]) -> tuple[int, bool]:
+    """(text tokens that are the decoder's top choice, end-of-text its top choice after them)."""
+    d = verifier.decoder
+    ids = verifier.prefix + text
+    hidden = d.hidden_states(np.array([ids]), d.cross_kv(states[None]), cache=SelfAttentionCache(d.n_layer))[0]
+    choices = d.project(hidden[len(verifier.prefix) - 1:]).argmax(-1)
+    return int((choices[:-1] == np.array(text)).sum()), int(choices[-1]) == verifier.eos_id
+
+
+def greedy(verifier: Verifier, states: np.ndarray, limit: int) -> list[int]:
+    d = verifier.decoder
+    kv, cache = d.cross_kv(states[None]), SelfAttentionCache(d.n_layer)
+    out, pending = [], list(verifier.prefix)
+    while len(out) < limit:
+        choice = int(d.project(d.hidden_states(np.array([pending]), kv, cache=cache)[0, -1:]).argmax())
+        if choice == verifier.eos_id:
+            break
+        out.append(choice)
+        pending = [choice]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("manifest")
+    ap.add_argument("--modes", default="short,pad_trim,full")
+    args = ap.parse_args()
+    items = read_dataset(args.manifest)
+    clips = [read_item_audio(item) for item in items]
+    tokenizer = load_model(None, engine="numpy").tokenizer
+    verifier = Verifier.from_checkpoint(open_whisper("tiny.en"), tokenizer.prefix_ids, tokenizer.eos_id)
+    print(f"{args.manifest}: {len(items)} clips")
+    for mode in args.modes.split(","):
+        states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)).encode(clips)
+        right = total = ends = 0
+        hyps = []
+        for item, s in zip(items, states):
+            s = s.numpy()
+            text = tokenizer.encode(item.text)
+            hit, end = teacher_forced(verifier, s, text)
+            right, total, ends = right + hit, total + len(text), ends + end
+            hyps.append(tokenizer.decode(greedy(verifier, s, 2 * len(text) + 5)))
+        wer = 100 * corpus_error_rates([item.text for item in items], hyps)["wer"]
+        print(f"  {mode:9s} teacher-forced top-1 {right / total:.3f}, end-of-text after the text {ends}/{len(items)}; "
+              f"greedy WER {wer:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
