@@ -113,7 +113,7 @@ def test_the_text_ends_where_the_draft_ends_and_keeps_its_closing_mark(setup):
     audio = load_audio(str(AUDIO / "jfk.wav"))[int(7.2 * 16000) : 11 * 16000]
     end = encoder.encode([audio])[0].numpy()
     result = words.verify(tok.encode(" Ask what you can do for your."), end)
-    assert tok.decode(result.tokens).strip().lower() == "ask what you can do for your country"
+    assert tok.decode(result.tokens).strip().lower() == "ask what you can do for your country."
 
 
 def test_edit_share():

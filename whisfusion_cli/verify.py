@@ -42,6 +42,10 @@ LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
 # probability or more: a word the draft lost ("for your. -> country", 0.99) rather than the verifier talking
 # on past the window ("Americans. -> and", 0.32; both the README's JFK clip).
 CLOSING_WORD_PROBABILITY = 0.5
+# Where the draft is used up because its last positions were read as words the verifier replaced (rather than
+# matched), the verifier's further words are taken at this probability or more: the draft lacked a word or two
+# ("... children are" + "exempt") rather than the window's text ending (tune sets: EXPERIMENTS.md).
+EXTENSION_PROBABILITY = 0.5
 LOGIT_ROWS_FIRST, LOGIT_ROWS = 4, 8
 # Draft tokens checked per round at most: a round's forward costs its tokens, and where the draft is poor
 # most of a long proposal is thrown away at the first disagreement.
@@ -106,6 +110,7 @@ class Verifier:
         out: list[int] = []
         confidences: list[float] = []
         at, rounds = 0, 0  # the draft position the next round starts from
+        overran = False
         while True:
             proposal = draft[at : at + MAX_PROPOSAL] + ([eos] if at + MAX_PROPOSAL >= len(draft) else [])
             hidden = d.hidden_states(np.array([pending + proposal], np.int64), kv, cache=cache)[0]
@@ -117,8 +122,10 @@ class Verifier:
             at += accepted
             if _restarted(out):
                 return _cut_restart(out, confidences) + (rounds,)
-            if choice is None or choice == eos or at >= len(draft) or len(out) >= limit:
-                return out, confidences, rounds  # the end: accepted, the verifier's, the draft's or the limit
+            if choice is None or choice == eos or len(out) >= limit:
+                return out, confidences, rounds  # the end: accepted, the verifier's or the limit
+            if at >= len(draft) and not (overran and p_choice[accepted] >= EXTENSION_PROBABILITY):
+                return out, confidences, rounds  # the draft's end
             if at == len(draft) - 1 and not self.is_word(draft[at]) and self.is_word(choice) \
                     and p_choice[accepted] < CLOSING_WORD_PROBABILITY:
                 return out + [draft[at]], confidences + [p_choice[accepted]], rounds  # the draft's closing mark
@@ -132,6 +139,9 @@ class Verifier:
             window = range(max(at - REALIGN_BEHIND, 0), min(at + REALIGN_AHEAD, len(draft)))
             hit = next((i for i in window if draft[i] == choice), None)
             at = hit + 1 if hit is not None else at + 1
+            # Past the draft's end by a guess (the verifier's word taken for a draft word it replaced, where it
+            # was one the draft lacked), the verifier may still have the draft's last words to say.
+            overran = overran or (hit is None and at >= len(draft))
 
     def _accept(self, hidden: np.ndarray, first: int, proposal: list[int], room: int):
         """(proposal tokens accepted, the verifier's own next token after them or None where the text ends
