@@ -488,7 +488,10 @@ class Pipeline:
         if getattr(tok, "config", TokenizerConfig()).kind != "whisper" or not source:
             raise ValueError("--verify needs a model with a Whisper encoder and Whisper's tokenizer")
         try:
-            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, is_word=_word_test(tok))
+            # On the numpy engine the draft decoder's token table is the same Whisper's (external_weights): shared.
+            table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
+            shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
+            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok))
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
 

@@ -247,7 +247,9 @@ class NumpyDecoder:
     a float16 view of the Whisper file it comes from (rows are widened as they are read: exact). config: the
     model directory's "decoder" section."""
 
-    def __init__(self, weights: dict[str, np.ndarray], config: dict):
+    def __init__(self, weights: dict[str, np.ndarray], config: dict, head: np.ndarray | None = None):
+        """head: the float32 output projection where another decoder over the same token table made it already
+        (the verifier and the draft decoder share tiny.en's: 77 MB once, not twice)."""
         self.check_config(config)
         self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
         fused = f"layers.0.{SELF_QKV}.weight" in weights  # `w` of a decoder made before (a cache of it)
@@ -264,7 +266,7 @@ class NumpyDecoder:
         self.mask_token_id = int(config["vocab_size"])  # one past the tokenizer's vocabulary
         self.n_logits = int(config.get("output_vocab_size") or config["vocab_size"])
         self.table = self.w["embed_tokens.weight"]
-        self._head: np.ndarray | None = None  # the float32 output projection, made on first use
+        self._head: np.ndarray | None = head  # the float32 output projection, made on first use
 
     @staticmethod
     def check_config(config) -> None:

@@ -73,10 +73,12 @@ class Verifier:
         self.is_word = is_word or (lambda token: True)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, table: np.ndarray | None = None,
+    def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
                         is_word=None) -> "Verifier":
         """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
-        float16 widened). table: the token table where the caller holds it already (the same Whisper's)."""
+        float16 widened). shared: a decoder over the same Whisper's token table (the draft decoder on the numpy
+        engine), whose table and output projection the verifier uses rather than copies of its own."""
+        table = None if shared is None else shared.table
         weights = {name[len(DECODER_PREFIX):]: (table if table is not None and name.endswith("embed_tokens.weight")
                                                 else checkpoint.array(name))
                    for name in checkpoint.names(DECODER_PREFIX)}
@@ -88,7 +90,8 @@ class Verifier:
         config = {"family": "whisper", "n_layer": n_layer, "n_head": checkpoint.n_head, "n_embd": dim,
                   "vocab_size": vocab, "output_vocab_size": eos_id + 1,
                   "block_size": weights["embed_positions.weight"].shape[0]}
-        return cls(NumpyDecoder(weights, config), prefix_ids, eos_id, is_word)
+        head = shared.head if shared is not None and shared.n_logits == eos_id + 1 else None
+        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word)
 
     def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
         """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
