@@ -479,18 +479,17 @@ class Pipeline:
     def _verifier(self):
         """verify.Verifier: the causal decoder of the Whisper whose encoder the model runs on (its tokens are
         the model's: a Whisper-family tokenizer)."""
-        from .tokenizer import TokenizerConfig
         from .verify import Verifier
         from .whisper_source import open_whisper
 
         tok = self.model.tokenizer
         source = (self.model.config.get("encoder") or {}).get("source")
-        if getattr(tok, "config", TokenizerConfig()).kind != "whisper" or not source:
+        if tok.config.kind != "whisper" or not source:
             raise ValueError("--verify needs a model with a Whisper encoder and Whisper's tokenizer")
+        # On the numpy engine the draft decoder's token table is the same Whisper's (external_weights): shared.
+        table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
+        shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
         try:
-            # On the numpy engine the draft decoder's token table is the same Whisper's (external_weights): shared.
-            table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
-            shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
             return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok))
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None

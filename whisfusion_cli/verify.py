@@ -4,8 +4,8 @@ The default model's decoder is Whisper tiny.en's made bidirectional and trained 
 causal tiny.en decoder (installed with the encoder) still knows what English says next, but on the
 audio-length encoder states the model runs on it cannot find the end of a window (it starts the window
 over: EXPERIMENTS.md, "Whisper tiny.en's own decoder as a verifier"). Together each covers the other's
-weakness, as in speculative decoding: the causal decoder reads the draft left to right, one forward of all the
-draft's remaining tokens per round; the draft is accepted up to the first token where the causal decoder's
+weakness, as in speculative decoding: the causal decoder reads the draft left to right, one forward of the
+draft's next tokens (at most MAX_PROPOSAL) per round; the draft is accepted up to the first token where the causal decoder's
 own greedy choice differs; that choice is taken, the draft realigned after it (a draft token dropped, added or
 replaced), and the next round goes on from there. The draft says where the text ends: verification stops
 where the draft is used up. Where the causal decoder rewrote more than VERIFY_MAX_CHANGED of the draft it was
@@ -25,7 +25,8 @@ from .numpy_model import NumpyDecoder, SelfAttentionCache, softmax
 
 DECODER_PREFIX = "model.decoder."
 # More of the draft than this rewritten (token edit share) and the draft is kept: chosen on the three tune
-# sets (EXPERIMENTS.md, "Verification by tiny.en's decoder"): 0.3 / 0.4 / 0.5 gave mean WER 27.4 / 26.4 / 27.2.
+# sets, clips decoded whole (EXPERIMENTS.md, "Verification by tiny.en's own decoder"): 0.3 / 0.4 / 0.5 gave
+# mean WER 27.5 / 26.4 / 26.7.
 VERIFY_MAX_CHANGED = 0.4
 # After a disagreement, the draft positions (behind, ahead of the one disagreed with) where the verifier's
 # token is looked for, to realign the rest of the draft: a repeated or dropped word shifts it by one.
@@ -35,9 +36,6 @@ REALIGN_BEHIND, REALIGN_AHEAD = 1, 3
 RESTART_TOKENS = 3
 # Text at most this much longer than the draft (share of its tokens, at least LENGTH_SLACK_MIN tokens).
 LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
-# Positions projected onto the vocabulary at once while checking a round: the projection (50k x 384 for
-# tiny.en) is most of the verifier's time, and a round's accepted run is often short, so the first block is
-# small and the later ones larger.
 # Where the draft ends in punctuation and the verifier says a word instead, the word is taken only at this
 # probability or more: a word the draft lost ("for your. -> country", 0.99) rather than the verifier talking
 # on past the window ("Americans. -> and", 0.32; both the README's JFK clip).
@@ -46,6 +44,8 @@ CLOSING_WORD_PROBABILITY = 0.5
 # matched), the verifier's further words are taken at this probability or more: the draft lacked a word or two
 # ("... children are" + "exempt") rather than the window's text ending (tune sets: EXPERIMENTS.md).
 EXTENSION_PROBABILITY = 0.5
+# Positions projected onto the vocabulary at once while checking a round (the 50k x 384 projection is most of
+# the verifier's time; a round's accepted run is often short, so the first block is small).
 LOGIT_ROWS_FIRST, LOGIT_ROWS = 4, 8
 # Draft tokens checked per round at most: a round's forward costs its tokens, and where the draft is poor
 # most of a long proposal is thrown away at the first disagreement.
