@@ -248,8 +248,9 @@ class NumpyDecoder:
     model directory's "decoder" section."""
 
     def __init__(self, weights: dict[str, np.ndarray], config: dict, head: np.ndarray | None = None):
-        """head: the float32 output projection where another decoder over the same token table made it already
-        (the verifier and the draft decoder share tiny.en's: 77 MB once, not twice)."""
+        """head: the float32 output projection, transposed ([d, n_logits], `head`), where another decoder over
+        the same token table made it already (the verifier and the draft decoder share tiny.en's: 77 MB once,
+        not twice)."""
         self.check_config(config)
         self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
         fused = f"layers.0.{SELF_QKV}.weight" in weights  # `w` of a decoder made before (a cache of it)
@@ -266,7 +267,7 @@ class NumpyDecoder:
         self.mask_token_id = int(config["vocab_size"])  # one past the tokenizer's vocabulary
         self.n_logits = int(config.get("output_vocab_size") or config["vocab_size"])
         self.table = self.w["embed_tokens.weight"]
-        self._head: np.ndarray | None = head  # the float32 output projection, made on first use
+        self._head: np.ndarray | None = head  # the float32 output projection [d, n_logits], made on first use
 
     @staticmethod
     def check_config(config) -> None:
@@ -354,18 +355,21 @@ class NumpyDecoder:
 
     @property
     def head(self) -> np.ndarray:
-        """The output projection [n_logits, d], float32 (77 MB for tiny.en's table: made once, when needed)."""
+        """The output projection, transposed: [d, n_logits] float32 (77 MB for tiny.en's table: made once, when
+        needed). Stored this way round because a few rows times it is the common product (the verifier's
+        rounds, a step's masked positions), which BLAS runs 1.5-2.7x faster (4 to 64 rows) than against
+        [n_logits, d].T (scripts/bench_projection.py)."""
         if self._head is None:
-            self._head = np.ascontiguousarray(as_float32(self.table[: self.n_logits]))
+            self._head = np.ascontiguousarray(as_float32(self.table[: self.n_logits]).T)
         return self._head
 
     def project(self, hidden: np.ndarray) -> np.ndarray:
         """Hidden states [n, d] -> logits [n, n_logits]."""
-        return hidden @ self.head.T
+        return hidden @ self.head
 
     def output_rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of the output projection [len(ids), d]: `hidden @ rows.T` are those tokens' logits."""
-        return self.head[ids]
+        return np.ascontiguousarray(self.head[:, ids].T)
 
 
 __all__ = ["as_float32", "causal_mask", "NumpyAudioEncoder", "NumpyDecoder", "SelfAttentionCache", "NumpyUnsupported", "gelu", "erf", "layer_norm", "softmax", "log_softmax"]

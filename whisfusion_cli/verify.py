@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .numpy_model import NumpyDecoder, SelfAttentionCache, softmax
+from .numpy_model import NumpyDecoder, SelfAttentionCache
 
 DECODER_PREFIX = "model.decoder."
 # More of the draft than this rewritten (token edit share) and the draft is kept: chosen on the three tune
@@ -153,10 +153,13 @@ class Verifier:
         probs: list[float] = []
         k = 0
         while True:
-            rows = hidden[first + k : first + k + (LOGIT_ROWS if k else LOGIT_ROWS_FIRST)]
-            p = softmax(self.decoder.project(rows))
-            for row, c in enumerate(p.argmax(-1).tolist()):
-                probs.append(float(p[row, c]))
+            logits = self.decoder.project(hidden[first + k : first + k + (LOGIT_ROWS if k else LOGIT_ROWS_FIRST)])
+            best = logits.argmax(-1).tolist()
+            # The rows this round reads: up to the first that ends it (probabilities cost as much as the product).
+            n = next((row + 1 for row, c in enumerate(best) if k + row >= room or k + row == len(proposal)
+                      or c != proposal[k + row] or c == self.eos_id), len(best))
+            probs += _probability_of_best(logits[:n]).tolist()
+            for c in best[:n]:
                 if k >= room:
                     return k, None, probs
                 if k == len(proposal):
@@ -164,6 +167,14 @@ class Verifier:
                 if c != proposal[k] or c == self.eos_id:
                     return k, (None if c == proposal[k] else c), probs
                 k += 1
+
+
+def _probability_of_best(logits: np.ndarray) -> np.ndarray:
+    """Each row's softmax probability of its largest logit, 1 / sum(exp(logits - max)); logits [n, V] are
+    overwritten (in place: a fresh 50k-wide array per row costs more than the exponentials)."""
+    np.subtract(logits, logits.max(-1, keepdims=True), out=logits)
+    np.exp(logits, out=logits)
+    return 1.0 / logits.sum(-1, dtype=np.float64)
 
 
 def edit_share(draft: list[int], text: list[int]) -> float:
