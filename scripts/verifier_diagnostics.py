@@ -7,7 +7,9 @@ encoded, the audio's frames kept) and "full" (30 s, all 1,500 frames), then
   puts end-of-text after the last one;
 - greedy: its own transcript, stopped at end-of-text (or at twice the reference's tokens), corpus WER.
 
-    python scripts/verifier_diagnostics.py MANIFEST [--modes short,pad_trim,full]
+    python scripts/verifier_diagnostics.py MANIFEST [--modes short,pad_trim,full] [--pad 1,2,4]
+
+--pad: also "short" with that many seconds of zero padding encoded after each clip (all frames kept).
 
 docs/EXPERIMENTS.md ("Verification by tiny.en's own decoder") has what it measured. Manifests and audio are read,
 and WER computed, as `whisfusion bench` does (the test extra: jiwer, whisper-normalizer).
@@ -22,7 +24,8 @@ import numpy as np
 from whisfusion_cli.bench.metrics import corpus_error_rates
 from whisfusion_cli.bench.run import read_item_audio
 from whisfusion_cli.data import read_dataset
-from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder
+from whisfusion_cli.encoder import (EncoderOptions, N_FRAMES, NumpyWhisperEncoder, WhisperAudioEncoder,
+                                    log_mel_spectrogram_numpy, padded_clips, short_mel_frames)
 from whisfusion_cli.loading import load_model
 from whisfusion_cli.numpy_model import SelfAttentionCache
 from whisfusion_cli.verify import Verifier
@@ -51,22 +54,37 @@ def greedy(verifier: Verifier, states: np.ndarray, limit: int) -> list[int]:
     return out
 
 
+def padded_states(encoder: NumpyWhisperEncoder, clip: np.ndarray, seconds: float) -> np.ndarray:
+    """Every frame of the short-mode encoding of `clip` with `seconds` of zeros after it (at most 30 s)."""
+    mel_frames = min(N_FRAMES, short_mel_frames(len(clip)) + 2 * round(seconds * 50))
+    feats = log_mel_spectrogram_numpy(padded_clips([clip], mel_frames), encoder.num_mel_bins)[0, :, :mel_frames]
+    return encoder.encoder(feats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("manifest")
     ap.add_argument("--modes", default="short,pad_trim,full")
+    ap.add_argument("--pad", default="", help="comma-separated seconds of padding for extra short-mode runs")
     args = ap.parse_args()
     items = read_dataset(args.manifest)
     clips = [read_item_audio(item) for item in items]
     tokenizer = load_model(None, engine="numpy").tokenizer
-    verifier = Verifier.from_checkpoint(open_whisper("tiny.en"), tokenizer.prefix_ids, tokenizer.eos_id)
+    checkpoint = open_whisper("tiny.en")
+    verifier = Verifier.from_checkpoint(checkpoint, tokenizer.prefix_ids, tokenizer.eos_id)
     print(f"{args.manifest}: {len(items)} clips")
-    for mode in args.modes.split(","):
-        states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)).encode(clips)
+    runs = [(mode, None) for mode in args.modes.split(",") if mode]
+    runs += [(f"short+{p}s", float(p)) for p in args.pad.split(",") if p]
+    for mode, pad in runs:
+        if pad is None:
+            states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)).encode(clips)
+        else:
+            states = [padded_states(NumpyWhisperEncoder(checkpoint, EncoderOptions(mode="short")), c, pad)
+                      for c in clips]
         right = total = ends = 0
         hyps = []
         for item, s in zip(items, states):
-            s = s.numpy()
+            s = np.asarray(s, np.float32)
             text = tokenizer.encode(item.text)
             hit, end = teacher_forced(verifier, s, text)
             right, total, ends = right + hit, total + len(text), ends + end

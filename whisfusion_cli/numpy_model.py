@@ -19,6 +19,9 @@ import numpy as np
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which every Whisper layer norm uses
 SELF_QKV = "self_attn.qkv"  # the fused self-attention projection of every block (fuse)
+# The transposed output projection ([d, n_logits], NumpyDecoder.head) under this name in `w` of a decoder
+# made before (the engine cache keeps it, so no start copies the token table again).
+OUTPUT_HEAD = "output_head"
 CONV_KERNEL = 3  # both convolutions of Whisper's stem (padding 1; the second has stride 2)
 # erf as a rational function in float32 (Eigen's and XLA's fast erf, max error ~1 ulp on [-4, 4]; erf is
 # +-1 in float32 beyond): numpy has no erf, and scipy's costs an import as long as this module's run.
@@ -254,12 +257,14 @@ class NumpyDecoder:
         self.check_config(config)
         self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
         fused = f"layers.0.{SELF_QKV}.weight" in weights  # `w` of a decoder made before (a cache of it)
+        weights = dict(weights)
+        head = weights.pop(OUTPUT_HEAD, None) if head is None else head
         expected = self.names(self.n_layer, fused)
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
             raise ValueError(f"weights do not fit the decoder its config describes (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
-        self.w = dict(weights)  # the arrays it runs on, self-attention projections fused
+        self.w = weights  # the arrays it runs on, self-attention projections fused
         if not fused:
             for i in range(self.n_layer):
                 fuse(self.w, f"layers.{i}.self_attn.")
