@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The default model against the previous release and Whisper tiny.en, every system in one `whisfusion bench`
-# run per test set, same threads (docs/MODEL_CARD.md, results/default_model/).
+# run per test set, same threads (docs/MODEL_CARD.md, results/default_model/); the new model also without
+# verification (its diffusion draft alone).
 #   bash scripts/bench_default_model.sh NEW_MODEL_DIR OLD_MODEL_DIR [WORK]
 # Test sets (none of them chose anything for the model they report on):
 #   asterisk_report  66 Asterisk sentences held out from training and tuning (scripts/asterisk.py WORK/asterisk)
@@ -15,6 +16,7 @@ declare -A SETS=([asterisk_report]="$W/asterisk/report.jsonl" [realspeech]="test
                  [synth_heldout]="$W/corpus/test_synth/manifest.jsonl")
 for name in asterisk_report realspeech synth_heldout; do
   whisfusion bench "${SETS[$name]}" -o "$OUT/bench_$name" --threads 2 --no-plots \
-    -s "whisfusion:model=$NEW,label=whisfusion-new" -s "whisfusion:model=$OLD,label=whisfusion-0.1.0" \
+    -s "whisfusion:model=$NEW,label=whisfusion-new" -s "whisfusion:model=$NEW,verify=0,label=whisfusion-new-draft" \
+    -s "whisfusion:model=$OLD,label=whisfusion-0.1.0" \
     -s "faster-whisper:tiny.en,compute_type=int8" -s "whisper:tiny.en"
 done
