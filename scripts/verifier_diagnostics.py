@@ -24,8 +24,8 @@ import numpy as np
 from whisfusion_cli.bench.metrics import corpus_error_rates
 from whisfusion_cli.bench.run import read_item_audio
 from whisfusion_cli.data import read_dataset
-from whisfusion_cli.encoder import (EncoderOptions, N_FRAMES, NumpyWhisperEncoder, WhisperAudioEncoder,
-                                    log_mel_spectrogram_numpy, padded_clips, short_mel_frames)
+from whisfusion_cli.audio import SAMPLE_RATE
+from whisfusion_cli.encoder import EncoderOptions, NumpyWhisperEncoder, WhisperAudioEncoder
 from whisfusion_cli.loading import load_model
 from whisfusion_cli.numpy_model import SelfAttentionCache
 from whisfusion_cli.verify import Verifier
@@ -54,13 +54,6 @@ def greedy(verifier: Verifier, states: np.ndarray, limit: int) -> list[int]:
     return out
 
 
-def padded_states(encoder: NumpyWhisperEncoder, clip: np.ndarray, seconds: float) -> np.ndarray:
-    """Every frame of the short-mode encoding of `clip` with `seconds` of zeros after it (at most 30 s)."""
-    mel_frames = min(N_FRAMES, short_mel_frames(len(clip)) + 2 * round(seconds * 50))
-    feats = log_mel_spectrogram_numpy(padded_clips([clip], mel_frames), encoder.num_mel_bins)[0, :, :mel_frames]
-    return encoder.encoder(feats)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("manifest")
@@ -78,9 +71,9 @@ def main() -> None:
     for mode, pad in runs:
         if pad is None:
             states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)).encode(clips)
-        else:
-            states = [padded_states(NumpyWhisperEncoder(checkpoint, EncoderOptions(mode="short")), c, pad)
-                      for c in clips]
+        else:  # the short mode's every frame of each clip with `pad` seconds of zeros after it
+            encoder = NumpyWhisperEncoder(checkpoint, EncoderOptions(mode="short"))
+            states = encoder.encode([np.pad(c, (0, round(pad * SAMPLE_RATE))) for c in clips])
         right = total = ends = 0
         hyps = []
         for item, s in zip(items, states):

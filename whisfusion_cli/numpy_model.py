@@ -258,7 +258,8 @@ class NumpyDecoder:
         self.n_layer, self.n_head = int(config["n_layer"]), int(config["n_head"])
         fused = f"layers.0.{SELF_QKV}.weight" in weights  # `w` of a decoder made before (a cache of it)
         weights = dict(weights)
-        head = weights.pop(OUTPUT_HEAD, None) if head is None else head
+        cached_head = weights.pop(OUTPUT_HEAD, None)  # never a weight to check: the cache's copy of the table
+        head = cached_head if head is None else head
         expected = self.names(self.n_layer, fused)
         missing, unexpected = expected - set(weights), set(weights) - expected
         if missing or unexpected:
