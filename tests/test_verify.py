@@ -114,6 +114,36 @@ def test_the_text_ends_where_the_draft_ends_and_keeps_its_closing_mark(setup):
     assert tok.decode(result.tokens).strip().lower() == "ask what you can do for your country."
 
 
+def test_a_stretch_the_verifier_says_over_is_the_text(setup):
+    """On an isolated word the verifier often reads it right, then starts over ("Rocket Rocket Rocket"); the
+    draft ("Rock it.") is then replaced by the word, with the draft's closing mark."""
+    model, verifier, _ = setup
+    tok = model.tokenizer
+    from whisfusion_cli.loading import _word_test
+    from whisfusion_cli.decoding_options import word_start_test
+
+    words = Verifier(verifier.decoder, PREFIX, EOS, is_word=_word_test(tok), starts_word=word_start_test(tok))
+    enc = tok.encode
+
+    def stretch(text, draft):
+        n = words.said_over(enc(text), enc(draft))
+        return None if n is None else tok.decode(words._closed(enc(text)[:n], [0.9] * n, enc(draft), None)[0]).strip()
+
+    assert stretch(" Rocket Rocket Rocket", " Rock it.") == "Rocket."
+    assert stretch(" Oasis, Oasis", " A racist.") == "Oasis."  # the copy cut short, its first word whole
+    assert stretch(" Arch, Arch,", " Uh") == "Arch"  # no closing mark in the draft: none added
+    assert stretch(" or 8 to exit, or 8", " Or eight two exit.") == "or 8 to exit."
+    # Not a stretch said over: a copy without its first word whole, a text with no words, one far shorter
+    # than the draft, the draft itself, a repeat the draft also heard, and a spoken repeat (the first word
+    # capitalised, so no stretch from the start).
+    assert stretch(" that's that", " That is it.") is None
+    assert stretch(' " " " "', " Man.") is None
+    assert stretch(" the the the the", " Press one for sales, two for service and three for the rest.") is None
+    assert stretch(" Bacon Bacon", " Bacon Bacon") is None
+    assert stretch(" Bacon Bacon Bacon", " Bacon Bacon") is None
+    assert stretch(" Bye bye bye bye", " Bye bye.") is None
+
+
 def test_edit_share():
     assert edit_share([], []) == 0.0
     assert edit_share([1, 2, 3, 4], [1, 2, 3, 4]) == 0.0

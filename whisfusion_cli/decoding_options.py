@@ -246,9 +246,9 @@ class DecodingResult:
 # Text of a decoded canvas
 
 
-def words_from_tokens(tokenizer):
-    """A to_words function: groups token ids into words at tokens that start with a space (Whisper BPE, and
-    SentencePiece's '▁'), so MBR and ROVER vote on words, not sub-word pieces."""
+def word_start_test(tokenizer):
+    """starts_word(token id): whether the token starts a word, i.e. starts with a space (Whisper BPE, and
+    SentencePiece's '▁'); memoised."""
     cache: dict[int, bool] = {}
     # A word-level vocabulary (no piece carries a word-start marker): every token is a word.
     marked = any(piece.startswith(WORD_START_MARKERS) for piece in tokenizer.pieces())
@@ -258,6 +258,14 @@ def words_from_tokens(tokenizer):
             piece = tokenizer.piece(t)
             cache[t] = piece.startswith(WORD_START_MARKERS) or not marked
         return cache[t]
+
+    return starts_word
+
+
+def words_from_tokens(tokenizer):
+    """A to_words function: groups token ids into words at tokens that start one (word_start_test), so MBR and
+    ROVER vote on words, not sub-word pieces."""
+    starts_word = word_start_test(tokenizer)
 
     def to_words(seq):
         words, cur = [], []

@@ -480,6 +480,7 @@ class Pipeline:
     def _verifier(self):
         """verify.Verifier: the causal decoder of the Whisper whose encoder the model runs on (its tokens are
         the model's: a Whisper-family tokenizer)."""
+        from .decoding_options import word_start_test
         from .verify import Verifier
         from .whisper_source import open_whisper
 
@@ -491,7 +492,8 @@ class Pipeline:
         table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
         shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
         try:
-            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok))
+            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok),
+                                            word_start_test(tok))
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
 

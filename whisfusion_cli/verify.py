@@ -9,7 +9,9 @@ draft's next tokens (at most MAX_PROPOSAL) per round; the draft is accepted up t
 own greedy choice differs; that choice is taken, the draft realigned after it (a draft token dropped, added or
 replaced), and the next round goes on from there. The draft says where the text ends: verification stops
 where the draft is used up. Where the causal decoder rewrote more than VERIFY_MAX_CHANGED of the draft it was
-not checking but making text up (it does on isolated words, in noise), and the draft stands.
+not checking but making text up (it does on isolated words, in noise), and the draft stands, unless what it
+said is one stretch said over ("Rocket Rocket Rocket" for the draft's "Rock it."): then it read the window's
+words and started over where it could not find the end, and the stretch is the text (`said_over`).
 
 Runs on numpy (numpy_model.NumpyDecoder with a SelfAttentionCache), whatever engine decoded the draft.
 """
@@ -34,6 +36,9 @@ REALIGN_BEHIND, REALIGN_AHEAD = 1, 3
 # The verifier's way of failing on these states: it starts the window over. Its last RESTART_TOKENS tokens
 # equal to its first ones end the text there (the copy dropped).
 RESTART_TOKENS = 3
+# A stretch the verifier said over stands for the window's text only where it holds at least this share of the
+# draft's word tokens: a start over, not a word the verifier got stuck on in a longer window.
+SAID_OVER_MIN_SHARE = 0.5
 # Text at most this much longer than the draft (share of its tokens, at least LENGTH_SLACK_MIN tokens).
 LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
 # Where the draft ends in punctuation and the verifier says a word instead, the word is taken only at this
@@ -66,15 +71,17 @@ class Verified:
 class Verifier:
     """Whisper's own causal decoder over the text tokens and end-of-text, checking drafts (`verify`)."""
 
-    def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None):
+    def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None, starts_word=None):
         """is_word(token id): whether a token holds a letter or a digit (None: all do). The draft's closing
-        punctuation is kept: where the window ends the verifier would go on talking ("Americans. and")."""
+        punctuation is kept: where the window ends the verifier would go on talking ("Americans. and").
+        starts_word(token id): whether a token begins a word (None: all do)."""
         self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
         self.is_word = is_word or (lambda token: True)
+        self.starts_word = starts_word or (lambda token: True)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
-                        is_word=None) -> "Verifier":
+                        is_word=None, starts_word=None) -> "Verifier":
         """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
         float16 widened). shared: a decoder over the same Whisper's token table (the draft decoder on the numpy
         engine), whose table and output projection the verifier uses rather than copies of its own."""
@@ -91,17 +98,55 @@ class Verifier:
                   "vocab_size": vocab, "output_vocab_size": eos_id + 1,
                   "block_size": weights["embed_positions.weight"].shape[0]}
         head = shared.head if shared is not None and shared.n_logits == eos_id + 1 else None
-        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word)
+        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word)
 
     def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
         """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
         draft = list(draft)
         out, confidences, rounds = self._check(draft, states)
         changed = edit_share(draft, out)
+        stretch = self.said_over(out, draft)
+        if stretch is not None:
+            return Verified(*self._closed(out[:stretch], confidences, draft, draft_confidences), rounds, changed, False)
         if changed > VERIFY_MAX_CHANGED:
             kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
             return Verified(draft, kept, rounds, changed, True)
         return Verified(out, confidences, rounds, changed, False)
+
+    def said_over(self, text: list[int], draft: list[int]) -> int | None:
+        """The length of the stretch `text` says over (its start, then a copy of it, the last copy perhaps cut
+        short but holding the stretch's first word whole: "Oasis, Oasis"), or None. Only a stretch with words in
+        it, at least SAID_OVER_MIN_SHARE of the draft's word tokens, in a text that is not the draft and where
+        the draft itself does not say a stretch over (a repeat the draft heard may have been spoken: "bye bye")."""
+        if text == draft or self._period(draft) is not None:
+            return None
+        n = self._period(text)
+        if n is None:
+            return None
+        words = sum(map(self.is_word, text[:n]))
+        return n if words and words >= SAID_OVER_MIN_SHARE * sum(map(self.is_word, draft)) else None
+
+    def _period(self, text: list[int]) -> int | None:
+        for n in range(1, len(text)):
+            if all(text[i] == text[i - n] for i in range(n, len(text))):
+                first = next((i for i in range(1, n) if self.starts_word(text[i])), n)  # its first word's tokens
+                while first > 1 and not self.is_word(text[first - 1]):
+                    first -= 1  # ... without the punctuation after it
+                return n if len(text) - n >= first else None
+        return None
+
+    def _closed(self, stretch: list[int], confidences: list[float], draft: list[int],
+                draft_confidences: list[float] | None) -> tuple[list[int], list[float]]:
+        """A stretch of the verifier's text, the punctuation at its end replaced by the draft's closing mark:
+        where the verifier said the stretch over it put a comma there ("Arch, Arch,")."""
+        n = len(stretch)
+        while n > 1 and not self.is_word(stretch[n - 1]):
+            n -= 1
+        tokens, probs = stretch[:n], confidences[:n]
+        if draft and not self.is_word(draft[-1]):
+            tokens = tokens + [draft[-1]]
+            probs = probs + [draft_confidences[-1] if draft_confidences else 1.0]
+        return tokens, probs
 
     def _check(self, draft: list[int], states: np.ndarray) -> tuple[list[int], list[float], int]:
         d, eos = self.decoder, self.eos_id
