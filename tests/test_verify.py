@@ -144,6 +144,25 @@ def test_a_stretch_the_verifier_says_over_is_the_text(setup):
     assert stretch(" Bye bye bye bye", " Bye bye.") is None
 
 
+def test_a_stretch_said_over_that_says_the_draft_s_words_leaves_the_draft(setup):
+    """The verifier's "i i i i" for the draft's "I." agrees on the word: the draft stands, in its own case."""
+    model, verifier, states = setup
+    tok = model.tokenizer
+    from whisfusion_cli.loading import _spoken_words, _word_test
+    from whisfusion_cli.decoding_options import word_start_test
+
+    words = Verifier(verifier.decoder, PREFIX, EOS, _word_test(tok), word_start_test(tok), _spoken_words(tok))
+    assert _spoken_words(tok)(tok.encode(" Falling, star.")) == "falling star"
+    draft = tok.encode(" I.")
+    words._check = lambda d, s: (tok.encode(" i i i i"), [0.9] * 4, 1)  # what the verifier says on that word
+    result = words.verify(draft, states, [0.7, 0.6])
+    assert result.tokens == draft and result.kept_draft and result.confidences == [0.7, 0.6]
+    words._check = lambda d, s: (tok.encode(" Rocket Rocket Rocket"), [0.9] * 3, 1)
+    result = words.verify(tok.encode(" Rock it."), states, [0.7, 0.6, 0.5])
+    assert tok.decode(result.tokens).strip() == "Rocket." and not result.kept_draft
+    assert result.confidences == [0.9, 0.5]  # the verifier's for its word, the draft's for its closing mark
+
+
 def test_edit_share():
     assert edit_share([], []) == 0.0
     assert edit_share([1, 2, 3, 4], [1, 2, 3, 4]) == 0.0

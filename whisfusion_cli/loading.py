@@ -493,7 +493,7 @@ class Pipeline:
         shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
         try:
             return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok),
-                                            word_start_test(tok))
+                                            word_start_test(tok), _spoken_words(tok))
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
 
@@ -549,6 +549,15 @@ def _word_test(tokenizer):
         return memo[token]
 
     return is_word
+
+
+def _spoken_words(tokenizer):
+    """spoken(token ids): the words they say, lower case, punctuation dropped ("Falling star." -> "falling star")."""
+
+    def spoken(ids) -> str:
+        return " ".join("".join(ch if ch.isalnum() else " " for ch in tokenizer.decode(list(ids)).lower()).split())
+
+    return spoken
 
 
 def _at_least_a_frame(start: float, end: float, window: Window) -> tuple[float, float]:

@@ -71,17 +71,21 @@ class Verified:
 class Verifier:
     """Whisper's own causal decoder over the text tokens and end-of-text, checking drafts (`verify`)."""
 
-    def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None, starts_word=None):
+    def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None, starts_word=None,
+                 spoken=None):
         """is_word(token id): whether a token holds a letter or a digit (None: all do). The draft's closing
         punctuation is kept: where the window ends the verifier would go on talking ("Americans. and").
-        starts_word(token id): whether a token begins a word (None: all do)."""
+        starts_word(token id): whether a token begins a word (None: all do). spoken(token ids): their words,
+        lower case, without punctuation (None: the ids themselves), so that a stretch said over that says the
+        draft's words leaves the draft's case ("I." rather than "i.")."""
         self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
         self.is_word = is_word or (lambda token: True)
         self.starts_word = starts_word or (lambda token: True)
+        self.spoken = spoken or tuple
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
-                        is_word=None, starts_word=None) -> "Verifier":
+                        is_word=None, starts_word=None, spoken=None) -> "Verifier":
         """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
         float16 widened). shared: a decoder over the same Whisper's token table (the draft decoder on the numpy
         engine), whose table and output projection the verifier uses rather than copies of its own."""
@@ -98,18 +102,21 @@ class Verifier:
                   "vocab_size": vocab, "output_vocab_size": eos_id + 1,
                   "block_size": weights["embed_positions.weight"].shape[0]}
         head = shared.head if shared is not None and shared.n_logits == eos_id + 1 else None
-        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word)
+        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word, spoken)
 
     def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
         """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
         draft = list(draft)
         out, confidences, rounds = self._check(draft, states)
         changed = edit_share(draft, out)
+        kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
         stretch = self.said_over(out, draft)
         if stretch is not None:
-            return Verified(*self._closed(out[:stretch], confidences, draft, draft_confidences), rounds, changed, False)
+            tokens, probs = self._closed(out[:stretch], confidences, draft, draft_confidences)
+            if self.spoken(tokens) == self.spoken(draft):
+                return Verified(draft, kept, rounds, changed, True)
+            return Verified(tokens, probs, rounds, changed, False)
         if changed > VERIFY_MAX_CHANGED:
-            kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
             return Verified(draft, kept, rounds, changed, True)
         return Verified(out, confidences, rounds, changed, False)
 
