@@ -15,7 +15,7 @@ OUT=${OUT:-results/default_model}
 declare -A SETS=([asterisk_report]="$W/asterisk/report.jsonl" [realspeech]="tests/data/audio/realspeech.jsonl"
                  [synth_heldout]="$W/corpus/test_synth/manifest.jsonl")
 for name in asterisk_report realspeech synth_heldout; do
-  whisfusion bench "${SETS[$name]}" -o "$OUT/bench_$name" --threads 2 --no-plots \
+  whisfusion bench "${SETS[$name]}" -o "$OUT/bench_$name" --threads 2 --no-plots --fresh \
     -s "whisfusion:model=$NEW,label=whisfusion-new" -s "whisfusion:model=$NEW,verify=0,label=whisfusion-new-draft" \
     -s "whisfusion:model=$OLD,label=whisfusion-0.1.0" \
     -s "faster-whisper:tiny.en,compute_type=int8" -s "whisper:tiny.en"

@@ -119,10 +119,10 @@ def test_a_stretch_the_verifier_says_over_is_the_text(setup):
     draft ("Rock it.") is then replaced by the word, with the draft's closing mark."""
     model, verifier, _ = setup
     tok = model.tokenizer
-    from whisfusion_cli.loading import _word_test
+    from whisfusion_cli.loading import _spoken_words, _word_test
     from whisfusion_cli.decoding_options import word_start_test
 
-    words = Verifier(verifier.decoder, PREFIX, EOS, is_word=_word_test(tok), starts_word=word_start_test(tok))
+    words = Verifier(verifier.decoder, PREFIX, EOS, _word_test(tok), word_start_test(tok), _spoken_words(tok))
     enc = tok.encode
 
     def stretch(text, draft):
@@ -142,6 +142,7 @@ def test_a_stretch_the_verifier_says_over_is_the_text(setup):
     assert stretch(" Bacon Bacon", " Bacon Bacon") is None
     assert stretch(" Bacon Bacon Bacon", " Bacon Bacon") is None
     assert stretch(" Bye bye bye bye", " Bye bye.") is None
+    assert stretch(" 5 5 5", " Five, five.") is None  # the draft heard the word twice: it may have been said so
 
 
 def test_a_stretch_said_over_that_says_the_draft_s_words_leaves_the_draft(setup):

@@ -123,9 +123,11 @@ class Verifier:
     def said_over(self, text: list[int], draft: list[int]) -> int | None:
         """The length of the stretch `text` says over (its start, then a copy of it, the last copy perhaps cut
         short but holding the stretch's first word whole: "Oasis, Oasis"), or None. Only a stretch with words in
-        it, at least SAID_OVER_MIN_SHARE of the draft's word tokens, in a text that is not the draft and where
-        the draft itself does not say a stretch over (a repeat the draft heard may have been spoken: "bye bye")."""
-        if text == draft or self._period(draft) is not None:
+        it, at least SAID_OVER_MIN_SHARE of the draft's word tokens, in a text that is not the draft, for a
+        draft that says no word twice running (a repeat the draft heard may have been spoken: "five, five")."""
+        spoken = self.spoken(draft)
+        words = spoken.split() if isinstance(spoken, str) else list(spoken)
+        if text == draft or any(a == b for a, b in zip(words, words[1:])):
             return None
         n = self._period(text)
         if n is None:
