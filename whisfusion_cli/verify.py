@@ -81,7 +81,7 @@ class Verifier:
         self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
         self.is_word = is_word or (lambda token: True)
         self.starts_word = starts_word or (lambda token: True)
-        self.spoken = spoken or tuple
+        self.spoken = spoken or (lambda ids: " ".join(map(str, ids)))
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
@@ -125,17 +125,17 @@ class Verifier:
         short but holding the stretch's first word whole: "Oasis, Oasis"), or None. Only a stretch with words in
         it, at least SAID_OVER_MIN_SHARE of the draft's word tokens, in a text that is not the draft, for a
         draft that says no word twice running (a repeat the draft heard may have been spoken: "five, five")."""
-        spoken = self.spoken(draft)
-        words = spoken.split() if isinstance(spoken, str) else list(spoken)
-        if text == draft or any(a == b for a, b in zip(words, words[1:])):
+        draft_words = self.spoken(draft).split()
+        if text == draft or any(a == b for a, b in zip(draft_words, draft_words[1:])):
             return None
         n = self._period(text)
         if n is None:
             return None
-        words = sum(map(self.is_word, text[:n]))
-        return n if words and words >= SAID_OVER_MIN_SHARE * sum(map(self.is_word, draft)) else None
+        word_tokens = sum(map(self.is_word, text[:n]))
+        return n if word_tokens and word_tokens >= SAID_OVER_MIN_SHARE * sum(map(self.is_word, draft)) else None
 
     def _period(self, text: list[int]) -> int | None:
+        """The shortest n for which `text` is its first n tokens said over (said_over's copy rule), or None."""
         for n in range(1, len(text)):
             if all(text[i] == text[i - n] for i in range(n, len(text))):
                 first = next((i for i in range(1, n) if self.starts_word(text[i])), n)  # its first word's tokens
