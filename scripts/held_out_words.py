@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import soundfile as sf
+
+from other_voices import unpack  # scripts/other_voices.py: apt-get download + dpkg -x
 
 PACKAGE, ROOT = "klettres-data", "usr/share/klettres"
 LICENSE = "GPL-2.0-or-later (Debian klettres-data, {lang}/syllab)"
@@ -39,11 +40,9 @@ def main() -> None:
     (args.out / "wav").mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        subprocess.run(["apt-get", "download", PACKAGE], cwd=work, check=True, capture_output=True)
-        subprocess.run(["dpkg", "-x", str(next(work.glob(f"{PACKAGE}_*.deb"))), str(work / "x")], check=True)
+        root = unpack(PACKAGE, Path(tmp))
         for lang in LANGUAGES:
-            for ogg in sorted((work / "x" / ROOT / lang / "syllab").glob("*.ogg")):
+            for ogg in sorted((root / ROOT / lang / "syllab").glob("*.ogg")):
                 if ogg.stem in NOT_WORDS or ogg.stem in IN_TUNE_SET:
                     continue
                 name = f"klettres_{lang}_{ogg.name}"
