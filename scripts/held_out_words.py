@@ -14,15 +14,10 @@ writes OUT/wav/* (the package's own files, read as they are) and OUT/report.json
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-import soundfile as sf
-
-from other_voices import unpack  # scripts/other_voices.py: apt-get download + dpkg -x
+from other_voices import copy_clip, require_debian_tools, unpack, write_manifest  # scripts/other_voices.py
 
 PACKAGE, ROOT = "klettres-data", "usr/share/klettres"
 LICENSE = "GPL-2.0-or-later (Debian klettres-data, {lang}/syllab)"
@@ -35,24 +30,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the package")
+    require_debian_tools()
     (args.out / "wav").mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = unpack(PACKAGE, Path(tmp))
         for lang in LANGUAGES:
             for ogg in sorted((root / ROOT / lang / "syllab").glob("*.ogg")):
-                if ogg.stem in NOT_WORDS or ogg.stem in IN_TUNE_SET:
-                    continue
-                name = f"klettres_{lang}_{ogg.name}"
-                shutil.copy(ogg, args.out / "wav" / name)
-                rows.append({"id": Path(name).stem, "audio": f"wav/{name}", "text": ogg.stem,
-                             "duration": round(sf.info(ogg).duration, 3), "license": LICENSE.format(lang=lang)})
-    tmp = args.out / "report.jsonl.part"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(args.out / "report.jsonl")
-    print(f"{len(rows)} clips, {sum(r['duration'] for r in rows):.1f} s -> {args.out / 'report.jsonl'}")
+                if ogg.stem not in NOT_WORDS | IN_TUNE_SET:
+                    rows.append(copy_clip(ogg, f"klettres_{lang}_{ogg.name}", ogg.stem, LICENSE.format(lang=lang),
+                                          args.out))
+    write_manifest(rows, args.out / "report.jsonl")
 
 
 if __name__ == "__main__":

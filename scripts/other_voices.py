@@ -58,12 +58,30 @@ def alsa_items(root: Path) -> list[tuple[Path, str]]:
     return [(wav, wav.stem.replace("_", " ")) for wav in sorted((root / ALSA[1]).glob("*.wav")) if wav.stem != "Noise"]
 
 
+def require_debian_tools() -> None:
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
+
+
+def copy_clip(source: Path, name: str, text: str, license: str, out: Path) -> dict:
+    """A package's audio file copied to out/wav/name as it is, and its manifest row."""
+    shutil.copy(source, out / "wav" / name)
+    return {"id": Path(name).stem, "audio": f"wav/{name}", "text": text,
+            "duration": round(sf.info(source).duration, 3), "license": license}
+
+
+def write_manifest(rows: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".jsonl.part")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    print(f"{len(rows)} clips, {sum(r['duration'] for r in rows):.1f} s -> {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     args = parser.parse_args()
-    if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
+    require_debian_tools()
     (args.out / "wav").mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,14 +89,9 @@ def main() -> None:
         for (package, _, license), items in ((KTUBERLING, ktuberling_items(unpack(KTUBERLING[0], work))),
                                              (ALSA, alsa_items(unpack(ALSA[0], work)))):
             for source, text in items:
-                name = f"{package.split('-')[0]}_{source.stem}{source.suffix}"
-                shutil.copy(source, args.out / "wav" / name)
-                rows.append({"id": Path(name).stem, "audio": f"wav/{name}", "text": text,
-                             "duration": round(sf.info(source).duration, 3), "license": license})
-    tmp = args.out / "tune.jsonl.part"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(args.out / "tune.jsonl")
-    print(f"{len(rows)} clips, {sum(r['duration'] for r in rows):.1f} s -> {args.out / 'tune.jsonl'}")
+                rows.append(copy_clip(source, f"{package.split('-')[0]}_{source.stem}{source.suffix}", text, license,
+                                      args.out))
+    write_manifest(rows, args.out / "tune.jsonl")
 
 
 if __name__ == "__main__":
