@@ -127,7 +127,9 @@ def test_a_stretch_the_verifier_says_over_is_the_text(setup):
 
     def stretch(text, draft):
         n = words.said_over(enc(text), enc(draft))
-        return None if n is None else tok.decode(words._closed(enc(text)[:n], [0.9] * n, enc(draft), None)[0]).strip()
+        if n is None:
+            return None
+        return tok.decode(words._closed(enc(text)[:n], [0.9] * n, enc(draft), [1.0] * len(enc(draft)))[0]).strip()
 
     assert stretch(" Rocket Rocket Rocket", " Rock it.") == "Rocket."
     assert stretch(" Oasis, Oasis", " A racist.") == "Oasis."  # the copy cut short, its first word whole

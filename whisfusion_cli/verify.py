@@ -113,7 +113,7 @@ class Verifier:
         kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
         stretch = self.said_over(out, draft)
         if stretch is not None:
-            tokens, probs = self._closed(out[:stretch], confidences, draft, draft_confidences)
+            tokens, probs = self._closed(out[:stretch], confidences, draft, kept)
             if self.spoken(tokens) == self.spoken(draft):
                 return Verified(draft, kept, rounds, changed, True)
             return Verified(tokens, probs, rounds, changed, False)
@@ -126,11 +126,11 @@ class Verifier:
         short but holding the stretch's first word whole: "Oasis, Oasis"), or None. Only a stretch with words in
         it, at least SAID_OVER_MIN_SHARE of the draft's word tokens, in a text that is not the draft, for a
         draft that says no word twice running (a repeat the draft heard may have been spoken: "five, five")."""
-        draft_words = self.spoken(draft).split()
-        if text == draft or any(a == b for a, b in zip(draft_words, draft_words[1:])):
-            return None
-        n = self._period(text)
+        n = None if text == draft else self._period(text)
         if n is None:
+            return None
+        draft_words = self.spoken(draft).split()  # a decode: only for the rare text that is said over
+        if any(a == b for a, b in zip(draft_words, draft_words[1:])):
             return None
         word_tokens = sum(map(self.is_word, text[:n]))
         return n if word_tokens and word_tokens >= SAID_OVER_MIN_SHARE * sum(map(self.is_word, draft)) else None
@@ -146,7 +146,7 @@ class Verifier:
         return None
 
     def _closed(self, stretch: list[int], confidences: list[float], draft: list[int],
-                draft_confidences: list[float] | None) -> tuple[list[int], list[float]]:
+                draft_confidences: list[float]) -> tuple[list[int], list[float]]:
         """A stretch of the verifier's text, the punctuation at its end replaced by the draft's closing mark:
         where the verifier said the stretch over it put a comma there ("Arch, Arch,")."""
         n = len(stretch)
@@ -155,7 +155,7 @@ class Verifier:
         tokens, probs = stretch[:n], confidences[:n]
         if draft and not self.is_word(draft[-1]):
             tokens = tokens + [draft[-1]]
-            probs = probs + [draft_confidences[-1] if draft_confidences else 1.0]
+            probs = probs + [draft_confidences[-1]]
         return tokens, probs
 
     def _check(self, draft: list[int], states: np.ndarray) -> tuple[list[int], list[float], int]:
