@@ -13,11 +13,10 @@ writes OUT/wav/* (the package's own files, read as they are) and OUT/report.json
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from other_voices import copy_clip, require_debian_tools, unpack, write_manifest  # scripts/other_voices.py
+from other_voices import copy_clip, output_folder, unpack, write_manifest  # scripts/other_voices.py
 
 PACKAGE, ROOT = "klettres-data", "usr/share/klettres"
 LICENSE = "GPL-2.0-or-later (Debian klettres-data, {lang}/syllab)"
@@ -27,11 +26,7 @@ IN_TUNE_SET = {"ball", "car", "ear", "well"}  # scripts/other_voices.py holds th
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    require_debian_tools()
-    (args.out / "wav").mkdir(parents=True, exist_ok=True)
+    out = output_folder(__doc__)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = unpack(PACKAGE, Path(tmp))
@@ -39,8 +34,8 @@ def main() -> None:
             for ogg in sorted((root / ROOT / lang / "syllab").glob("*.ogg")):
                 if ogg.stem not in NOT_WORDS | IN_TUNE_SET:
                     rows.append(copy_clip(ogg, f"klettres_{lang}_{ogg.name}", ogg.stem, LICENSE.format(lang=lang),
-                                          args.out))
-    write_manifest(rows, args.out / "report.jsonl")
+                                          out))
+    write_manifest(rows, out / "report.jsonl")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,15 @@ def alsa_items(root: Path) -> list[tuple[Path, str]]:
     return [(wav, wav.stem.replace("_", " ")) for wav in sorted((root / ALSA[1]).glob("*.wav")) if wav.stem != "Noise"]
 
 
-def require_debian_tools() -> None:
+def output_folder(description: str) -> Path:
+    """The command line's OUT folder, with OUT/wav made, once apt-get and dpkg are known to be there."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    out = parser.parse_args().out
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
         sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
+    (out / "wav").mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def copy_clip(source: Path, name: str, text: str, license: str, out: Path) -> dict:
@@ -78,11 +84,7 @@ def write_manifest(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    require_debian_tools()
-    (args.out / "wav").mkdir(parents=True, exist_ok=True)
+    out = output_folder(__doc__)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -90,8 +92,8 @@ def main() -> None:
                                              (ALSA, alsa_items(unpack(ALSA[0], work)))):
             for source, text in items:
                 rows.append(copy_clip(source, f"{package.split('-')[0]}_{source.stem}{source.suffix}", text, license,
-                                      args.out))
-    write_manifest(rows, args.out / "tune.jsonl")
+                                      out))
+    write_manifest(rows, out / "tune.jsonl")
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ def main() -> None:
     print(f"{args.manifest}: {len(items)} clips")
     runs = [(mode, None) for mode in args.modes.split(",") if mode]
     runs += [(f"short+{p}s", float(p)) for p in args.pad.split(",") if p]
+    padded = NumpyWhisperEncoder(checkpoint, EncoderOptions(mode="short")) if args.pad else None
     for mode, pad in runs:
         if pad is None:
             states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode=mode)).encode(clips)
         else:  # the short mode's every frame of each clip with `pad` seconds of zeros after it
-            encoder = NumpyWhisperEncoder(checkpoint, EncoderOptions(mode="short"))
-            states = encoder.encode([np.pad(c, (0, round(pad * SAMPLE_RATE))) for c in clips])
+            states = padded.encode([np.pad(c, (0, round(pad * SAMPLE_RATE))) for c in clips])
         right = total = ends = 0
         hyps = []
         for item, s in zip(items, states):
