@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -68,7 +69,7 @@ HELD_OUT_VOICES = ("flite:awb", "mbrola:mb-us3")
 DEFAULT_ENGINE_WEIGHTS = {"espeak-ng": 0.24, "mbrola": 0.16, "flite": 0.20, "pico": 0.20, "festival": 0.20,
                           "piper": 0.0}
 DEFAULT_TEXT_WEIGHTS = {"fortunes": 0.24, "bible": 0.20, "wordnet": 0.12, "numbers": 0.14,
-                        "commands": 0.10, "conversation": 0.12, "vocabulary": 0.08}
+                        "commands": 0.10, "conversation": 0.12, "vocabulary": 0.08, "words": 0.0}
 FILE_SOURCES = ("fortunes", "bible", "wordnet")
 # The Debian packages each file source reads (Components: main contrib non-free for diatheke's text).
 TEXT_PACKAGES = {"fortunes": "fortunes fortunes-min", "bible": "diatheke sword-text-web",
@@ -552,8 +553,39 @@ def vocabulary_text(rng: np.random.Generator) -> str:
     return text[0].upper() + text[1:]
 
 
+# Isolated words (a supplement, off by default: every other source says at least MIN_WORDS words, so a model
+# trained on them alone never hears a word said by itself): WordNet's nouns that its sense-tagged corpus
+# uses at least once (~11,000; "balloon", "record player"), one or two words, said once.
+WORDNET_INDEX = WORDNET_DIR / "index.noun"
+_COMMON_NOUN = re.compile(r"[a-z]{3,16}(_[a-z]{2,16})?")
+
+
+@functools.lru_cache(maxsize=None)
+def common_nouns(path: Path = WORDNET_INDEX) -> tuple[str, ...]:
+    """WordNet's nouns (lower case, letters only, at most two words) with a sense-tagged count >= 1, sorted;
+    none where the index is not installed."""
+    nouns = []
+    if not path.is_file():
+        return ()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split()  # lemma pos synset_cnt p_cnt [p_cnt pointers] sense_cnt tagsense_cnt offsets...
+        if line.startswith(" ") or len(fields) < 6 or not _COMMON_NOUN.fullmatch(fields[0]):
+            continue
+        n_pointers = int(fields[3])
+        if int(fields[5 + n_pointers]) >= 1:
+            nouns.append(fields[0].replace("_", " "))
+    return tuple(sorted(nouns))
+
+
+def words_text(rng: np.random.Generator) -> str:
+    nouns = common_nouns()
+    if not nouns:
+        raise CorpusError(f"the words source needs WordNet's {WORDNET_INDEX} (apt-get install wordnet-base)")
+    return _pick(rng, nouns) + "."
+
+
 GENERATORS = {"numbers": numbers_text, "commands": commands_text, "conversation": conversation_text,
-              "vocabulary": vocabulary_text}
+              "vocabulary": vocabulary_text, "words": words_text}
 
 
 def pick_text(rng: np.random.Generator, pool: dict[str, list[str]], weights: dict) -> tuple[str, str]:

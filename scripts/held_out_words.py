@@ -1,12 +1,20 @@
-"""A report set of isolated words no choice has seen: KLettres' spoken example words (Debian klettres-data).
+"""Report sets of isolated words no choice has seen, from two Debian packages of alphabet games.
 
 The tune set of other voices (scripts/other_voices.py) chose how verification treats isolated words, so it
-cannot also report on them. KLettres, a KDE alphabet game, ships other recordings: its English and British
-English example words (`usr/share/klettres/{en,en_GB}/syllab/*.ogg`, the text is the file's name). Its letter
-names and bare sounds ("aw", "ch", "th") are left out, and so are the words the tune set holds (ball, car,
-ear, well), so that no word of this set chose anything. GPL-2.0-or-later (KDE), like KTuberling's.
+cannot also report on them. Two alphabet games ship other recordings, each the text of its file's name:
 
-    python scripts/held_out_words.py OUT    # apt-get download + dpkg -x (no root needed)
+  klettres  (default) KLettres' English and British English example words, klettres-data
+            `usr/share/klettres/{en,en_GB}/syllab/*.ogg`, its letter names and bare sounds ("aw", "ch",
+            "th") left out; GPL-2.0-or-later (KDE), like KTuberling's. 34 words.
+  qabcs     qABCs' English and British English picture words, qabcs-data
+            `usr/share/qabcs/abcs/{en,en_gb}/sounds/words/*.ogg` ("hot_dog" is "hot dog"; one voice, Jordan
+            Irwin's, the game's own recordings, "speak_method": "file"); its letter names left out;
+            GPL-3+. Added as a report set (2026-12-04) before any model was run on it.
+
+Both leave out the words the tune set holds (IN_TUNE_SET), so that no word of either chose anything: qABCs
+then has 147 words (118 US, 29 British).
+
+    python scripts/held_out_words.py OUT [--source qabcs]   # apt-get download + dpkg -x (no root needed)
 
 writes OUT/wav/* (the package's own files, read as they are) and OUT/report.jsonl.
 """
@@ -18,23 +26,31 @@ from pathlib import Path
 
 from other_voices import copy_clip, output_folder, unpack, write_manifest  # scripts/other_voices.py
 
-PACKAGE, ROOT = "klettres-data", "usr/share/klettres"
-LICENSE = "GPL-2.0-or-later (Debian klettres-data, {lang}/syllab)"
-LANGUAGES = ("en", "en_GB")
-NOT_WORDS = {"aw", "ch", "th"}  # sounds, not words
-IN_TUNE_SET = {"ball", "car", "ear", "well"}  # scripts/other_voices.py holds these words
+# source: (Debian package, folder of each language's words in it, languages, licence)
+SOURCES = {
+    "klettres": ("klettres-data", "usr/share/klettres/{lang}/syllab", ("en", "en_GB"),
+                 "GPL-2.0-or-later (Debian klettres-data, {lang}/syllab)"),
+    "qabcs": ("qabcs-data", "usr/share/qabcs/abcs/{lang}/sounds/words", ("en", "en_gb"),
+              "GPL-3+ (Debian qabcs-data, recorded by Jordan Irwin, {lang}/sounds/words)"),
+}
+NOT_WORDS = {"aw", "ch", "th"}  # KLettres' bare sounds, not words
+# The words of both packages that scripts/other_voices.py's tune set holds too.
+IN_TUNE_SET = {"ball", "car", "ear", "well", "bicycle", "earth", "hat", "mushroom", "olive", "onion", "star", "tomato",
+               "train", "umbrella"}
 
 
 def main() -> None:
-    out = output_folder(__doc__)
+    out, args = output_folder(__doc__, {"--source": dict(choices=sorted(SOURCES), default="klettres")})
+    source = args.source
+    package, folder, languages, license = SOURCES[source]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = unpack(PACKAGE, Path(tmp))
-        for lang in LANGUAGES:
-            for ogg in sorted((root / ROOT / lang / "syllab").glob("*.ogg")):
-                if ogg.stem not in NOT_WORDS | IN_TUNE_SET:
-                    rows.append(copy_clip(ogg, f"klettres_{lang}_{ogg.name}", ogg.stem, LICENSE.format(lang=lang),
-                                          out))
+        root = unpack(package, Path(tmp))
+        for lang in languages:
+            for ogg in sorted((root / folder.format(lang=lang)).glob("*.ogg")):
+                text = ogg.stem.replace("_", " ")
+                if text.lower() not in NOT_WORDS | IN_TUNE_SET:
+                    rows.append(copy_clip(ogg, f"{source}_{lang}_{ogg.name}", text, license.format(lang=lang), out))
     write_manifest(rows, out / "report.jsonl")
 
 

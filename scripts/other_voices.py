@@ -58,15 +58,19 @@ def alsa_items(root: Path) -> list[tuple[Path, str]]:
     return [(wav, wav.stem.replace("_", " ")) for wav in sorted((root / ALSA[1]).glob("*.wav")) if wav.stem != "Noise"]
 
 
-def output_folder(description: str) -> Path:
-    """The command line's OUT folder, with OUT/wav made, once apt-get and dpkg are known to be there."""
+def output_folder(description: str, options: dict | None = None):
+    """The command line's OUT folder, with OUT/wav made, once apt-get and dpkg are known to be there; with
+    options ({flag: argparse keywords}), (OUT, the parsed arguments)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    out = parser.parse_args().out
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
+    args = parser.parse_args()
+    out = args.out
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
         sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
     (out / "wav").mkdir(parents=True, exist_ok=True)
-    return out
+    return (out, args) if options else out
 
 
 def copy_clip(source: Path, name: str, text: str, license: str, out: Path) -> dict:

@@ -142,7 +142,27 @@ def test_clean_sentence():
         assert corpus.clean_sentence(bad) is None, bad
 
 
-def test_generated_text_is_clean():
+def test_common_nouns_are_wordnets_tagged_lemmas(tmp_path):
+    index = tmp_path / "index.noun"
+    index.write_text("  1 This software and database is being provided to you, the LICENSEE, by\n"
+                     "balloon n 2 4 @ ~ #p %p 2 2 02782093 13898315\n"    # tagged twice: kept
+                     "record_player n 1 2 @ ~ 1 1 04064401\n"             # two words: kept, spaced
+                     "glottochronology n 1 1 @ 1 0 06306233\n"            # never tagged: left out
+                     "cd-rom n 1 2 @ ~ 1 1 02997910\n"                    # not letters only
+                     "fielding_average_x n 1 1 @ 1 1 13818551\n"          # three words
+                     "ox n 1 3 @ ~ #m 1 1 02403454\n")                    # too short to say alone
+    assert corpus.common_nouns(index) == ("balloon", "record player")
+    assert corpus.common_nouns(tmp_path / "missing") == ()
+
+
+def test_words_without_wordnet_say_what_to_install(monkeypatch):
+    monkeypatch.setattr(corpus, "common_nouns", lambda: ())
+    with pytest.raises(corpus.CorpusError, match="wordnet-base"):
+        corpus.pick_text(np.random.default_rng(0), {}, {"words": 1.0})
+
+
+def test_generated_text_is_clean(monkeypatch):
+    monkeypatch.setattr(corpus, "common_nouns", lambda: ("balloon", "record player"))
     rng = np.random.default_rng(0)
     for name in corpus.GENERATORS:
         for _ in range(200):
