@@ -11,9 +11,15 @@ reading a report set:
 Isolated words are hard for every model (Whisper tiny.en too: no context), so its WER is high and moves in
 large steps; it is one of three tune sets, never a report set.
 
-    python scripts/other_voices.py OUT    # apt-get download + dpkg -x (no root needed)
+With --tuxpaint, also a second tune set of words (2026-12-04), OUT/tuxpaint.jsonl:
 
-writes OUT/wav/* (the packages' own files, read as they are) and OUT/tune.jsonl.
+  tuxpaint-stamps-default   63 animals' names spoken for Tux Paint's stamps (stamps/animals/**/NAME_desc.ogg;
+                            the text is the name, which the recording says, not the stamp's description
+                            "A frog."; three names whose spoken form is unknown left out), GPL-2, 160 MB
+
+    python scripts/other_voices.py OUT [--tuxpaint]   # apt-get download + dpkg -x (no root needed)
+
+writes OUT/wav/* (the packages' own files, read as they are) and OUT/tune.jsonl (OUT/tuxpaint.jsonl).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import soundfile as sf
 KTUBERLING = ("ktuberling-data", "usr/share/ktuberling/sounds", "GPL-2.0-or-later (Debian ktuberling-data, sounds/en)")
 ALSA = ("alsa-utils", "usr/share/sounds/alsa", "GPL-2.0 (Debian alsa-utils, /usr/share/sounds/alsa)")
 THEME_PREFIXES = ("egypt_", "moon_", "pizzeria_", "tv_")  # KTuberling's playgrounds, not spoken
+TUXPAINT = ("tuxpaint-stamps-default", "usr/share/tuxpaint/stamps/animals", "GPL-2 (Debian tuxpaint-stamps-default)")
+TUXPAINT_SPOKEN = {"wildboar": "wild boar", "mountaingoat": "mountain goat"}
+TUXPAINT_UNCLEAR = {"xanthia", "nandou", "tucan"}  # which English word is said is not known
 # Names whose spelling is not what is said.
 SPOKEN = {"palmtree": "palm tree", "fallingstar": "falling star", "sphynx": "sphinx", "broccolli": "broccoli",
           "ufo": "UFO"}
@@ -87,8 +96,18 @@ def write_manifest(rows: list[dict], path: Path) -> None:
     print(f"{len(rows)} clips, {sum(r['duration'] for r in rows):.1f} s -> {path}")
 
 
+def tuxpaint_items(root: Path) -> list[tuple[Path, str]]:
+    names = sorted((ogg.name[: -len("_desc.ogg")], ogg) for ogg in (root / TUXPAINT[1]).rglob("*_desc.ogg"))
+    return [(ogg, TUXPAINT_SPOKEN.get(name, name)) for name, ogg in names if name not in TUXPAINT_UNCLEAR]
+
+
 def main() -> None:
-    out = output_folder(__doc__)
+    out, args = output_folder(__doc__, {"--tuxpaint": dict(action="store_true", help="also OUT/tuxpaint.jsonl")})
+    if args.tuxpaint:
+        with tempfile.TemporaryDirectory() as tmp:
+            items = tuxpaint_items(unpack(TUXPAINT[0], Path(tmp)))
+            write_manifest([copy_clip(ogg, f"tuxpaint_{ogg.name}", text, TUXPAINT[2], out) for ogg, text in items],
+                           out / "tuxpaint.jsonl")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -313,8 +313,10 @@ def test_rerun_with_other_settings_redoes_the_file_and_says_why(model_dir, model
 
 def test_records_made_before_the_retired_decoding_fields_went_still_match(model, tmp_path):
     """A record written while DecodingOptions had `fast`, `blocks` and `cut_at_pad` holds them with their one
-    value: the same settings, so a rerun after the upgrade skips the input; another value is other settings."""
+    value, and lacks the fields added since: the same settings, so a rerun after the upgrade skips the input;
+    another value is other settings."""
     from whisfusion_cli.decoding import RETIRED_FIELDS
+    from whisfusion_cli.decoding_options import ADDED_FIELDS
     from whisfusion_cli.writers import read_record, write_record
 
     out, files = tmp_path / "out", [AUDIO / "cards_001.flac"]
@@ -324,6 +326,8 @@ def test_records_made_before_the_retired_decoding_fields_went_still_match(model,
     record = read_record(out, "cards_001")
     assert "steps" in record["settings"]["decoding"] and not set(record["settings"]["decoding"]) & set(RETIRED_FIELDS)
     record["settings"]["decoding"].update(RETIRED_FIELDS)
+    for name in ADDED_FIELDS:  # nor the fields added since
+        del record["settings"]["decoding"][name]
     write_record(out, "cards_001", record)
     again = list(transcribe(files, opts, model=pipeline))
     assert [r.status for r in again] == ["skipped"] and not again[0].notes

@@ -17,7 +17,7 @@ from whisfusion_cli.distill import Teacher  # noqa: E402
 from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder  # noqa: E402
 from whisfusion_cli.loading import Pipeline, load_model  # noqa: E402
 from whisfusion_cli.numpy_model import SelfAttentionCache, causal_mask, log_softmax  # noqa: E402
-from whisfusion_cli.verify import VERIFY_MAX_CHANGED, Verifier, edit_share  # noqa: E402
+from whisfusion_cli.verify import READ_MAX_TOKENS, VERIFY_MAX_CHANGED, Verifier, edit_share  # noqa: E402
 from whisfusion_cli.whisper_source import open_whisper  # noqa: E402
 
 AUDIO = Path(__file__).parent / "data" / "audio"
@@ -200,6 +200,79 @@ def test_verified_and_draft_transcripts_of_the_readme_clip(setup):
     assert texts["numpy", True] == texts["torch", True]
     assert "ask not what your country can do for you" in texts["numpy", True].lower().replace(",", "").replace(".", "")
     assert "ask what you can do for your country" in texts["numpy", True].lower()
+
+
+def _one_token_a_forward(verifier, states, limit):
+    """The verifier's greedy text without speculation: one forward per token, to its end of text."""
+    d = verifier.decoder
+    kv, cache = d.cross_kv(states[None]), SelfAttentionCache(d.n_layer)
+    pending, out = list(PREFIX), []
+    while len(out) < limit:
+        choice = int(d.project(d.hidden_states(np.array([pending]), kv, cache=cache)[0][-1:]).argmax())
+        if choice == EOS:
+            break
+        out, pending = out + [choice], [choice]
+    return out
+
+
+def test_a_short_window_is_read_on_padded_states_whatever_the_draft(setup):
+    """Verifier.read is greedy decoding on the 30 s-padded states: the draft changes how many forwards it
+    takes (one where it is right), not the text; where the verifier's text has no word the draft stands."""
+    model, verifier, _ = setup
+    tok = model.tokenizer
+    audio = load_audio(str(AUDIO / "goforward.flac"))  # "go forward ten meters", 2.8 s
+    padded = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="full")).encode([audio])[0].numpy()
+    assert padded.shape == (1500, 384)
+    greedy = _one_token_a_forward(verifier, padded, READ_MAX_TOKENS)
+    assert tok.decode(greedy).strip() == "Go forward 10 meters."
+    assert verifier.read(greedy, padded).rounds == 1
+    for draft in ([], tok.encode(" Go backward."), tok.encode(" A B C D E F G H I J K L M N O P")):
+        read = verifier.read(draft, padded)
+        assert read.tokens == greedy and not read.kept_draft and read.rounds <= len(greedy) + 1
+
+
+
+def test_a_read_never_says_what_whisper_s_decoding_suppresses(setup):
+    """On noise tiny.en's greedy text is "[BLANK_AUDIO]"; with the checkpoint's suppress_ids (symbols, brackets)
+    and suppress_ids_begin (a blank or the end of text first) it is words, as Whisper's own decoding gives."""
+    model, _, _ = setup
+    checkpoint = open_whisper("tiny.en")
+    assert len(checkpoint.suppress[0]) > 50 and checkpoint.suppress[1] == [220, EOS]
+    plain = Verifier.from_checkpoint(checkpoint, PREFIX, EOS)
+    whisper_like = Verifier.from_checkpoint(checkpoint, PREFIX, EOS, suppress=checkpoint.suppress)
+    noise = np.random.default_rng(0).normal(0, 0.01, 16000).astype(np.float32)
+    states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="full")).encode([noise])[0].numpy()
+    tok = model.tokenizer
+    assert tok.decode(_one_token_a_forward(plain, states, READ_MAX_TOKENS)).strip() == "[BLANK_AUDIO]"
+    read = whisper_like.read(tok.encode(" Yes."), states)
+    assert read.tokens and not set(read.tokens) & set(checkpoint.suppress[0]) and read.tokens[0] not in (220, EOS)
+    assert "[" not in tok.decode(read.tokens)
+
+
+def test_verify_short_reads_only_windows_that_short(setup, monkeypatch):
+    """decoding.verify_short: a window of at most that many seconds is read on its padded encoding (and its
+    text is what the read gave), a longer one verified as before; 0 (the default's) reads none."""
+    from whisfusion_cli.transcribe import TranscribeOptions, transcribe_file
+
+    calls = []
+    read = Verifier.read
+
+    def spy(self, draft, states, confidences=None):
+        calls.append(states.shape)
+        out = read(self, draft, states, confidences)
+        calls.append(out.tokens)
+        return out
+
+    monkeypatch.setattr(Verifier, "read", spy)
+    clip = AUDIO / "cards_001.flac"  # "ten of clubs", 1.1 s: one window
+    assert transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 0.0})).ok and not calls
+    assert transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 0.5})).ok and not calls
+    result = transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 2.0}))
+    assert result.ok and result.decoding["verify_short"] == 2.0
+    assert calls[0] == (1500, 384) and len(calls) == 2
+    assert result.text.strip() == setup[0].tokenizer.decode(calls[1]).strip()
+    with pytest.raises(ValueError, match="verify_short"):
+        Pipeline(setup[0], {"verify_short": -1.0})
 
 
 def test_verify_needs_a_whisper_tokenizer(setup):

@@ -486,8 +486,8 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
     batch (up to the float rounding of different matrix shapes; max_batch_windows=1 decodes each alone). A
     batch the device has no memory for is decoded in halves. alignment_heads: (layer, head) pairs; each
     result then carries their cross-attention over its chosen text (`alignment`), from one more forward per
-    batch on the final canvases. revise(results, states): may replace each result's text before its alignment
-    is read (verification, verify.py).
+    batch on the final canvases. revise(results, indices): may replace each result's text before its
+    alignment is read (verification, verify.py); indices are the windows' places in `conditions`.
     """
     if max_batch_windows < 1:
         raise ValueError(f"max_batch_windows must be at least 1, got {max_batch_windows}")
@@ -516,7 +516,7 @@ def decode_windows(decoder, conditions, options: DecodingOptions, prefix_ids, pa
         batch = [_result(canvas[w * K : (w + 1) * K, : lengths[i]], confidences[w * K : (w + 1) * K, : lengths[i]],
                          prefix, pad_id, options, to_words) for w, i in enumerate(idx)]
         if revise is not None:
-            revise(batch, [states[i] for i in idx])
+            revise(batch, idx)
         if alignment_heads:
             _align(decoder, batch, kv, frames, prefix, pad_id, alignment_heads)
         return batch

@@ -52,6 +52,9 @@ WORD_START_MARKERS = ("Ġ", "▁", " ")  # how a token that starts a word begins
 # Fields of older DecodingOptions, found in model configs and run records written before they went (test-only
 # knobs, now upstream.Trace and tests/test_unmasking.py), with the one value each ever had outside tests.
 RETIRED_FIELDS = {"blocks": 1, "cut_at_pad": True, "fast": True}
+# Fields added since run records were first written, with the value a record made before them means (what ran
+# then), so a rerun after an upgrade skips finished inputs.
+ADDED_FIELDS = {"verify_short": 0.0}
 # String forms (DecodingOptions.parse): words for "no value" and for the booleans.
 NONE_WORDS = {"seq_len": ("auto", "audio", "none"), "pad_context": ("off", "none"), "seed": ("none",)}
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "on"), ("false", "0", "off")
@@ -95,6 +98,11 @@ class DecodingOptions:
     # After decoding, the causal decoder of the Whisper the encoder comes from checks each window's text left to
     # right and corrects it where it disagrees (verify.py); the text's end stays the draft's.
     verify: bool = False
+    # With verify: a window at most this many seconds long is read by that decoder alone, on the encoder states
+    # of the window padded to 30 s (Whisper's own input: on audio-length states it cannot tell where an isolated
+    # word ends), its greedy text to its own end (verify.Verifier.read; one more encoder pass per such window).
+    # 0: off.
+    verify_short: float = 0.0
 
     def __post_init__(self):
         if self.candidates < 1 or self.steps < 1:
@@ -114,6 +122,8 @@ class DecodingOptions:
         if self.pad_context is not None and (self.pad_context < 0 or self.strategy != "confidence"):
             raise ValueError(f"pad_context must be >= 0 (or None: the whole canvas) and needs the confidence strategy, "
                              f"got {self.pad_context}")
+        if self.verify_short < 0:
+            raise ValueError(f"verify_short must be >= 0 seconds (0: off), got {self.verify_short}")
         if any(not 0.0 <= r <= 1.0 for r in self.schedule):
             raise ValueError(f"mask ratios must lie in [0, 1]: {self.schedule}")
 

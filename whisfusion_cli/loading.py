@@ -10,6 +10,7 @@ text and timed segments.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -380,6 +381,14 @@ def choose_engine(options, decoding: "dict | None" = None) -> str:
 # Running a model on windows
 
 
+def _as_array(states) -> np.ndarray:
+    """Encoder states [F, d] as a float32 numpy array (a torch tensor's copy on the CPU)."""
+    if isinstance(states, np.ndarray):
+        return states
+    states = states.squeeze(0) if states.dim() == 3 else states
+    return states.float().cpu().numpy()
+
+
 class Pipeline:
     """A loaded model (decoder, tokenizer, encoder, decoding defaults) and the options it runs with."""
 
@@ -404,6 +413,7 @@ class Pipeline:
         self._to_words = self._words if self.decoding.selection != "confidence" else None
         self.language = model.config.get("language") or DEFAULT_LANGUAGE
         self.verifier = self._verifier() if self.decoding.verify else None
+        self._padded_encoder = None  # the encoder in "full" mode, for short windows' verification (made when needed)
 
     @classmethod
     def load(cls, options, encoder_options: dict | None = None) -> "Pipeline":
@@ -460,9 +470,15 @@ class Pipeline:
         return [(layer, head) for layer in range(n_layer // 2, n_layer) for head in range(n_head)]
 
     def decode(self, conditions, durations: list[float], seeds: list[int | None], batch_size: int = DEFAULT_BATCH_SIZE,
-               word_timestamps: bool = False):
+               word_timestamps: bool = False, clips: list[np.ndarray] | None = None):
+        """Windows' encoder states -> DecodingResults. clips: the windows' audio, for verification's second
+        encoding of short windows (decoding.verify_short; without clips every window is verified as a long one)."""
         heads = self.alignment_heads if word_timestamps else None
-        revise = self._verify if self.verifier is not None else None
+        revise = None
+        if self.verifier is not None:
+            def revise(results, indices):
+                self._verify(results, [conditions[i] for i in indices],
+                             [None if clips is None else clips[i] for i in indices], [durations[i] for i in indices])
         if self.model.engine == "numpy":
             from .numpy_decoding import decode_windows as decode_numpy
 
@@ -492,18 +508,33 @@ class Pipeline:
         table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
         shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
         try:
-            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok),
-                                            word_start_test(tok), _spoken_words(tok))
+            checkpoint = open_whisper(source)
+            return Verifier.from_checkpoint(checkpoint, self.prefix_ids, tok.eos_id, shared, _word_test(tok),
+                                            word_start_test(tok), _spoken_words(tok), checkpoint.suppress)
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
 
-    def _verify(self, results, states) -> None:
-        """Each window's text replaced by its verified text (revise hook of the decode loops)."""
-        for r, s in zip(results, states):
-            if not isinstance(s, np.ndarray):
-                s = s.float().cpu().numpy()
-            verified = self.verifier.verify(r.text_tokens, s, r.token_confidences or None)
+    def _verify(self, results, states, clips, durations) -> None:
+        """Each window's text replaced by its verified text (revise hook of the decode loops); a window of at
+        most decoding.verify_short seconds, whose audio is in clips, is read on its 30 s-padded encoding."""
+        short = self.decoding.verify_short
+        for r, s, clip, duration in zip(results, states, clips, durations):
+            if clip is not None and duration is not None and duration <= short:
+                verified = self.verifier.read(r.text_tokens, self._padded_states(clip), r.token_confidences or None)
+            else:
+                verified = self.verifier.verify(r.text_tokens, _as_array(s), r.token_confidences or None)
             r.text_tokens, r.token_confidences = verified.tokens, verified.confidences
+
+    def _padded_states(self, clip: np.ndarray) -> np.ndarray:
+        """Encoder states [1500, d] of a clip padded to 30 s ("full" mode: Whisper's own input), by the model's
+        encoder (the same weights; only how the clip is padded differs)."""
+        if self._padded_encoder is None:
+            encoder = self.model.encoder
+            if encoder.options.mode != "full":
+                encoder = copy.copy(encoder)
+                encoder.options = dataclasses.replace(encoder.options, mode="full")
+            self._padded_encoder = encoder
+        return _as_array(self._padded_encoder.encode([clip])[0])
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)

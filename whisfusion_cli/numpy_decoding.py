@@ -37,7 +37,8 @@ def decode_windows(decoder: NumpyDecoder, conditions: list[np.ndarray], options:
                    max_batch_windows: int = DEFAULT_MAX_BATCH_WINDOWS, revise=None) -> list[DecodingResult]:
     """Windows' encoder states [F_i, d] -> their DecodingResults (one candidate each), in input order, as
     decoding.decode_windows gives: at most max_batch_windows windows per forward, sorted by length.
-    revise(results, states): may replace each result's text before its alignment is read (verification)."""
+    revise(results, indices): may replace each result's text before its alignment is read (verification); indices
+    are the windows' places in `conditions`."""
     reason = unsupported(options)
     if reason is not None:
         raise ValueError(f"the numpy engine does not run {reason}; use --engine torch")
@@ -55,7 +56,7 @@ def decode_windows(decoder: NumpyDecoder, conditions: list[np.ndarray], options:
                          options.refine_no_copy)
         out = [batch.result(w, options) for w in range(len(idx))]
         if revise is not None:
-            revise(out, [conditions[i] for i in idx])
+            revise(out, idx)
         if alignment_heads:
             _align(batch, out, alignment_heads)
         for i, result in zip(idx, out):

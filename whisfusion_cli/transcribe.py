@@ -323,7 +323,7 @@ class Transcriber:
         seeds = [None if pipeline.decoding.seed is None else pipeline.decoding.seed + q.index for q in live]
         with reporter.timed("decode"):
             results = pipeline.decode(conditions, [q.window.duration for q in live], seeds, options.batch_size,
-                                      options.word_timestamps)
+                                      options.word_timestamps, [q.samples for q in live])
         reporter.decoded(results)
         for q, r in zip(live, results):
             w, job = q.window, q.job
@@ -461,15 +461,17 @@ def _resumed(result: TranscriptionResult, writer, settings: dict) -> bool:
 
 def _as_written_now(settings):
     """A recorded settings dict as this version writes it: the retired decoding fields
-    (decoding_options.RETIRED_FIELDS) that records made before they went hold with their one value left out, so a
+    (decoding_options.RETIRED_FIELDS) that records made before they went hold with their one value left out, and
+    the fields added since (ADDED_FIELDS) that records made before them lack with the value that ran then, so a
     rerun after an upgrade skips finished inputs as before (a retired field with another value stays, and
     the input is redone)."""
-    from .decoding_options import RETIRED_FIELDS
+    from .decoding_options import ADDED_FIELDS, RETIRED_FIELDS, DecodingOptions
 
     if not isinstance(settings, dict) or not isinstance(settings.get("decoding"), dict):
         return settings
     decoding = {k: v for k, v in settings["decoding"].items() if not (k in RETIRED_FIELDS and v == RETIRED_FIELDS[k])}
-    return {**settings, "decoding": decoding}
+    whole = {f.name for f in dataclasses.fields(DecodingOptions)} - set(ADDED_FIELDS) <= set(decoding)
+    return {**settings, "decoding": {**ADDED_FIELDS, **decoding} if whole else decoding}  # (else: overrides only)
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> str:

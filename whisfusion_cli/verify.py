@@ -13,6 +13,10 @@ not checking but making text up (it does on isolated words, in noise), and the d
 said is one stretch said over ("Rocket Rocket Rocket" for the draft's "Rock it."): then it read the window's
 words and started over where it could not find the end, and the stretch is the text (`said_over`).
 
+A short window (a word or two: DecodingOptions.verify_short) is `read` instead: on the states of the window
+padded to 30 s, Whisper's own input, the causal decoder knows where speech ends, so its greedy text is the
+window's, the draft only proposing tokens.
+
 Runs on numpy (numpy_model.NumpyDecoder with a SelfAttentionCache), whatever engine decoded the draft.
 """
 
@@ -56,6 +60,9 @@ LOGIT_ROWS = 8
 # Draft tokens checked per round at most: a round's forward costs its tokens, and where the draft is poor
 # most of a long proposal is thrown away at the first disagreement.
 MAX_PROPOSAL = 12
+# `read` (a short window on padded states): its text stops here at the latest, past any word a window of a
+# few seconds holds (Whisper's decoder can loop on a word it is unsure of).
+READ_MAX_TOKENS = 32
 
 
 @dataclass
@@ -73,20 +80,24 @@ class Verifier:
     """Whisper's own causal decoder over the text tokens and end-of-text, checking drafts (`verify`)."""
 
     def __init__(self, decoder: NumpyDecoder, prefix_ids: list[int], eos_id: int, is_word=None, starts_word=None,
-                 spoken=None):
+                 spoken=None, suppress: tuple[list[int], list[int]] = ((), ())):
         """is_word(token id): whether a token holds a letter or a digit (None: all do). The draft's closing
         punctuation is kept: where the window ends the verifier would go on talking ("Americans. and").
         starts_word(token id): whether a token begins a word (None: all do). spoken(token ids): their words,
         lower case, without punctuation (None: the ids themselves), so that a stretch said over that says the
-        draft's words leaves the draft's case ("I." rather than "i.")."""
+        draft's words leaves the draft's case ("I." rather than "i."). suppress: (tokens never said, tokens not
+        said first), as Whisper's own decoding suppresses them (its config's suppress_ids and suppress_ids_begin:
+        symbols, "[", end of text before any word), for `read`, where the verifier writes the text itself."""
         self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
+        self.suppress, self.suppress_first = (np.array([i for i in ids if 0 <= i < decoder.n_logits], np.int64)
+                                              for ids in suppress)  # special tokens past the text are never logits
         self.is_word = is_word or (lambda token: True)
         self.starts_word = starts_word or (lambda token: True)
         self.spoken = spoken or (lambda ids: " ".join(map(str, ids)))
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
-                        is_word=None, starts_word=None, spoken=None) -> "Verifier":
+                        is_word=None, starts_word=None, spoken=None, suppress=((), ())) -> "Verifier":
         """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
         float16 widened). shared: a decoder over the same Whisper's token table (the draft decoder on the numpy
         engine), whose table and output projection the verifier uses rather than copies of its own."""
@@ -103,7 +114,7 @@ class Verifier:
                   "vocab_size": vocab, "output_vocab_size": eos_id + 1,
                   "block_size": weights["embed_positions.weight"].shape[0]}
         head = shared.head if shared is not None and shared.n_logits == eos_id + 1 else None
-        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word, spoken)
+        return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word, spoken, suppress)
 
     def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
         """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
@@ -119,6 +130,44 @@ class Verifier:
             return Verified(tokens, probs, rounds, changed, False)
         if changed > VERIFY_MAX_CHANGED:
             return Verified(draft, kept, rounds, changed, True)
+        return Verified(out, confidences, rounds, changed, False)
+
+    def read(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
+        """The verifier's own greedy text of a short window, on `states` [1500, d] of the window padded to 30 s
+        (Whisper's own input, where it knows where speech ends), to its own end of text or READ_MAX_TOKENS: the
+        draft only proposes tokens (the text is greedy decoding's, in fewer forwards). A text said over is cut to
+        its stretch (`said_over`); a text with no word leaves the draft."""
+        draft = list(draft)
+        d, eos = self.decoder, self.eos_id
+        kv = d.cross_kv(np.asarray(states, np.float32)[None])
+        cache = SelfAttentionCache(d.n_layer)
+        pending, out, confidences = list(self.prefix), [], []
+        at, rounds = 0, 0
+        while True:
+            proposal = draft[at : at + MAX_PROPOSAL] + ([eos] if at + MAX_PROPOSAL >= len(draft) else [])
+            hidden = d.hidden_states(np.array([pending + proposal], np.int64), kv, cache=cache)[0]
+            rounds += 1
+            accepted, choice, p_choice = self._accept(hidden, len(pending) - 1, proposal, READ_MAX_TOKENS - len(out),
+                                                      suppressed=True, first=not out)
+            out += proposal[:accepted]
+            confidences += p_choice[:accepted]
+            at += accepted
+            if choice is None or choice == eos or len(out) >= READ_MAX_TOKENS:
+                break
+            out.append(choice)
+            confidences.append(p_choice[accepted])
+            if len(out) >= READ_MAX_TOKENS:
+                break
+            cache.truncate(len(self.prefix) + len(out) - 1)
+            pending = [choice]
+            at = _realigned(draft, at, choice)[0]
+        kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
+        changed = edit_share(draft, out)
+        if not any(map(self.is_word, out)):
+            return Verified(draft, kept, rounds, changed, True)
+        stretch = self.said_over(out, draft)
+        if stretch is not None:
+            out, confidences = self._closed(out[:stretch], confidences, draft, kept)
         return Verified(out, confidences, rounds, changed, False)
 
     def said_over(self, text: list[int], draft: list[int]) -> int | None:
@@ -194,21 +243,26 @@ class Verifier:
             # The keys and values of rejected proposal tokens go; the verifier's choice runs next round.
             cache.truncate(len(self.prefix) + len(out) - 1)
             pending = [choice]
-            window = range(max(at - REALIGN_BEHIND, 0), min(at + REALIGN_AHEAD, len(draft)))
-            hit = next((i for i in window if draft[i] == choice), None)
-            at = hit + 1 if hit is not None else at + 1
+            at, matched = _realigned(draft, at, choice)
             # Past the draft's end by a guess (the verifier's word taken for a draft word it replaced, where it
             # was one the draft lacked), the verifier may still have the draft's last words to say.
-            overran = overran or (hit is None and at >= len(draft))
+            overran = overran or (not matched and at >= len(draft))
 
-    def _accept(self, hidden: np.ndarray, first: int, proposal: list[int], room: int):
+    def _accept(self, hidden: np.ndarray, row0: int, proposal: list[int], room: int, suppressed: bool = False,
+                first: bool = False):
         """(proposal tokens accepted, the verifier's own next token after them or None where the text ends
         there, every checked row's probability of its choice). The end of text is accepted by stopping; a
-        proposal accepted whole (cut at MAX_PROPOSAL, no end in it) gives the token after it."""
+        proposal accepted whole (cut at MAX_PROPOSAL, no end in it) gives the token after it. suppressed: the
+        tokens Whisper's decoding suppresses are never chosen (and, with first, where row0 predicts the text's
+        first token, those it does not begin with)."""
         probs: list[float] = []
         k = 0
         while True:
-            logits = self.decoder.project(hidden[first + k : first + k + LOGIT_ROWS])
+            logits = self.decoder.project(hidden[row0 + k : row0 + k + LOGIT_ROWS])
+            if suppressed:
+                logits[:, self.suppress] = -np.inf
+                if first and k == 0:
+                    logits[0, self.suppress_first] = -np.inf
             best = logits.argmax(-1).tolist()
             # The rows this round reads: up to the first that ends it (probabilities cost as much as the product).
             n = next((row + 1 for row, c in enumerate(best) if k + row >= room or k + row == len(proposal)
@@ -222,6 +276,14 @@ class Verifier:
                 if c != proposal[k] or c == self.eos_id:
                     return k, (None if c == proposal[k] else c), probs
                 k += 1
+
+
+def _realigned(draft: list[int], at: int, choice: int) -> tuple[int, bool]:
+    """(the draft position after the verifier's `choice`, where it disagreed with draft[at]; whether the choice
+    was found near there): a draft token dropped, repeated or replaced shifts the rest of the draft."""
+    window = range(max(at - REALIGN_BEHIND, 0), min(at + REALIGN_AHEAD, len(draft)))
+    hit = next((i for i in window if draft[i] == choice), None)
+    return (hit + 1, True) if hit is not None else (at + 1, False)
 
 
 def _probability_of_best(logits: np.ndarray) -> np.ndarray:
@@ -248,4 +310,4 @@ def _cut_restart(out: list[int], confidences: list[float]) -> tuple[list[int], l
     return out[:-RESTART_TOKENS], confidences[:-RESTART_TOKENS]
 
 
-__all__ = ["Verified", "Verifier", "VERIFY_MAX_CHANGED", "edit_share"]
+__all__ = ["Verified", "Verifier", "VERIFY_MAX_CHANGED", "READ_MAX_TOKENS", "edit_share"]

@@ -248,8 +248,11 @@ class WhisperCheckpoint:
     come from one read of its file, and the pages of tensors never asked for (Whisper's decoder) are never
     read. Needs neither transformers nor a Whisper model object."""
 
-    def __init__(self, source: str, stored: dict[str, Any], n_head: int, origin: str, ct2_dir: Path | None = None):
+    def __init__(self, source: str, stored: dict[str, Any], n_head: int, origin: str, ct2_dir: Path | None = None,
+                 suppress: tuple[list[int], list[int]] = ([], [])):
         self.source = source  # as the user named it: "tiny.en", a directory, a hub name
+        # (tokens Whisper's own decoding never says, tokens it does not begin with), where the checkpoint says
+        self.suppress = suppress
         self.origin = origin  # the file or object read, for messages
         self.ct2_dir = ct2_dir  # the CTranslate2 directory it came from (for the ctranslate2 encoder backend)
         self._stored = stored  # name -> numpy view, torch tensor, or _Lazy
@@ -351,7 +354,9 @@ def open_whisper(source: "str | os.PathLike | WhisperCheckpoint | Any",
 
 def _open_ct2(model_dir: Path, source: str) -> WhisperCheckpoint:
     stored, n_head, path = read_ct2_whisper(model_dir)
-    return WhisperCheckpoint(source, stored, n_head, str(path), ct2_dir=model_dir)
+    config = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+    suppress = (list(config.get("suppress_ids", [])), list(config.get("suppress_ids_begin", [])))
+    return WhisperCheckpoint(source, stored, n_head, str(path), ct2_dir=model_dir, suppress=suppress)
 
 
 def _open_transformers_dir(directory: Path, source: str) -> WhisperCheckpoint:
@@ -384,7 +389,9 @@ def _open_transformers_dir(directory: Path, source: str) -> WhisperCheckpoint:
         stored = {_canonical(k): v for k, v in sd.items()}
     else:
         raise WhisperLoadError(f"{directory}: no weights ({SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {PICKLE_FILE})")
-    return WhisperCheckpoint(source, stored, config["encoder_attention_heads"], str(origin))
+    generation = read_json(directory / "generation_config.json") if (directory / "generation_config.json").is_file() else {}
+    suppress = tuple(list(generation.get(key) or config.get(key) or []) for key in ("suppress_tokens", "begin_suppress_tokens"))
+    return WhisperCheckpoint(source, stored, config["encoder_attention_heads"], str(origin), suppress=suppress)
 
 
 def _canonical(name: str) -> str:
