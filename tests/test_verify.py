@@ -273,6 +273,8 @@ def test_verify_short_reads_only_windows_that_short(setup, monkeypatch):
     assert result.text.strip() == setup[0].tokenizer.decode(calls[1]).strip()
     with pytest.raises(ValueError, match="verify_short"):
         Pipeline(setup[0], {"verify_short": -1.0})
+    with pytest.raises(ValueError, match="needs --verify"):
+        Pipeline(setup[0], {"verify_short": 2.0, "verify": False})
 
 
 def test_verify_needs_a_whisper_tokenizer(setup):

@@ -123,8 +123,8 @@ def transcribe(
                                               "(faster); off: the whole canvas."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Correct each window's text with Whisper's own decoder."),
-    verify_short: Optional[float] = typer.Option(None, "--verify-short", metavar="S", min=0.0, help="Read windows "
-                                                 "of <= S seconds with Whisper's decoder on 30 s of audio (0: off)."),
+    verify_short: Optional[float] = typer.Option(None, "--verify-short", metavar="S", min=0.0, help="With --verify: "
+                                                 "windows of <= S s read by Whisper's decoder on 30 s of audio."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
     device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES), help="auto, cpu, cuda (or cuda:N)."),

@@ -407,6 +407,8 @@ class Pipeline:
             warnings.warn(f"{SHORTLIST_INT8_OFF} on {model.decoder.device.type}: the shortlist is picked in float",
                           stacklevel=2)
             self.decoding = dataclasses.replace(self.decoding, shortlist_int8=False)
+        if overrides.get("verify_short") and not self.decoding.verify:
+            raise ValueError("--verify-short reads short windows with the verifier: it needs --verify")
         self.prefix_ids = list(model.tokenizer.prefix_ids)
         self.pad_id = model.tokenizer.pad_id
         self._words = words_from_tokens(model.tokenizer)
