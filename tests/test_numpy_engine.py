@@ -26,7 +26,7 @@ from whisfusion_cli.encoder import (  # noqa: E402
     padded_clips,
     short_mel_frames,
 )
-from whisfusion_cli.numpy_model import NumpyAudioEncoder, NumpyDecoder, erf, gelu  # noqa: E402
+from whisfusion_cli.numpy_model import SOFTMAX_CHUNK, NumpyAudioEncoder, NumpyDecoder, erf, gelu, softmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUDIO = Path(__file__).parent / "data" / "audio"
@@ -44,6 +44,21 @@ def test_erf_and_gelu_match_the_exact_functions():
     exact = np.array([math.erf(float(v)) for v in x])
     assert np.abs(erf(x) - exact).max() < 1e-6
     assert np.abs(gelu(x) - torch.nn.functional.gelu(torch.from_numpy(x)).numpy()).max() < 2e-6
+
+
+def test_softmax_in_place_is_the_same_numbers(clips):
+    """Attention's softmax in place, in cache-sized blocks of rows, gives the out-of-place softmax's numbers to
+    the bit, into the array it was given; rows longer than a block and arrays that are views work too."""
+    rng = np.random.default_rng(0)
+    for shape in [(6, 40, 40), (2, 6, 13, 260), (1, 3, 5, SOFTMAX_CHUNK + 7)]:
+        x = (rng.normal(size=shape) * 8).astype(np.float32)
+        expected = softmax(x)
+        into = x.copy()
+        assert softmax(into, in_place=True) is into and np.array_equal(into, expected)
+        np.testing.assert_allclose(expected, torch.softmax(torch.from_numpy(x), -1).numpy(), atol=1e-6)
+    view = (rng.normal(size=(6, 40, 80)) * 8).astype(np.float32)[:, :, ::2]  # not contiguous: a new array
+    expected = softmax(view)
+    assert np.array_equal(softmax(view, in_place=True), expected)
 
 
 def test_numpy_features_match_torch(clips):
