@@ -22,11 +22,11 @@ from whisfusion_cli.whisper_source import open_whisper
 SAMPLE_RATE = 16000
 
 
+IN_PLACE_SOFTMAX = numpy_model.softmax
+
+
 def fresh_softmax(x: np.ndarray, in_place: bool = False) -> np.ndarray:
     return IN_PLACE_SOFTMAX(x, in_place=False)  # what attention ran before: a new array for each step
-
-
-IN_PLACE_SOFTMAX = numpy_model.softmax
 
 
 def main() -> None:

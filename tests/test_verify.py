@@ -238,8 +238,8 @@ def test_a_read_never_says_what_whisper_s_decoding_suppresses(setup):
     model, _, _ = setup
     checkpoint = open_whisper("tiny.en")
     assert len(checkpoint.suppress[0]) > 50 and checkpoint.suppress[1] == [220, EOS]
-    plain = Verifier.from_checkpoint(checkpoint, PREFIX, EOS)
-    whisper_like = Verifier.from_checkpoint(checkpoint, PREFIX, EOS, suppress=checkpoint.suppress)
+    plain = Verifier.from_checkpoint(checkpoint, PREFIX, EOS, suppress=((), ()))
+    whisper_like = Verifier.from_checkpoint(checkpoint, PREFIX, EOS)  # the checkpoint's own suppression
     noise = np.random.default_rng(0).normal(0, 0.01, 16000).astype(np.float32)
     states = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="full")).encode([noise])[0].numpy()
     tok = model.tokenizer

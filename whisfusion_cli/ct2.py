@@ -214,6 +214,12 @@ def read_json(path: Path) -> Any:
         raise CT2FormatError(f"{path}: unreadable {path.name} ({exc})") from exc
 
 
+def generation_extras(model_dir: Path) -> dict[str, Any]:
+    """The package's config.json (suppressed tokens, alignment heads, language ids); {} where it has none."""
+    cfg_file = model_dir / "config.json"
+    return read_json(cfg_file) if cfg_file.is_file() else {}
+
+
 def special_token_ids(model_dir: Path) -> dict[str, int]:
     """Id of every added/special token, from tokenizer.json or the vocabulary file (whichever is present)."""
     tok_file = model_dir / "tokenizer.json"
@@ -258,10 +264,7 @@ def _build_config(variables: dict[str, np.ndarray], model_dir: Path, path: Path)
     if "decoder/scale_embeddings" in variables and _scalar(variables, "decoder/scale_embeddings", path):
         raise CT2FormatError(f"{path}: unsupported Whisper variant (scaled embeddings)")
 
-    extra: dict[str, Any] = {}
-    cfg_file = model_dir / "config.json"
-    if cfg_file.is_file():
-        extra = read_json(cfg_file)
+    extra = generation_extras(model_dir)
     ids = special_token_ids(model_dir)
     eot = ids.get(EOT_TOKEN, 50256)
     sot = ids.get(SOT_TOKEN, 50257)

@@ -510,9 +510,8 @@ class Pipeline:
         table_source = ((self.model.config.get("external_weights") or {}).get("embed_tokens.weight") or {}).get("source")
         shared = self.model.decoder if self.model.engine == "numpy" and table_source == source else None
         try:
-            checkpoint = open_whisper(source)
-            return Verifier.from_checkpoint(checkpoint, self.prefix_ids, tok.eos_id, shared, _word_test(tok),
-                                            word_start_test(tok), _spoken_words(tok), checkpoint.suppress)
+            return Verifier.from_checkpoint(open_whisper(source), self.prefix_ids, tok.eos_id, shared, _word_test(tok),
+                                            word_start_test(tok), _spoken_words(tok))
         except (KeyError, ValueError) as e:
             raise ValueError(f"--verify: {source} has no Whisper decoder to verify with ({e})") from None
 

@@ -94,8 +94,9 @@ def softmax(x: np.ndarray, in_place: bool = False) -> np.ndarray:
         e = np.exp(x - x.max(-1, keepdims=True))
         return e / e.sum(-1, keepdims=True)
     rows = x.reshape(-1, x.shape[-1])  # a view: rows in blocks that stay in the CPU's cache through the passes
-    for s in range(0, len(rows), max(1, SOFTMAX_CHUNK // x.shape[-1])):
-        block = rows[s : s + max(1, SOFTMAX_CHUNK // x.shape[-1])]
+    step = max(1, SOFTMAX_CHUNK // x.shape[-1])
+    for s in range(0, len(rows), step):
+        block = rows[s : s + step]
         block -= block.max(-1, keepdims=True)
         np.exp(block, out=block)
         block /= block.sum(-1, keepdims=True)

@@ -97,10 +97,11 @@ class Verifier:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
-                        is_word=None, starts_word=None, spoken=None, suppress=((), ())) -> "Verifier":
+                        is_word=None, starts_word=None, spoken=None, suppress=None) -> "Verifier":
         """The decoder of a whisper_source.WhisperCheckpoint (tiny.en's model.bin: its pages are read here,
         float16 widened). shared: a decoder over the same Whisper's token table (the draft decoder on the numpy
-        engine), whose table and output projection the verifier uses rather than copies of its own."""
+        engine), whose table and output projection the verifier uses rather than copies of its own. suppress:
+        None for the checkpoint's own (`WhisperCheckpoint.suppress`)."""
         table = None if shared is None else shared.table
         weights = {name[len(DECODER_PREFIX):]: (table if table is not None and name.endswith("embed_tokens.weight")
                                                 else checkpoint.array(name))
@@ -114,6 +115,7 @@ class Verifier:
                   "vocab_size": vocab, "output_vocab_size": eos_id + 1,
                   "block_size": weights["embed_positions.weight"].shape[0]}
         head = shared.head if shared is not None and shared.n_logits == eos_id + 1 else None
+        suppress = checkpoint.suppress if suppress is None else suppress
         return cls(NumpyDecoder(weights, config, head), prefix_ids, eos_id, is_word, starts_word, spoken, suppress)
 
     def verify(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .ct2 import CT2_MODEL_FILE, EOT_TOKEN, CT2FormatError, ct2_to_transformers, read_ct2_whisper, read_json, special_token_ids
+from .ct2 import (CT2_MODEL_FILE, EOT_TOKEN, CT2FormatError, ct2_to_transformers, generation_extras, read_ct2_whisper,
+                  read_json, special_token_ids)
 from .fileio import atomic_path
 
 if TYPE_CHECKING:  # heavy imports stay inside functions so `whisfusion --help` does not import torch
@@ -354,8 +355,8 @@ def open_whisper(source: "str | os.PathLike | WhisperCheckpoint | Any",
 
 def _open_ct2(model_dir: Path, source: str) -> WhisperCheckpoint:
     stored, n_head, path = read_ct2_whisper(model_dir)
-    config = read_json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
-    suppress = (list(config.get("suppress_ids", [])), list(config.get("suppress_ids_begin", [])))
+    extra = generation_extras(model_dir)
+    suppress = (list(extra.get("suppress_ids", [])), list(extra.get("suppress_ids_begin", [])))
     return WhisperCheckpoint(source, stored, n_head, str(path), ct2_dir=model_dir, suppress=suppress)
 
 
