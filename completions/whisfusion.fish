@@ -29,7 +29,7 @@ complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l pad-contex
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l seed -x -d 'Seed for reproducible decoding'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l verify -d 'Correct each window\'s text with Whisper\'s own decoder'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l no-verify -d 'Correct each window\'s text with Whisper\'s own decoder'
-complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l verify-short -x -d 'With --verify: windows of <= S s read by Whisper\'s decoder on 30 s ...'
+complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l verify-short -x -d 'With --verify: windows <= S s also read by Whisper\'s decoder on pad...'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l seq-len -x -d 'Canvas length in tokens, or \'auto\' to size it to the audio'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l device -x -a 'auto cpu cuda' -d 'auto, cpu, cuda (or cuda:N)'
 complete -c whisfusion -n '__fish_seen_subcommand_from transcribe' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, ...'

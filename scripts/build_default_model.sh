@@ -55,7 +55,11 @@ OMP_NUM_THREADS=1 whisfusion train --data "$W/shards/ft" --data "$W/shards/ast_t
   --val-items 20 --patience 0 --seed 777 --mask-range 0.5,1.0
 python scripts/package_default.py "$W/runs/finetune/model" "$W/models/finetune" --decoding "$DECODING" \
   --max-window 10 --split-silence 0.6 --int8-on-cpu
-# 6. Ship the mean; word timestamps read every head of the upper half (chosen on the word-timing dev half).
+# 6. Ship the mean; word timestamps read every head of the upper half (chosen on the word-timing dev half);
+#    each window verified by tiny.en's own decoder, and one of at most 2 s also read by it on the window padded
+#    with silence (docs/EXPERIMENTS.md, "Verification ..." and "Short windows: the read where it is much the
+#    likelier"; chosen on the tune sets).
 python scripts/average_models.py "$W/models/mean" "$W/models/0.1.0:0.5" "$W/models/finetune:0.5"
 python scripts/package_default.py "$W/models/mean" whisfusion_cli/assets/default --int8-on-cpu \
+  --decoding '{"verify": true, "verify_short": 2.0}' \
   --alignment-heads '[[2,0],[2,1],[2,2],[2,3],[2,4],[2,5],[3,0],[3,1],[3,2],[3,3],[3,4],[3,5]]'

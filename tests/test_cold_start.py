@@ -96,21 +96,27 @@ class TransformersEncoder:
     def encode(self, clips):
         from whisfusion_cli.encoder import short_mel_frames
 
-        out = []
-        for clip in clips:  # "short": the clip's own mel length, cut from less zero padding (as ours)
-            mel = short_mel_frames(len(clip))
-            n = max(mel * 160 + 400, len(clip))
-            feats = self.extractor(np.pad(clip, (0, n - len(clip))), sampling_rate=16000, return_tensors="pt",
-                                   padding="longest").input_features[:, :, :mel]
-            enc = self.encoder
-            with torch.inference_mode():
-                x = torch.nn.functional.gelu(enc.conv1(feats))
-                x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
-                x = x + enc.embed_positions.weight[: x.shape[1]]
-                for layer in enc.layers:
-                    x = layer(x, None)
-                out.append(enc.layer_norm(x)[0, : self.output_frames(len(clip))])
-        return out
+        # "short": the clip's own mel length, cut from less zero padding (as ours)
+        return [self._states(clip, short_mel_frames(len(clip)), self.output_frames(len(clip))) for clip in clips]
+
+    def encode_padded(self, clips, seconds):
+        from whisfusion_cli.encoder import padded_frames
+
+        return [self._states(clip, 2 * padded_frames(seconds), padded_frames(seconds)) for clip in clips]
+
+    def _states(self, clip, mel: int, frames: int):
+        """The first `frames` states of the clip's first `mel` log-mel frames (of 30 s-padded audio)."""
+        n = max(mel * 160 + 400, len(clip))
+        feats = self.extractor(np.pad(clip, (0, n - len(clip))), sampling_rate=16000, return_tensors="pt",
+                               padding="longest").input_features[:, :, :mel]
+        enc = self.encoder
+        with torch.inference_mode():
+            x = torch.nn.functional.gelu(enc.conv1(feats))
+            x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+            x = x + enc.embed_positions.weight[: x.shape[1]]
+            for layer in enc.layers:
+                x = layer(x, None)
+            return enc.layer_norm(x)[0, :frames]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's eager quantisation API moves to torchao

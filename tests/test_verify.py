@@ -17,7 +17,8 @@ from whisfusion_cli.distill import Teacher  # noqa: E402
 from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder  # noqa: E402
 from whisfusion_cli.loading import Pipeline, load_model  # noqa: E402
 from whisfusion_cli.numpy_model import SelfAttentionCache, causal_mask, log_softmax  # noqa: E402
-from whisfusion_cli.verify import READ_MAX_TOKENS, VERIFY_MAX_CHANGED, Verifier, edit_share  # noqa: E402
+from whisfusion_cli.verify import (READ_MARGIN, READ_MAX_TOKENS, VERIFY_MAX_CHANGED, Verified, Verifier,  # noqa: E402
+                                  edit_share, read_context)
 from whisfusion_cli.whisper_source import open_whisper  # noqa: E402
 
 AUDIO = Path(__file__).parent / "data" / "audio"
@@ -232,6 +233,61 @@ def test_a_short_window_is_read_on_padded_states_whatever_the_draft(setup):
 
 
 
+def test_reread_keeps_the_checked_text_unless_the_read_is_much_the_likelier(setup):
+    """Verifier.reread: the read replaces the checked draft only where the verifier finds it READ_MARGIN nats
+    likelier on the padded states; log_likelihood is the teacher-forced log probability of the text and its end."""
+    model, verifier, _ = setup
+    tok = model.tokenizer
+    audio = load_audio(str(AUDIO / "goforward.flac"))  # "go forward ten meters", 2.8 s
+    padded = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="short")).encode_padded([audio], read_context(2.8))[0]
+    padded = padded.numpy()
+    assert padded.shape == (50 * read_context(2.8), 384) == (540, 384)
+    kv = verifier.decoder.cross_kv(padded[None])
+    greedy = verifier.read([], padded).tokens
+    assert tok.decode(greedy).strip() == "Go forward 10 meters."
+
+    d = verifier.decoder  # log_likelihood against the log-softmax of one forward, rows summed by hand
+    ids = PREFIX + greedy + [EOS]
+    logits = d.project(d.hidden_states(np.array([ids[:-1]]), kv, cache=SelfAttentionCache(d.n_layer))[0])
+    logits = logits[len(PREFIX) - 1:]  # the rows predicting each token and the end
+    logits[:, verifier.suppress] = -np.inf  # as `read` decodes: suppressed tokens get no probability
+    logits[0, verifier.suppress_first] = -np.inf
+    by_hand = sum(log_softmax(logits)[i, t] for i, t in enumerate(greedy + [EOS]))
+    assert verifier.log_likelihood(greedy, kv) == pytest.approx(float(by_hand), abs=1e-3)
+
+    def checked(text):
+        tokens = tok.encode(text)
+        return Verified(tokens, [1.0] * len(tokens), 1, 0.0, False)
+
+    gaps = {}
+    for text in (" Go forward ten meters.", " Go forward 10 metres.", " Go backward.", " Go forward 10 meters."):
+        gaps[text] = verifier.log_likelihood(greedy, kv) - verifier.log_likelihood(tok.encode(text), kv)
+        out = verifier.reread(checked(text), tok.encode(" Go backward."), padded)
+        assert out.tokens == (tok.encode(text) if gaps[text] <= READ_MARGIN else greedy), (text, gaps[text])
+    assert gaps[" Go forward 10 meters."] == 0 and gaps[" Go backward."] > READ_MARGIN
+    assert any(0 < gap <= READ_MARGIN for gap in gaps.values())  # a checked text that stands, though not greedy's
+
+
+def test_padding_a_clip_to_30_s_is_whisper_s_own_input_and_both_engines_pad_alike():
+    """encode_padded: to 30 s the "full" mode's states; to 10 s the same on the numpy and torch encoders; a clip
+    longer than its padding is an error."""
+    from whisfusion_cli.encoder import NumpyWhisperEncoder
+
+    audio = load_audio(str(AUDIO / "cards_001.flac"))
+    torch_encoder = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="short"))
+    full = WhisperAudioEncoder("tiny.en", EncoderOptions(mode="full")).encode([audio])[0]
+    torch.testing.assert_close(torch_encoder.encode_padded([audio], 30.0)[0], full)
+    numpy_encoder = NumpyWhisperEncoder(open_whisper("tiny.en"), EncoderOptions(mode="short"))
+    ten = numpy_encoder.encode_padded([audio], 10.0)[0]
+    assert ten.shape == (500, 384)
+    np.testing.assert_allclose(ten, torch_encoder.encode_padded([audio], 10.0)[0].numpy(), atol=2e-3)
+    with pytest.raises(ValueError, match="does not fit 0.5 s"):
+        numpy_encoder.encode_padded([audio], 0.5)
+    with pytest.raises(ValueError, match="at most 30 s"):
+        numpy_encoder.encode_padded([audio], 31.0)
+    assert read_context(1.0) == 10.0 and read_context(5.0) == 13.0 and read_context(25.0) == 30.0
+
+
 def test_a_read_never_says_what_whisper_s_decoding_suppresses(setup):
     """On noise tiny.en's greedy text is "[BLANK_AUDIO]"; with the checkpoint's suppress_ids (symbols, brackets)
     and suppress_ids_begin (a blank or the end of text first) it is words, as Whisper's own decoding gives."""
@@ -255,21 +311,21 @@ def test_verify_short_reads_only_windows_that_short(setup, monkeypatch):
     from whisfusion_cli.transcribe import TranscribeOptions, transcribe_file
 
     calls = []
-    read = Verifier.read
+    reread = Verifier.reread
 
-    def spy(self, draft, states, confidences=None):
+    def spy(self, checked, draft, states, confidences=None):
         calls.append(states.shape)
-        out = read(self, draft, states, confidences)
+        out = reread(self, checked, draft, states, confidences)
         calls.append(out.tokens)
         return out
 
-    monkeypatch.setattr(Verifier, "read", spy)
+    monkeypatch.setattr(Verifier, "reread", spy)
     clip = AUDIO / "cards_001.flac"  # "ten of clubs", 1.1 s: one window
     assert transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 0.0})).ok and not calls
     assert transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 0.5})).ok and not calls
-    result = transcribe_file(clip, TranscribeOptions(decoding={"verify_short": 2.0}))
+    result = transcribe_file(clip, TranscribeOptions())  # the default model's own: 2 s
     assert result.ok and result.decoding["verify_short"] == 2.0
-    assert calls[0] == (1500, 384) and len(calls) == 2
+    assert calls[0] == (50 * read_context(1.1), 384) == (500, 384) and len(calls) == 2
     assert result.text.strip() == setup[0].tokenizer.decode(calls[1]).strip()
     with pytest.raises(ValueError, match="verify_short"):
         Pipeline(setup[0], {"verify_short": -1.0})

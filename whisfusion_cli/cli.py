@@ -124,7 +124,7 @@ def transcribe(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Correct each window's text with Whisper's own decoder."),
     verify_short: Optional[float] = typer.Option(None, "--verify-short", metavar="S", min=0.0, help="With --verify: "
-                                                 "windows of <= S s read by Whisper's decoder on 30 s of audio."),
+                                                 "windows <= S s also read by Whisper's decoder on padded audio."),
     seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
                                           help="Canvas length in tokens, or 'auto' to size it to the audio."),
     device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES), help="auto, cpu, cuda (or cuda:N)."),

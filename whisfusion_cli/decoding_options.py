@@ -98,10 +98,10 @@ class DecodingOptions:
     # After decoding, the causal decoder of the Whisper the encoder comes from checks each window's text left to
     # right and corrects it where it disagrees (verify.py); the text's end stays the draft's.
     verify: bool = False
-    # With verify: a window at most this many seconds long is read by that decoder alone, on the encoder states
-    # of the window padded to 30 s (Whisper's own input: on audio-length states it cannot tell where an isolated
-    # word ends), its greedy text to its own end (verify.Verifier.read; one more encoder pass per such window).
-    # 0: off.
+    # With verify: a window at most this many seconds long is also read by that decoder alone, on the encoder
+    # states of the window padded with silence (as Whisper's own input is: on audio-length states it cannot tell
+    # where an isolated word ends), its greedy text to its own end, which replaces the checked draft where it is
+    # much the likelier there (verify.Verifier.reread; one more encoder pass per such window). 0: off.
     verify_short: float = 0.0
 
     def __post_init__(self):

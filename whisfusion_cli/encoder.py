@@ -63,6 +63,13 @@ def frames_for_duration(seconds: float) -> int:
     return min(MAX_ENCODER_FRAMES, math.ceil(max(0.0, seconds) * ENCODER_FRAMES_PER_SECOND - 1e-6) + FRAME_MARGIN)
 
 
+def padded_frames(seconds: float) -> int:
+    """Encoder frames of a clip padded to `seconds` (encode_padded): 50 a second, at most 1500 (30 s)."""
+    if not 0 < seconds <= CHUNK_LENGTH:
+        raise ValueError(f"a clip is padded to at most {CHUNK_LENGTH} s, not {seconds:g}")
+    return math.ceil(seconds * ENCODER_FRAMES_PER_SECOND - 1e-6)
+
+
 def short_mel_frames(num_samples: int) -> int:
     """Mel frames the "short" mode feeds the encoder for a clip of `num_samples` samples (always even)."""
     frames = CONV_STRIDE * frames_for_duration(num_samples / SAMPLE_RATE)
@@ -271,6 +278,15 @@ class WhisperAudioEncoder(_Encoder):
                     out[i] = states[row, : self.output_frames(len(clips[i]))]
         return out  # type: ignore[return-value]
 
+    def encode_padded(self, audio: Sequence[np.ndarray], seconds: float = CHUNK_LENGTH) -> "list[torch.Tensor]":
+        """Encoder states of each clip padded with silence to `seconds` (<= 30; 30 is Whisper's own input),
+        all padded_frames(seconds) of them, whatever this encoder's mode."""
+        import torch
+
+        clips, mel_frames = _padded_input(audio, seconds)
+        with torch.inference_mode():
+            return [self._run(self.features([clip], mel_frames).to(self.device, self.dtype))[0] for clip in clips]
+
     # ------------------------------------------------------------------------------------- internals
 
     def _run(self, feats: "torch.Tensor") -> "torch.Tensor":
@@ -322,6 +338,12 @@ class NumpyWhisperEncoder(_Encoder):
             feats = log_mel_spectrogram_numpy(padded_clips([clip], mel_frames), self.num_mel_bins)[0, :, :mel_frames]
             out.append(self.encoder(feats)[: self.output_frames(len(clip))])
         return out
+
+    def encode_padded(self, audio: Sequence[np.ndarray], seconds: float = CHUNK_LENGTH) -> list[np.ndarray]:
+        """WhisperAudioEncoder.encode_padded: each clip padded with silence to `seconds` (<= 30)."""
+        clips, mel_frames = _padded_input(audio, seconds)
+        return [self.encoder(log_mel_spectrogram_numpy(padded_clips([c], mel_frames), self.num_mel_bins)[0, :, :mel_frames])
+                for c in clips]
 
 
 def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOptions, device: "torch.device",
@@ -375,6 +397,16 @@ def _ctranslate2_encoder(checkpoint: "WhisperCheckpoint", options: EncoderOption
         compute_type = "int8" if options.int8 else "float32"
         place = {"device": "cpu", "intra_threads": options.threads or torch.get_num_threads()}
     return ctranslate2.models.Whisper(str(directory), compute_type=compute_type, **place)
+
+
+def _padded_input(audio: Sequence[np.ndarray], seconds: float) -> tuple[list[np.ndarray], int]:
+    """encode_padded's checked clips and the mel frames they are padded to."""
+    mel_frames = CONV_STRIDE * padded_frames(seconds)
+    clips = [_check_clip(a, i) for i, a in enumerate(audio)]
+    for i, clip in enumerate(clips):
+        if len(clip) > seconds * SAMPLE_RATE:
+            raise ValueError(f"audio item {i}: {len(clip) / SAMPLE_RATE:.2f} s does not fit {seconds:g} s of padding")
+    return clips, mel_frames
 
 
 def _check_clip(audio: Any, index: int) -> np.ndarray:

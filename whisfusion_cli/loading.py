@@ -10,7 +10,6 @@ text and timed segments.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -415,7 +414,6 @@ class Pipeline:
         self._to_words = self._words if self.decoding.selection != "confidence" else None
         self.language = model.config.get("language") or DEFAULT_LANGUAGE
         self.verifier = self._verifier() if self.decoding.verify else None
-        self._padded_encoder = None  # the encoder in "full" mode, for short windows' verification (made when needed)
 
     @classmethod
     def load(cls, options, encoder_options: dict | None = None) -> "Pipeline":
@@ -517,25 +515,23 @@ class Pipeline:
 
     def _verify(self, results, states, clips, durations) -> None:
         """Each window's text replaced by its verified text (revise hook of the decode loops); a window of at
-        most decoding.verify_short seconds, whose audio is in clips, is read on its 30 s-padded encoding."""
+        most decoding.verify_short seconds, whose audio is in clips, is also read on its encoding padded with silence,
+        and the read replaces the verified text where it is much the likelier there (Verifier.reread)."""
         short = self.decoding.verify_short
         for r, s, clip, duration in zip(results, states, clips, durations):
+            verified = self.verifier.verify(r.text_tokens, _as_array(s), r.token_confidences or None)
             if clip is not None and duration is not None and duration <= short:
-                verified = self.verifier.read(r.text_tokens, self._padded_states(clip), r.token_confidences or None)
-            else:
-                verified = self.verifier.verify(r.text_tokens, _as_array(s), r.token_confidences or None)
+                verified = self.verifier.reread(verified, r.text_tokens, self._padded_states(clip),
+                                                r.token_confidences or None)
             r.text_tokens, r.token_confidences = verified.tokens, verified.confidences
 
     def _padded_states(self, clip: np.ndarray) -> np.ndarray:
-        """Encoder states [1500, d] of a clip padded to 30 s ("full" mode: Whisper's own input), by the model's
-        encoder (the same weights; only how the clip is padded differs)."""
-        if self._padded_encoder is None:
-            encoder = self.model.encoder
-            if encoder.options.mode != "full":
-                encoder = copy.copy(encoder)
-                encoder.options = dataclasses.replace(encoder.options, mode="full")
-            self._padded_encoder = encoder
-        return _as_array(self._padded_encoder.encode([clip])[0])
+        """Encoder states of a short window padded with silence, as `read` wants it (verify.read_context), by
+        the model's encoder (the same weights; only how the clip is padded differs)."""
+        from .audio import SAMPLE_RATE
+        from .verify import read_context
+
+        return _as_array(self.model.encoder.encode_padded([clip], read_context(len(clip) / SAMPLE_RATE))[0])
 
     def text(self, result) -> str:
         return self.model.tokenizer.decode(result.text_tokens)
