@@ -73,7 +73,7 @@ READ_MARGIN = 3.5
 # `read`'s window is padded with silence to at least READ_CONTEXT_S and READ_SILENCE_S past its end (at most
 # 30 s, Whisper's own input): the verifier needs silence after the speech to find its end, not 30 s of it, and the
 # encoder's cost grows with the square of its frames. Tune sets, windows <= 2 s (EXPERIMENTS.md): padded to
-# 5 / 10 / 30 s, mean WER 18.6 / 17.5 / 18.4, the encoder 42 / 76 / 330 ms a window.
+# 5 / 10 / 30 s, mean WER 18.6 / 17.5 / 18.4, the encoder 38 / 74 / 364 ms a window.
 READ_CONTEXT_S, READ_SILENCE_S = 10.0, 8.0
 
 
