@@ -1,5 +1,5 @@
 """Attention's softmax in place against a fresh array, side by side in one run: the numpy encoder on 30 s
-("full" mode, what `--verify-short` runs for each short window) and on a 5 s window ("short" mode, what
+("full" mode, Whisper's own input; `--verify-short` pads short windows to 10 s) and on a 5 s window ("short" mode, what
 every window runs), the same numbers either way (asserted); with --manifest, also whole transcriptions of its
 clips (the model loaded once; each clip by both, alternating; the same text asserted).
 
