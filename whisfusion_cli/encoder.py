@@ -342,8 +342,9 @@ class NumpyWhisperEncoder(_Encoder):
     def encode_padded(self, audio: Sequence[np.ndarray], seconds: float = CHUNK_LENGTH) -> list[np.ndarray]:
         """WhisperAudioEncoder.encode_padded: each clip padded with silence to `seconds` (<= 30)."""
         clips, mel_frames = _padded_input(audio, seconds)
-        return [self.encoder(log_mel_spectrogram_numpy(padded_clips([c], mel_frames), self.num_mel_bins)[0, :, :mel_frames])
-                for c in clips]
+        features = (log_mel_spectrogram_numpy(padded_clips([c], mel_frames), self.num_mel_bins)[0, :, :mel_frames]
+                    for c in clips)
+        return [self.encoder(f) for f in features]
 
 
 def _build_encoder(checkpoint: "WhisperCheckpoint", dims, options: EncoderOptions, device: "torch.device",

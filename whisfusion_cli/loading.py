@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND
+from .audio import ENCODER_FRAMES_PER_SECOND, FRAMES_PER_SECOND, SAMPLE_RATE
 from .timing import Segment, align_words, speech_runs, split_words, spread_words
 from .vad import FRAME_SECONDS as VAD_FRAME_SECONDS, VadOptions, Window
 
@@ -515,8 +515,8 @@ class Pipeline:
 
     def _verify(self, results, states, clips, durations) -> None:
         """Each window's text replaced by its verified text (revise hook of the decode loops); a window of at
-        most decoding.verify_short seconds, whose audio is in clips, is also read on its encoding padded with silence,
-        and the read replaces the verified text where it is much the likelier there (Verifier.reread)."""
+        most decoding.verify_short seconds, whose audio is in clips, is also read on its encoding padded with
+        silence, and the read replaces the verified text where it is much the likelier there (Verifier.reread)."""
         short = self.decoding.verify_short
         for r, s, clip, duration in zip(results, states, clips, durations):
             verified = self.verifier.verify(r.text_tokens, _as_array(s), r.token_confidences or None)
@@ -528,7 +528,6 @@ class Pipeline:
     def _padded_states(self, clip: np.ndarray) -> np.ndarray:
         """Encoder states of a short window padded with silence, as `read` wants it (verify.read_context), by
         the model's encoder (the same weights; only how the clip is padded differs)."""
-        from .audio import SAMPLE_RATE
         from .verify import read_context
 
         return _as_array(self.model.encoder.encode_padded([clip], read_context(len(clip) / SAMPLE_RATE))[0])

@@ -14,9 +14,9 @@ said is one stretch said over ("Rocket Rocket Rocket" for the draft's "Rock it."
 words and started over where it could not find the end, and the stretch is the text (`said_over`).
 
 A short window (a word or two: DecodingOptions.verify_short) is also `read`: on the states of the window
-padded with silence (as Whisper's own input is, to 30 s), the causal decoder knows where speech ends, and its greedy text there
-(the draft only proposing tokens) replaces the checked draft where it is much the likelier of the two on
-those states (`reread`): where the verifier is unsure of an isolated word the draft heard it better.
+padded with silence (as Whisper's own input is, to 30 s), the causal decoder knows where speech ends, and its
+greedy text there (the draft only proposing tokens) replaces the checked draft where it is much the likelier of
+the two on those states (`reread`): where the verifier is unsure of an isolated word the draft heard it better.
 
 Runs on numpy (numpy_model.NumpyDecoder with a SelfAttentionCache), whatever engine decoded the draft.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .audio import CHUNK_LENGTH
 from .numpy_model import NumpyDecoder, SelfAttentionCache, log_softmax
 
 DECODER_PREFIX = "model.decoder."
@@ -71,8 +72,8 @@ READ_MAX_TOKENS = 32
 # alone 18.7 (padded to 30 s, 3.5 was best as well).
 READ_MARGIN = 3.5
 # `read`'s window is padded with silence to at least READ_CONTEXT_S and READ_SILENCE_S past its end (at most
-# 30 s, Whisper's own input): the verifier needs silence after the speech to find its end, not 30 s of it, and the
-# encoder's cost grows with the square of its frames. Tune sets, windows <= 2 s (EXPERIMENTS.md): padded to
+# 30 s, Whisper's own input): the verifier needs silence after the speech to find its end, not 30 s of it, and
+# the encoder's cost grows with the square of its frames. Tune sets, windows <= 2 s (EXPERIMENTS.md): padded to
 # 5 / 10 / 30 s, mean WER 18.6 / 17.5 / 18.4, the encoder 38 / 74 / 364 ms a window.
 READ_CONTEXT_S, READ_SILENCE_S = 10.0, 8.0
 
@@ -148,9 +149,9 @@ class Verifier:
 
     def read(self, draft: list[int], states: np.ndarray, draft_confidences: list[float] | None = None) -> Verified:
         """The verifier's own greedy text of a short window, on `states` [F, d] of the window padded with silence
-        (read_context: as Whisper's own input is, where it knows where speech ends), to its own end of text or READ_MAX_TOKENS: the
-        draft only proposes tokens (the text is greedy decoding's, in fewer forwards). A text said over is cut to
-        its stretch (`said_over`); a text with no word leaves the draft."""
+        (read_context: as Whisper's own input is, where it knows where speech ends), to its own end of text or
+        READ_MAX_TOKENS: the draft only proposes tokens (the text is greedy decoding's, in fewer forwards). A text
+        said over is cut to its stretch (`said_over`); a text with no word leaves the draft."""
         return self._read(list(draft), self.decoder.cross_kv(np.asarray(states, np.float32)[None]), draft_confidences)
 
     def reread(self, checked: Verified, draft: list[int], states: np.ndarray,
@@ -321,7 +322,7 @@ class Verifier:
 
 def read_context(seconds: float) -> float:
     """The seconds a window that long is padded to for `read` (READ_CONTEXT_S, READ_SILENCE_S)."""
-    return min(30.0, max(READ_CONTEXT_S, seconds + READ_SILENCE_S))
+    return min(float(CHUNK_LENGTH), max(READ_CONTEXT_S, seconds + READ_SILENCE_S))
 
 
 def _realigned(draft: list[int], at: int, choice: int) -> tuple[int, bool]:
@@ -356,4 +357,5 @@ def _cut_restart(out: list[int], confidences: list[float]) -> tuple[list[int], l
     return out[:-RESTART_TOKENS], confidences[:-RESTART_TOKENS]
 
 
-__all__ = ["Verified", "Verifier", "VERIFY_MAX_CHANGED", "READ_MAX_TOKENS", "READ_MARGIN", "edit_share", "read_context"]
+__all__ = ["Verified", "Verifier", "VERIFY_MAX_CHANGED", "READ_MAX_TOKENS", "READ_MARGIN", "edit_share",
+           "read_context"]
