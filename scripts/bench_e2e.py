@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from whisfusion_cli.choices import ENCODER_BACKENDS
+from whisfusion_cli.fileio import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = ROOT / "tests" / "data" / "audio"
@@ -54,14 +54,6 @@ def build_recording(out_dir: Path, repeats: int, gap: float) -> tuple[Path, str,
     path = out_dir / "recording.wav"
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
     return path, " ".join(refs), len(audio) / SAMPLE_RATE
-
-
-def publish(tmp: str, path: Path) -> None:
-    """Rename a finished temp file into place with ordinary permissions (mkstemp creates files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def timed_stages(pipeline) -> dict:
@@ -193,12 +185,7 @@ def main(argv=None) -> int:
             if "faster_whisper" in report:
                 print(f"whisper   : {report['faster_whisper']['text']}")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_json = tempfile.mkstemp(dir=out.parent, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=1)
-        publish(tmp_json, out)
+        write_atomic(Path(args.json), json.dumps(report, indent=1))
     return 0
 
 

@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,20 +30,13 @@ import torch
 
 from whisfusion_cli.decoding import DecodingOptions, decode_windows
 from whisfusion_cli.encoder import frames_for_duration
+from whisfusion_cli.fileio import atomic_path, write_atomic
 from whisfusion_cli.tokenizer import TokenizerConfig
 
 DEFAULT_LENGTHS = (5, 10, 20, 40, 60, 80, 100, 120)
 TOKENS_PER_SECOND = 4.0  # Whisper tokens per second of English speech: 120 tokens ~ a full 30 s window
 MIN_SECONDS, MAX_SECONDS = 2.0, 30.0
 WIDTH = 384  # tiny.en
-
-
-def publish(tmp: str, path: Path) -> None:
-    """Rename a finished temp file into place with ordinary permissions (mkstemp creates files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def seconds_for(tokens: int) -> float:
@@ -95,16 +86,11 @@ def save_plot(rows, path: Path, title: str) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        publish(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv=None):
@@ -165,10 +151,7 @@ def main(argv=None):
           f"Whisper greedy {last['whisper_s'] / first['whisper_s']:.2f}x")
     out = Path(args.out)
     save_plot(rows, out, title)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"config": vars(args), "rows": rows}, f, indent=1)
-    publish(tmp, out.with_suffix(".json"))
+    write_atomic(out.with_suffix(".json"), json.dumps({"config": vars(args), "rows": rows}, indent=1))
     print(f"plot: {out}")
 
 

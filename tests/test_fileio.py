@@ -40,3 +40,35 @@ def test_directory_is_published_whole(tmp_path):
         assert not target.exists()
     assert (target / "config.json").read_text() == "{}"
     assert os.listdir(tmp_path) == ["model"]
+
+
+@pytest.mark.parametrize("is_dir", [False, True])
+def test_ctrl_c_while_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch, is_dir):
+    """A KeyboardInterrupt that lands right after the temporary exists, before the writer has its name (in
+    tempfile.mkstemp that was a leak): the temporary is still removed."""
+    from whisfusion_cli import fileio
+
+    make = os.mkdir if is_dir else os.open
+
+    def made_then_interrupted(*args, **kwargs):
+        result = make(*args, **kwargs)
+        if not is_dir:
+            os.close(result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "mkdir" if is_dir else "open", made_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "out.srt", is_dir=is_dir):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_temporary_name_taken_by_another_writer_is_left_alone(tmp_path, monkeypatch):
+    from whisfusion_cli import fileio
+
+    monkeypatch.setattr(fileio.secrets, "token_hex", lambda n: "same")
+    theirs = tmp_path / ".out.txt.same.tmp"
+    theirs.write_text("another writer's")
+    with pytest.raises(FileExistsError):
+        write_atomic(tmp_path / "out.txt", "ours")
+    assert theirs.read_text() == "another writer's" and not (tmp_path / "out.txt").exists()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -22,7 +22,7 @@ def _umask() -> int:
 
 
 def _file_mode() -> int:
-    """Ordinary permissions for a published file (mkstemp creates 0600, mkdtemp 0700)."""
+    """Ordinary permissions for a published file (its temporary is created 0600)."""
     return 0o666 & ~_umask()
 
 
@@ -37,14 +37,18 @@ def atomic_path(path, *, is_dir: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        os.chmod(tmp, 0o777 & ~_umask())
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    # The name is chosen before the `try` and the temporary made inside it: a Ctrl-C that lands while it is
+    # made (tempfile.mkstemp creates the file before it returns the name) still finds and removes it.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o777)  # the umask applies
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            tmp = None  # another writer's: not ours to remove
+            raise
         yield tmp
         if is_dir:
             try:
@@ -56,9 +60,9 @@ def atomic_path(path, *, is_dir: bool = False) -> Iterator[Path]:
             os.chmod(tmp, _file_mode())
             os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
+        if tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp is not None and tmp.exists():
             tmp.unlink()
 
 
