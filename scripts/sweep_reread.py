@@ -60,11 +60,9 @@ def main() -> None:
                     pad = context or read_context(len(clip) / SAMPLE_RATE)
                     padded = np.asarray(encoder.encode_padded([clip], pad)[0], np.float32)
                     seconds["encode"] += time.perf_counter() - t0
-                    kv = verifier.decoder.cross_kv(padded[None])
-                    read = verifier._read(list(r.text_tokens), kv, r.token_confidences or None)
-                    if read.kept_draft:  # the read said no word: the checked text stands (as reread)
+                    read, gap = verifier.read_gap(checked, r.text_tokens, padded, r.token_confidences or None)
+                    if read is None:  # the read said no word: the checked text stands (as reread)
                         continue
-                    gap = verifier.log_likelihood(read.tokens, kv) - verifier.log_likelihood(checked.tokens, kv)
                     recorded[id(r)] = (recorded[id(r)], tokenizer.decode(read.tokens), gap)
 
             clip_windows = []

@@ -159,14 +159,22 @@ class Verifier:
         """A short window's text: `checked` (its draft as `verify` left it, on the window's own states), unless the
         verifier's `read` on `states` (the window padded with silence: read_context) is READ_MARGIN nats likelier
         there."""
+        read, gap = self.read_gap(checked, draft, states, draft_confidences)
+        if read is None:
+            return checked
+        return read if read.tokens == checked.tokens or gap > READ_MARGIN else checked
+
+    def read_gap(self, checked: Verified, draft: list[int], states: np.ndarray,
+                 draft_confidences: list[float] | None = None) -> tuple[Verified | None, float]:
+        """(`read` on `states`, how many nats likelier than `checked` it is there): None where the read said no
+        word, 0 where it says the checked text. What `reread` decides on (scripts/sweep_reread.py: each margin)."""
         kv = self.decoder.cross_kv(np.asarray(states, np.float32)[None])
         read = self._read(list(draft), kv, draft_confidences)
-        if read.kept_draft:  # the read said no word
-            return checked
+        if read.kept_draft:
+            return None, 0.0
         if read.tokens == checked.tokens:
-            return read
-        keep = self.log_likelihood(checked.tokens, kv) >= self.log_likelihood(read.tokens, kv) - READ_MARGIN
-        return checked if keep else read
+            return read, 0.0
+        return read, self.log_likelihood(read.tokens, kv) - self.log_likelihood(checked.tokens, kv)
 
     def log_likelihood(self, tokens: list[int], kv) -> float:
         """The verifier's log probability of `tokens` and then the end of text, teacher-forced on the encoder
@@ -174,9 +182,7 @@ class Verifier:
         d = self.decoder
         ids = np.array([self.prefix + list(tokens)], np.int64)
         hidden = d.hidden_states(ids, kv, cache=SelfAttentionCache(d.n_layer))[0]
-        logits = d.project(hidden[len(self.prefix) - 1:])  # the rows predicting each token and the end
-        logits[:, self.suppress] = -np.inf
-        logits[0, self.suppress_first] = -np.inf
+        logits = self._suppressed(d.project(hidden[len(self.prefix) - 1:]), first=True)  # each token's row, the end's
         target = list(tokens) + [self.eos_id]
         return float(log_softmax(logits)[np.arange(len(target)), target].astype(np.float64).sum())
 
@@ -302,9 +308,7 @@ class Verifier:
         while True:
             logits = self.decoder.project(hidden[row0 + k : row0 + k + LOGIT_ROWS])
             if suppressed:
-                logits[:, self.suppress] = -np.inf
-                if first and k == 0:
-                    logits[0, self.suppress_first] = -np.inf
+                self._suppressed(logits, first=first and k == 0)
             best = logits.argmax(-1).tolist()
             # The rows this round reads: up to the first that ends it (probabilities cost as much as the product).
             n = next((row + 1 for row, c in enumerate(best) if k + row >= room or k + row == len(proposal)
@@ -318,6 +322,14 @@ class Verifier:
                 if c != proposal[k] or c == self.eos_id:
                     return k, (None if c == proposal[k] else c), probs
                 k += 1
+
+    def _suppressed(self, logits: np.ndarray, first: bool) -> np.ndarray:
+        """logits [n, V] with the tokens Whisper's decoding suppresses at -inf (in place), and where `first`, those
+        it does not begin with in row 0 (the row predicting the text's first token)."""
+        logits[:, self.suppress] = -np.inf
+        if first:
+            logits[0, self.suppress_first] = -np.inf
+        return logits
 
 
 def read_context(seconds: float) -> float:
