@@ -67,9 +67,9 @@ def alsa_items(root: Path) -> list[tuple[Path, str]]:
     return [(wav, wav.stem.replace("_", " ")) for wav in sorted((root / ALSA[1]).glob("*.wav")) if wav.stem != "Noise"]
 
 
-def output_folder(description: str, options: dict | None = None):
-    """The command line's OUT folder, with OUT/wav made, once apt-get and dpkg are known to be there; with
-    options ({flag: argparse keywords}), (OUT, the parsed arguments)."""
+def output_folder(description: str, options: dict | None = None) -> tuple[Path, argparse.Namespace]:
+    """(The command line's OUT folder, with OUT/wav made once apt-get and dpkg are known to be there; the parsed
+    arguments, OUT and options: {flag: argparse keywords})."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     for flag, keywords in (options or {}).items():
@@ -79,7 +79,7 @@ def output_folder(description: str, options: dict | None = None):
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
         sys.exit("error: needs apt-get and dpkg (Debian or Ubuntu) to fetch the packages")
     (out / "wav").mkdir(parents=True, exist_ok=True)
-    return (out, args) if options else out
+    return out, args
 
 
 def copy_clip(source: Path, name: str, text: str, license: str, out: Path) -> dict:
