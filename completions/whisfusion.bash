@@ -21,8 +21,8 @@ _whisfusion() {
         --shortlist) COMPREPLY=(); return ;;
         --pad-context) COMPREPLY=(); return ;;
         --seed) COMPREPLY=(); return ;;
-        --verify-short) COMPREPLY=(); return ;;
         --seq-len) COMPREPLY=(); return ;;
+        --verify-short) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --threads) COMPREPLY=(); return ;;
@@ -34,7 +34,7 @@ _whisfusion() {
         --max-line-count) COMPREPLY=(); return ;;
         --max-cue-duration) COMPREPLY=(); return ;;
         esac
-        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --refine-no-copy --refine-copy --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --verify --no-verify --verify-short --seq-len --device --dtype --threads --engine --int8 --no-int8 --encoder-backend --vad --no-vad --max-window --split-silence --word-timestamps --max-line-width --max-line-count --highlight-words --max-cue-duration --quiet -q --help" -- "$cur")); return; fi
+        if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--model -m --output-dir -o --output-format -f --overwrite --batch-size -b --steps --candidates -k --schedule --selection --strategy --refine --refine-no-copy --refine-copy --shortlist --shortlist-int8 --shortlist-float --pad-context --seed --seq-len --verify --no-verify --verify-short --device --dtype --threads --engine --int8 --no-int8 --encoder-backend --vad --no-vad --max-window --split-silence --word-timestamps --max-line-width --max-line-count --highlight-words --max-cue-duration --quiet -q --help" -- "$cur")); return; fi
         COMPREPLY=($(compgen -f -- "$cur")) ;;
     download)
         case "$prev" in

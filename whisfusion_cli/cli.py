@@ -77,6 +77,82 @@ def main_callback(
 # ------------------------------------------------------------------------------------------ transcribe
 
 
+class TranscribeFlags:
+    """`transcribe`'s argument and options, one definition each, in the order --help lists them (the command's
+    signature names them): output, decoding, verification, runtime, audio windows, subtitles."""
+
+    inputs = typer.Argument(..., metavar="INPUTS", help="Audio files, directories (searched recursively) or globs.")
+    model = typer.Option(None, "--model", "-m", autocompletion=_complete_model,
+                         help="Registered name (see `whisfusion download --list`), a model directory, or omit for "
+                         "the embedded default model.")
+    output_dir = typer.Option(None, "--output-dir", "-o", file_okay=False,
+                              help="Write one file per input and format here (default: print to stdout).")
+    output_format = typer.Option("txt", "--output-format", "-f",
+                                 autocompletion=_complete(OUTPUT_FORMATS + (ALL_FORMATS,)),
+                                 help="txt, vtt, srt, tsv, json, all, or a comma-separated list.")
+    overwrite = typer.Option(False, "--overwrite", help="Redo inputs whose outputs already exist.")
+    batch_size = typer.Option(8, "--batch-size", "-b", min=1, help="Windows per batch, across files.")
+
+    steps = typer.Option(None, "--steps", min=1, help="Diffusion steps (model default if unset).")
+    candidates = typer.Option(None, "--candidates", "-k", min=1,
+                              help="Parallel candidates K (model default if unset).")
+    schedule = typer.Option(None, "--schedule", metavar="R1,R2,...",
+                            help="Mask ratio per step, e.g. 1.0,0.9,0.85,0.8.")
+    selection = typer.Option(None, "--selection", autocompletion=_complete(SELECTIONS),
+                             help="Candidate selection: confidence, mbr or rover.")
+    strategy = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGIES),
+                            help="Unmasking: remask (upstream) or confidence.")
+    refine = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the fill (unset: the model's).")
+    refine_no_copy = typer.Option(None, "--refine-no-copy/--refine-copy", help="Refine: no copy of the word before.")
+    shortlist = typer.Option(None, "--shortlist", min=0, help="After the first step, score only each position's N "
+                             "best tokens (faster; 0: whole vocabulary, exact).")
+    shortlist_int8 = typer.Option(None, "--shortlist-int8/--shortlist-float",
+                                  help="Pick the shortlist through an int8 output projection (CPU; faster).")
+    pad_context = typer.Option(None, "--pad-context", metavar="N|off", help="Once a transcript's end is predicted, "
+                               "decode only it and N positions after it (faster); off: the whole canvas.")
+    seed = typer.Option(None, "--seed", help="Seed for reproducible decoding.")
+    seq_len = typer.Option(None, "--seq-len", metavar="N|auto",
+                           help="Canvas length in tokens, or 'auto' to size it to the audio.")
+
+    verify = typer.Option(None, "--verify/--no-verify",
+                          help="Correct each window's text with Whisper's own decoder.")
+    verify_short = typer.Option(None, "--verify-short", metavar="S", min=0.0,
+                                help="With --verify: windows <= S s also read by Whisper's decoder on padded audio.")
+
+    device = typer.Option("auto", "--device", autocompletion=_complete(DEVICES),
+                          help="auto, cpu, cuda (or cuda:N).")
+    dtype = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
+                         help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16.")
+    threads = typer.Option(None, "--threads", min=1, help="CPU threads.")
+    engine = typer.Option("auto", "--engine", autocompletion=_complete(ENGINES), help="numpy (CPU, float32, no "
+                          "torch: fastest start), torch (every device, option), auto (numpy where it can).")
+    int8 = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder and encoder (CPU, "
+                        "torch engine). Default: the model's choice on torch.")
+    encoder_backend = typer.Option(None, "--encoder-backend", autocompletion=_complete(ENCODER_BACKENDS),
+                                   help="torch, ctranslate2 (CTranslate2's Whisper encoder) or auto (model default "
+                                   "if unset).")
+
+    vad = typer.Option(True, "--vad/--no-vad",
+                       help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows).")
+    max_window_s = typer.Option(None, "--max-window", metavar="SECONDS",
+                                help="Longest window (at most 30 s and the model's own limit).")
+    split_silence_s = typer.Option(None, "--split-silence", metavar="SECONDS",
+                                   help="A pause this long ends a window (default: the model's, else 2 s).")
+
+    word_timestamps = typer.Option(False, "--word-timestamps", help="Time every word (from the decoder's "
+                                   "cross-attention); segments and JSON get per-word times.")
+    max_line_width = typer.Option(None, "--max-line-width", min=1, metavar="CHARS",
+                                  help="SRT/VTT: wrap cue text into lines of at most this width.")
+    max_line_count = typer.Option(None, "--max-line-count", min=1, metavar="LINES",
+                                  help="SRT/VTT: at most this many lines per cue (needs --max-line-width).")
+    highlight_words = typer.Option(False, "--highlight-words",
+                                   help="SRT/VTT: underline each spoken word (needs --word-timestamps).")
+    max_segment_s = typer.Option(MAX_SEGMENT_SECONDS, "--max-cue-duration", min=0.5, metavar="SECONDS",
+                                 help="Longest segment (subtitle cue); segments also end at sentence ends and "
+                                 "pauses.")
+    quiet = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only.")
+
+
 @app.command(
     epilog="\b\nExamples:\n"
     "  whisfusion transcribe jfk.wav\n"
@@ -91,73 +167,41 @@ def main_callback(
     "Exit code: 0 if every input was transcribed, 1 if any failed, 130 when interrupted.",
 )
 def transcribe(
-    inputs: List[str] = typer.Argument(..., metavar="INPUTS",
-                                       help="Audio files, directories (searched recursively) or globs."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", autocompletion=_complete_model,
-                                        help="Registered name (see `whisfusion download --list`), a model "
-                                        "directory, or omit for the embedded default model."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", file_okay=False,
-                                              help="Write one file per input and format here (default: print "
-                                              "to stdout)."),
-    output_format: str = typer.Option("txt", "--output-format", "-f",
-                                      autocompletion=_complete(OUTPUT_FORMATS + (ALL_FORMATS,)),
-                                      help="txt, vtt, srt, tsv, json, all, or a comma-separated list."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo inputs whose outputs already exist."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Windows per batch, across files."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Diffusion steps (model default if unset)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", "-k", min=1,
-                                             help="Parallel candidates K (model default if unset)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", metavar="R1,R2,...", help="Mask ratio per step, e.g. 1.0,0.9,0.85,0.8."),
-    selection: Optional[str] = typer.Option(None, "--selection", autocompletion=_complete(SELECTIONS),
-                                            help="Candidate selection: confidence, mbr or rover."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", autocompletion=_complete(STRATEGIES),
-                                           help="Unmasking: remask (upstream) or confidence."),
-    refine: Optional[int] = typer.Option(None, "--refine", min=0, help="Mask-predict passes after the fill (unset: the model's)."),
-    refine_no_copy: Optional[bool] = typer.Option(None, "--refine-no-copy/--refine-copy", help="Refine: no copy of the word before."),
-    shortlist: Optional[int] = typer.Option(None, "--shortlist", min=0, help="After the first step, score only "
-                                            "each position's N best tokens (faster; 0: whole vocabulary, exact)."),
-    shortlist_int8: Optional[bool] = typer.Option(None, "--shortlist-int8/--shortlist-float", help="Pick the "
-                                                  "shortlist through an int8 output projection (CPU; faster)."),
-    pad_context: Optional[str] = typer.Option(None, "--pad-context", metavar="N|off", help="Once a transcript's "
-                                              "end is predicted, decode only it and N positions after it "
-                                              "(faster); off: the whole canvas."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible decoding."),
-    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Correct each window's text with Whisper's own decoder."),
-    verify_short: Optional[float] = typer.Option(None, "--verify-short", metavar="S", min=0.0, help="With --verify: "
-                                                 "windows <= S s also read by Whisper's decoder on padded audio."),
-    seq_len: Optional[str] = typer.Option(None, "--seq-len", metavar="N|auto",
-                                          help="Canvas length in tokens, or 'auto' to size it to the audio."),
-    device: str = typer.Option("auto", "--device", autocompletion=_complete(DEVICES), help="auto, cpu, cuda (or cuda:N)."),
-    dtype: str = typer.Option("auto", "--dtype", autocompletion=_complete(DTYPES),
-                              help="auto (float32 on CPU, bfloat16/float16 on GPU), float32, bfloat16, float16."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads."),
-    engine: str = typer.Option("auto", "--engine", autocompletion=_complete(ENGINES), help="numpy (CPU, float32, no "
-                               "torch: fastest start), torch (every device, option), auto (numpy where it can)."),
-    int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="int8 dynamic quantisation of the decoder "
-                                        "and encoder (CPU, torch engine). Default: the model's choice on torch."),
-    encoder_backend: Optional[str] = typer.Option(None, "--encoder-backend",
-                                                  autocompletion=_complete(ENCODER_BACKENDS),
-                                                  help="torch, ctranslate2 (CTranslate2's Whisper "
-                                                  "encoder) or auto (model default if unset)."),
-    vad: bool = typer.Option(True, "--vad/--no-vad",
-                             help="Cut long audio at pauses and skip silence (--no-vad: fixed 30 s windows)."),
-    max_window_s: Optional[float] = typer.Option(None, "--max-window", metavar="SECONDS",
-                                                 help="Longest window (at most 30 s and the model's own limit)."),
-    split_silence_s: Optional[float] = typer.Option(None, "--split-silence", metavar="SECONDS",
-                                                    help="A pause this long ends a window (default: the model's, "
-                                                    "else 2 s)."),
-    word_timestamps: bool = typer.Option(False, "--word-timestamps", help="Time every word (from the decoder's "
-                                         "cross-attention); segments and JSON get per-word times."),
-    max_line_width: Optional[int] = typer.Option(None, "--max-line-width", min=1, metavar="CHARS",
-                                                 help="SRT/VTT: wrap cue text into lines of at most this width."),
-    max_line_count: Optional[int] = typer.Option(None, "--max-line-count", min=1, metavar="LINES",
-                                                 help="SRT/VTT: at most this many lines per cue (needs "
-                                                 "--max-line-width)."),
-    highlight_words: bool = typer.Option(False, "--highlight-words", help="SRT/VTT: underline each spoken word (needs --word-timestamps)."),
-    max_segment_s: float = typer.Option(MAX_SEGMENT_SECONDS, "--max-cue-duration", min=0.5, metavar="SECONDS",
-                                        help="Longest segment (subtitle cue); segments also end at sentence "
-                                        "ends and pauses."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no notes; errors only."),
+    inputs: List[str] = TranscribeFlags.inputs,
+    model: Optional[str] = TranscribeFlags.model,
+    output_dir: Optional[Path] = TranscribeFlags.output_dir,
+    output_format: str = TranscribeFlags.output_format,
+    overwrite: bool = TranscribeFlags.overwrite,
+    batch_size: int = TranscribeFlags.batch_size,
+    steps: Optional[int] = TranscribeFlags.steps,
+    candidates: Optional[int] = TranscribeFlags.candidates,
+    schedule: Optional[str] = TranscribeFlags.schedule,
+    selection: Optional[str] = TranscribeFlags.selection,
+    strategy: Optional[str] = TranscribeFlags.strategy,
+    refine: Optional[int] = TranscribeFlags.refine,
+    refine_no_copy: Optional[bool] = TranscribeFlags.refine_no_copy,
+    shortlist: Optional[int] = TranscribeFlags.shortlist,
+    shortlist_int8: Optional[bool] = TranscribeFlags.shortlist_int8,
+    pad_context: Optional[str] = TranscribeFlags.pad_context,
+    seed: Optional[int] = TranscribeFlags.seed,
+    seq_len: Optional[str] = TranscribeFlags.seq_len,
+    verify: Optional[bool] = TranscribeFlags.verify,
+    verify_short: Optional[float] = TranscribeFlags.verify_short,
+    device: str = TranscribeFlags.device,
+    dtype: str = TranscribeFlags.dtype,
+    threads: Optional[int] = TranscribeFlags.threads,
+    engine: str = TranscribeFlags.engine,
+    int8: Optional[bool] = TranscribeFlags.int8,
+    encoder_backend: Optional[str] = TranscribeFlags.encoder_backend,
+    vad: bool = TranscribeFlags.vad,
+    max_window_s: Optional[float] = TranscribeFlags.max_window_s,
+    split_silence_s: Optional[float] = TranscribeFlags.split_silence_s,
+    word_timestamps: bool = TranscribeFlags.word_timestamps,
+    max_line_width: Optional[int] = TranscribeFlags.max_line_width,
+    max_line_count: Optional[int] = TranscribeFlags.max_line_count,
+    highlight_words: bool = TranscribeFlags.highlight_words,
+    max_segment_s: float = TranscribeFlags.max_segment_s,
+    quiet: bool = TranscribeFlags.quiet,
 ):
     """Transcribe audio files, folders and globs to text, subtitles or JSON."""
     flags = dict(locals())  # each parameter is named for the options field it sets (tests/test_cli.py checks)
