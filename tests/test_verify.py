@@ -18,7 +18,7 @@ from whisfusion_cli.encoder import EncoderOptions, WhisperAudioEncoder  # noqa: 
 from whisfusion_cli.loading import Pipeline, load_model  # noqa: E402
 from whisfusion_cli.numpy_model import SelfAttentionCache, causal_mask, log_softmax  # noqa: E402
 from whisfusion_cli.verify import (READ_MARGIN, READ_MAX_TOKENS, VERIFY_MAX_CHANGED, Verified, Verifier,  # noqa: E402
-                                  edit_share, read_context)
+                                  _realigned, edit_share, read_context)
 from whisfusion_cli.whisper_source import open_whisper  # noqa: E402
 
 AUDIO = Path(__file__).parent / "data" / "audio"
@@ -86,6 +86,23 @@ def test_a_repeated_or_dropped_word_is_corrected_and_the_rest_of_the_draft_reali
         # A repeat is seen at once (the verifier's word is the draft's next); a dropped word first reads as a
         # replaced one, and the round after realigns the draft.
         assert result.rounds == (2 if draft is repeated else 3)
+
+
+def test_realigning_after_a_word_of_several_tokens_the_draft_lacked_finds_the_draft_again():
+    """The draft "re - did not match" where the verifier says "re - ent ered did not match": "ent" and "ered" each
+    read as a replaced draft token move the position past "did"; the verifier's "did" is then looked for back to
+    the last draft token it said, and the rest of the draft ("not match") is proposed, not lost."""
+    re, dash, did, not_, match, ent, ered = range(7)
+    draft = [re, dash, did, not_, match]
+    assert _realigned(draft, 2, ent, anchor=2) == (3, False)  # as a replaced "did"
+    assert _realigned(draft, 3, ered, anchor=2) == (4, False)  # as a replaced "not"
+    assert _realigned(draft, 4, did, anchor=2) == (3, True)  # "did" found behind: "not match" next
+    # Within the usual window nothing changes: one behind to three ahead, the nearest first.
+    assert _realigned(draft, 2, not_, anchor=2) == (4, True)
+    assert _realigned(draft, 3, did, anchor=0) == (3, True)
+    # Never behind the last token the verifier said (a repeat of it aside), nor past the draft's end.
+    assert _realigned(draft, 4, re, anchor=2) == (5, False)
+    assert _realigned(draft, 5, ent, anchor=5) == (6, False)
 
 
 def test_the_draft_stands_where_the_verifier_rewrote_most_of_it(setup):

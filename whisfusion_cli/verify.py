@@ -37,7 +37,8 @@ DECODER_PREFIX = "model.decoder."
 # mean WER 27.5 / 26.4 / 26.7.
 VERIFY_MAX_CHANGED = 0.4
 # After a disagreement, the draft positions (behind, ahead of the one disagreed with) where the verifier's
-# token is looked for, to realign the rest of the draft: a repeated or dropped word shifts it by one.
+# token is looked for, to realign the rest of the draft: a repeated or dropped word shifts it by one. Found
+# nowhere there, it is looked for back to the last draft token the verifier said (a lacked word: _realigned).
 REALIGN_BEHIND, REALIGN_AHEAD = 1, 3
 # The verifier's way of failing on these states: it starts the window over. Its last RESTART_TOKENS tokens
 # equal to its first ones end the text there (the copy dropped).
@@ -190,7 +191,7 @@ class Verifier:
         d, eos = self.decoder, self.eos_id
         cache = SelfAttentionCache(d.n_layer)
         pending, out, confidences = list(self.prefix), [], []
-        at, rounds = 0, 0
+        at, rounds, anchor = 0, 0, 0
         while True:
             proposal = draft[at : at + MAX_PROPOSAL] + ([eos] if at + MAX_PROPOSAL >= len(draft) else [])
             hidden = d.hidden_states(np.array([pending + proposal], np.int64), kv, cache=cache)[0]
@@ -200,6 +201,7 @@ class Verifier:
             out += proposal[:accepted]
             confidences += p_choice[:accepted]
             at += accepted
+            anchor = at if accepted else anchor
             if choice is None or choice == eos or len(out) >= READ_MAX_TOKENS:
                 break
             out.append(choice)
@@ -208,7 +210,8 @@ class Verifier:
                 break
             cache.truncate(len(self.prefix) + len(out) - 1)
             pending = [choice]
-            at = _realigned(draft, at, choice)[0]
+            at, matched = _realigned(draft, at, choice, anchor)
+            anchor = at if matched else anchor
         kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
         changed = edit_share(draft, out)
         if not any(map(self.is_word, out)):
@@ -265,6 +268,7 @@ class Verifier:
         out: list[int] = []
         confidences: list[float] = []
         at, rounds = 0, 0  # the draft position the next round starts from
+        anchor = 0  # the draft position after the last draft token the verifier said (accepted or found)
         overran = False
         while True:
             proposal = draft[at : at + MAX_PROPOSAL] + ([eos] if at + MAX_PROPOSAL >= len(draft) else [])
@@ -275,6 +279,7 @@ class Verifier:
             out += proposal[:accepted]
             confidences += p_choice[:accepted]
             at += accepted
+            anchor = at if accepted else anchor
             if _restarted(out):
                 return _cut_restart(out, confidences) + (rounds,)
             if choice is None or choice == eos or len(out) >= limit:
@@ -291,7 +296,8 @@ class Verifier:
             # The keys and values of rejected proposal tokens go; the verifier's choice runs next round.
             cache.truncate(len(self.prefix) + len(out) - 1)
             pending = [choice]
-            at, matched = _realigned(draft, at, choice)
+            at, matched = _realigned(draft, at, choice, anchor)
+            anchor = at if matched else anchor
             # Past the draft's end by a guess (the verifier's word taken for a draft word it replaced, where it
             # was one the draft lacked), the verifier may still have the draft's last words to say.
             overran = overran or (not matched and at >= len(draft))
@@ -337,11 +343,18 @@ def read_context(seconds: float) -> float:
     return min(float(CHUNK_LENGTH), max(READ_CONTEXT_S, seconds + READ_SILENCE_S))
 
 
-def _realigned(draft: list[int], at: int, choice: int) -> tuple[int, bool]:
+def _realigned(draft: list[int], at: int, choice: int, anchor: int) -> tuple[int, bool]:
     """(the draft position after the verifier's `choice`, where it disagreed with draft[at]; whether the choice
-    was found near there): a draft token dropped, repeated or replaced shifts the rest of the draft."""
+    was found near there): a draft token dropped, repeated or replaced shifts the rest of the draft. Looked for
+    from REALIGN_BEHIND before `at` to REALIGN_AHEAD after it, then back to REALIGN_BEHIND before `anchor` (the
+    draft position after the last draft token the verifier said): a word the draft lacked, of several tokens,
+    moved `at` on by one for each of them, as if each replaced a draft token ("re- did" -> "re-entered did"
+    left `at` past "did", and the rest of the draft was lost)."""
     window = range(max(at - REALIGN_BEHIND, 0), min(at + REALIGN_AHEAD, len(draft)))
     hit = next((i for i in window if draft[i] == choice), None)
+    if hit is None:
+        behind = range(max(anchor - REALIGN_BEHIND, 0), min(at - REALIGN_BEHIND, len(draft)))
+        hit = next((i for i in behind if draft[i] == choice), None)
     return (hit + 1, True) if hit is not None else (at + 1, False)
 
 
