@@ -105,6 +105,21 @@ def test_realigning_after_a_word_of_several_tokens_the_draft_lacked_finds_the_dr
     assert _realigned(draft, 5, ent, anchor=5) == (6, False)
 
 
+def test_a_number_written_as_digits_is_no_rewrite_to_the_gate(setup):
+    """"Seven or nine, two decrease" checked as "7 or 9 to decrease": the gate counts only "two" -> "to" as a
+    change, not the numbers' digits; a Verifier without `spoken` compares the tokens themselves."""
+    model, verifier, _ = setup
+    tok = model.tokenizer
+    spoken = lambda ids: " ".join("".join(c if c.isalnum() else " " for c in tok.decode(list(ids)).lower()).split())
+    words = Verifier(verifier.decoder, PREFIX, EOS, spoken=spoken)
+    draft, checked = tok.encode(" Seven or nine, two decrease"), tok.encode(" 7 or 9, to decrease")
+    assert len(draft) == len(checked) == 6
+    assert words._as_numbers(draft)[:4] == ["7", draft[1], "9", draft[3]]  # " or" and "," stay tokens
+    assert edit_share(words._as_numbers(draft), words._as_numbers(checked)) == pytest.approx(1 / 6)
+    assert edit_share(draft, checked) == pytest.approx(3 / 6)
+    assert verifier._as_numbers(draft) == draft
+
+
 def test_the_draft_stands_where_the_verifier_rewrote_most_of_it(setup):
     model, verifier, states = setup
     draft = model.tokenizer.encode(" Bananas are rich in potassium and fibre")

@@ -46,6 +46,10 @@ RESTART_TOKENS = 3
 # A stretch the verifier said over stands for the window's text only where it holds at least this share of the
 # draft's word tokens: a start over, not a word the verifier got stuck on in a longer window.
 SAID_OVER_MIN_SHARE = 0.5
+# Number words the verifier writes as digits ("Seven or nine" -> "7 or 9"): in the share of the draft it rewrote
+# (VERIFY_MAX_CHANGED), a number word and the number's digits count as the same token, since writing a number
+# as digits is no text made up (Asterisk train split's sentences, tune sets the same: EXPERIMENTS.md).
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Text at most this much longer than the draft (share of its tokens, at least LENGTH_SLACK_MIN tokens).
 LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
 # Where the draft ends in punctuation and the verifier says a word instead, the word is taken only at this
@@ -99,7 +103,8 @@ class Verifier:
         punctuation is kept: where the window ends the verifier would go on talking ("Americans. and").
         starts_word(token id): whether a token begins a word (None: all do). spoken(token ids): their words,
         lower case, without punctuation (None: the ids themselves), so that a stretch said over that says the
-        draft's words leaves the draft's case ("I." rather than "i."). suppress: (tokens never said, tokens not
+        draft's words leaves the draft's case ("I." rather than "i."), and that "seven" and "7" are one number to
+        the gate (NUMBER_WORDS). suppress: (tokens never said, tokens not
         said first), as Whisper's own decoding suppresses them (its config's suppress_ids and suppress_ids_begin:
         symbols, "[", end of text before any word), for `read`, where the verifier writes the text itself."""
         self.decoder, self.prefix, self.eos_id = decoder, list(prefix_ids), eos_id
@@ -107,7 +112,7 @@ class Verifier:
                                               for ids in suppress)  # special tokens past the text are never logits
         self.is_word = is_word or (lambda token: True)
         self.starts_word = starts_word or (lambda token: True)
-        self.spoken = spoken or (lambda ids: " ".join(map(str, ids)))
+        self.spoken, self.has_spoken = spoken or (lambda ids: " ".join(map(str, ids))), spoken is not None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, prefix_ids: list[int], eos_id: int, shared: NumpyDecoder | None = None,
@@ -136,7 +141,7 @@ class Verifier:
         """The text of a window whose encoder states are `states` [F, d], checked against the draft's tokens."""
         draft = list(draft)
         out, confidences, rounds = self._check(draft, states)
-        changed = edit_share(draft, out)
+        changed = edit_share(self._as_numbers(draft), self._as_numbers(out))
         kept = list(draft_confidences) if draft_confidences is not None else [1.0] * len(draft)
         stretch = self.said_over(out, draft)
         if stretch is not None:
@@ -220,6 +225,18 @@ class Verifier:
         if stretch is not None:
             out, confidences = self._closed(out[:stretch], confidences, draft, kept)
         return Verified(out, confidences, rounds, changed, False)
+
+    def _as_numbers(self, tokens: list[int]) -> list:
+        """tokens, each that says a number (a number word, or digits) as that number's digits (a str): what the
+        VERIFY_MAX_CHANGED gate compares. Without `spoken` the tokens themselves."""
+        if not self.has_spoken:
+            return list(tokens)
+        out = []
+        for t in tokens:
+            word = self.spoken([t])
+            number = str(NUMBER_WORDS.index(word)) if word in NUMBER_WORDS else word if word.isdigit() else None
+            out.append(t if number is None else number)
+        return out
 
     def said_over(self, text: list[int], draft: list[int]) -> int | None:
         """The length of the stretch `text` says over (its start, then a copy of it, the last copy perhaps cut
