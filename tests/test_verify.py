@@ -120,6 +120,59 @@ def test_a_number_written_as_digits_is_no_rewrite_to_the_gate(setup):
     assert verifier._as_numbers(draft) == draft
 
 
+class ScriptedDecoder:
+    """A causal decoder whose greedy next token after each text is `right`'s (end of text after it), certain of
+    it: verify.py's control flow without a network. Hidden states are the next token's one-hot logits."""
+
+    n_layer, block_size, n_logits = 1, 64, 16
+
+    def __init__(self, prefix: list[int], right: list[int], eos: int):
+        self.script = {tuple(prefix + right[:i]): t for i, t in enumerate(right + [eos])}
+        self.eos, self.context = eos, []
+
+    def cross_kv(self, states):
+        return None
+
+    def hidden_states(self, ids, kv, cache):
+        new = list(ids[0])
+        self.context = self.context[: cache.length] + new
+        cache.extend(0, np.zeros((1, 1, len(new), 1)), np.zeros((1, 1, len(new), 1)))
+        start = len(self.context) - len(new)
+        nexts = [self.script.get(tuple(self.context[: start + i + 1]), self.eos) for i in range(len(new))]
+        return (10.0 * np.eye(self.n_logits, dtype=np.float32)[nexts])[None]
+
+    def project(self, hidden):
+        return np.array(hidden, dtype=np.float32)
+
+
+# Tokens of the scripted decoder: words (each starting one, but ENT/ERED and GREET/INGS: a word of two tokens)
+THE, PASSWORD, RE, DASH, ENT, ERED, DID, NOT, MATCH, DOT, PLEASE, AGAIN, GREET, INGS, END, START = range(16)
+
+
+def _scripted(right):
+    return Verifier(ScriptedDecoder([START], right, END), [START], END, is_word=lambda t: t not in (DOT, DASH),
+                    starts_word=lambda t: t not in (ENT, ERED, INGS))
+
+
+def test_a_word_of_several_tokens_the_draft_lacked_leaves_the_rest_of_the_draft():
+    """"re- did not match. Please again." checked by a verifier that says "re-entered did ...": each of the two
+    inserted tokens first reads as a replaced draft token, and the realignment finds the draft again behind."""
+    right = [THE, PASSWORD, RE, DASH, ENT, ERED, DID, NOT, MATCH, DOT, PLEASE, AGAIN, DOT]
+    draft = [THE, PASSWORD, RE, DASH, DID, NOT, MATCH, DOT, PLEASE, AGAIN, DOT]
+    result = _scripted(right).verify(draft, np.zeros((4, 2), np.float32))
+    assert result.tokens == right and not result.kept_draft
+
+
+def test_a_draft_cut_off_inside_a_word_is_finished():
+    """The draft "... password greet" (its window's last word cut): the verifier's "ings" goes on the word, and
+    the text ends there, at the draft's end, not at the verifier's further words."""
+    right = [THE, PASSWORD, GREET, INGS, DOT, PLEASE]
+    result = _scripted(right).verify([THE, PASSWORD, GREET], np.zeros((4, 2), np.float32))
+    assert result.tokens == [THE, PASSWORD, GREET, INGS]
+    result = _scripted(right).verify([THE, PASSWORD], np.zeros((4, 2), np.float32))
+    assert result.tokens == [THE, PASSWORD]  # a draft that ends a word ends there
+
+
 def test_the_draft_stands_where_the_verifier_rewrote_most_of_it(setup):
     model, verifier, states = setup
     draft = model.tokenizer.encode(" Bananas are rich in potassium and fibre")

@@ -8,7 +8,7 @@ weakness, as in speculative decoding: the causal decoder reads the draft left to
 draft's next tokens (at most MAX_PROPOSAL) per round; the draft is accepted up to the first token where the causal decoder's
 own greedy choice differs; that choice is taken, the draft realigned after it (a draft token dropped, added or
 replaced), and the next round goes on from there. The draft says where the text ends: verification stops
-where the draft is used up. Where the causal decoder rewrote more than VERIFY_MAX_CHANGED of the draft it was
+where the draft is used up (having finished a word the draft was cut off inside). Where the causal decoder rewrote more than VERIFY_MAX_CHANGED of the draft it was
 not checking but making text up (it does on isolated words, in noise), and the draft stands, unless what it
 said is one stretch said over ("Rocket Rocket Rocket" for the draft's "Rock it."): then it read the window's
 words and started over where it could not find the end, and the stretch is the text (`said_over`).
@@ -301,8 +301,9 @@ class Verifier:
                 return _cut_restart(out, confidences) + (rounds,)
             if choice is None or choice == eos or len(out) >= limit:
                 return out, confidences, rounds  # the end: accepted, the verifier's or the limit
-            if at >= len(draft) and not (overran and p_choice[accepted] >= EXTENSION_PROBABILITY):
-                return out, confidences, rounds  # the draft's end
+            if at >= len(draft) and not (overran and p_choice[accepted] >= EXTENSION_PROBABILITY) \
+                    and not self._goes_on_a_word(out, choice):
+                return out, confidences, rounds  # the draft's end (where it ends no word halfway)
             if at == len(draft) - 1 and not self.is_word(draft[at]) and self.is_word(choice) \
                     and p_choice[accepted] < CLOSING_WORD_PROBABILITY:
                 return out + [draft[at]], confidences + [p_choice[accepted]], rounds  # the draft's closing mark
@@ -313,11 +314,17 @@ class Verifier:
             # The keys and values of rejected proposal tokens go; the verifier's choice runs next round.
             cache.truncate(len(self.prefix) + len(out) - 1)
             pending = [choice]
+            inside = at < len(draft)  # else the verifier went on past the draft's end (a word, or overran)
             at, matched = _realigned(draft, at, choice, anchor)
             anchor = at if matched else anchor
             # Past the draft's end by a guess (the verifier's word taken for a draft word it replaced, where it
             # was one the draft lacked), the verifier may still have the draft's last words to say.
-            overran = overran or (not matched and at >= len(draft))
+            overran = overran or (inside and not matched and at >= len(draft))
+
+    def _goes_on_a_word(self, text: list[int], choice: int) -> bool:
+        """Whether `choice` goes on with the last word of `text` (a word token that starts no word, after a word
+        token): a draft cut off inside a word ("your standard greet") is finished ("greetings")."""
+        return bool(text) and self.is_word(text[-1]) and self.is_word(choice) and not self.starts_word(choice)
 
     def _accept(self, hidden: np.ndarray, row0: int, proposal: list[int], room: int, suppressed: bool = False,
                 first: bool = False):
