@@ -118,6 +118,10 @@ def test_a_number_written_as_digits_is_no_rewrite_to_the_gate(setup):
     assert edit_share(words._as_numbers(draft), words._as_numbers(checked)) == pytest.approx(1 / 6)
     assert edit_share(draft, checked) == pytest.approx(3 / 6)
     assert verifier._as_numbers(draft) == draft
+    # A run of number words is the number its digits spell, however the digits are cut into tokens.
+    assert words._as_numbers(tok.encode(" dial five zero zero now")) == words._as_numbers(tok.encode(" dial 500 now"))
+    assert words._as_numbers(tok.encode(" one two three four")) == words._as_numbers(tok.encode(" 1234")) == ["1234"]
+    assert words._as_numbers(tok.encode(" five zero")) != words._as_numbers(tok.encode(" 500"))
 
 
 class ScriptedDecoder:

@@ -46,9 +46,10 @@ RESTART_TOKENS = 3
 # A stretch the verifier said over stands for the window's text only where it holds at least this share of the
 # draft's word tokens: a start over, not a word the verifier got stuck on in a longer window.
 SAID_OVER_MIN_SHARE = 0.5
-# Number words the verifier writes as digits ("Seven or nine" -> "7 or 9"): in the share of the draft it rewrote
-# (VERIFY_MAX_CHANGED), a number word and the number's digits count as the same token, since writing a number
-# as digits is no text made up (Asterisk train split's sentences, tune sets the same: EXPERIMENTS.md).
+# Number words the verifier writes as digits ("Seven or nine" -> "7 or 9", "five zero zero" -> "500"): in the share
+# of the draft it rewrote (VERIFY_MAX_CHANGED), a run of number words and the number's digits count as one and
+# the same token, since writing a number as digits is no text made up (Asterisk train split's sentences, tune
+# sets the same: EXPERIMENTS.md).
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Text at most this much longer than the draft (share of its tokens, at least LENGTH_SLACK_MIN tokens).
 LENGTH_SLACK, LENGTH_SLACK_MIN = 0.25, 2
@@ -227,15 +228,19 @@ class Verifier:
         return Verified(out, confidences, rounds, changed, False)
 
     def _as_numbers(self, tokens: list[int]) -> list:
-        """tokens, each that says a number (a number word, or digits) as that number's digits (a str): what the
-        VERIFY_MAX_CHANGED gate compares. Without `spoken` the tokens themselves."""
+        """tokens, each run of them that says a number (number words, digits) as the number's digits (one str:
+        "five zero zero" and " 500" are "500"): what the VERIFY_MAX_CHANGED gate compares. Without `spoken` the
+        tokens themselves."""
         if not self.has_spoken:
             return list(tokens)
-        out = []
+        out: list = []
         for t in tokens:
             word = self.spoken([t])
             number = str(NUMBER_WORDS.index(word)) if word in NUMBER_WORDS else word if word.isdigit() else None
-            out.append(t if number is None else number)
+            if number is not None and out and isinstance(out[-1], str):
+                out[-1] += number
+            else:
+                out.append(t if number is None else number)
         return out
 
     def said_over(self, text: list[int], draft: list[int]) -> int | None:
